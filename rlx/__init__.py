@@ -1,0 +1,21 @@
+"""rlx: a compiler for Google's Gemma language models built on Apache TVM.
+
+Public surface: `rlx.load(...)` and the `rlx` CLI; everything else is internal. Imports are
+lazy so that `import rlx` (and the CLI's start-up) does not pull in numpy-heavy modules or TVM.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rlx.errors import RlxError
+
+__all__ = ["RlxError", "load"]
+__version__ = "0.1.0"
+
+
+def load(path: Any, target: str = "reference") -> Any:
+    """Open a checkpoint (HF directory or GGUF file) for generation on `target`."""
+    from rlx.api import load as _load
+
+    return _load(path, target)

@@ -1,0 +1,159 @@
+"""`rlx` command line: inspect a checkpoint's HIR, run a model.
+
+Errors caused by the input (`RlxError`) print one message with its fix and exit 2; nothing
+half-written is left behind (outputs are written to a temp file and renamed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from rlx.errors import RlxError
+
+if TYPE_CHECKING:
+    from rlx.frontends.checkpoint import Checkpoint
+    from rlx.frontends.flow import GemmaFlow
+
+
+def _flow(ckpt: Checkpoint, args: argparse.Namespace) -> GemmaFlow:
+    from rlx.frontends.flow import GemmaFlow
+
+    flow = GemmaFlow(ckpt.config, ckpt.weights.shape).batch(args.batch).last_token_logits().export_kv()
+    if args.mode == "decode":
+        return flow.decode().dynamic_past()
+    return flow.prefill().dynamic_seq() if args.seq == "dynamic" else flow.prefill(_positive(args.seq, "--seq"))
+
+
+def _positive(text: str, flag: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise RlxError(f"{flag} {text!r} must be a positive integer or 'dynamic'")
+    return int(text)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from rlx.compiler.dot import to_dot
+    from rlx.compiler.serialize import hir_to_dict
+    from rlx.compiler.text import print_hir
+    from rlx.frontends.checkpoint import open_checkpoint
+    from rlx.summary import summarize, summary_lines
+
+    ckpt = open_checkpoint(args.checkpoint)
+    hir = _flow(ckpt, args).build()
+    summary = summarize(hir, ckpt.config)
+    render: dict[str, Callable[[], str]] = {
+        "text": lambda: print_hir(hir) + "".join(f"# {ln}\n" for ln in summary_lines(summary)),
+        "json": lambda: json.dumps({"summary": summary, "hir": hir_to_dict(hir)}, indent=1) + "\n",
+        "dot": lambda: "".join(f"// {ln}\n" for ln in summary_lines(summary)) + to_dot(hir),
+    }
+    sys.stdout.write(render[args.format]())
+    return 0
+
+
+def _parse_ids(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise RlxError(f"--prompt-ids {text!r} is not a comma-separated list of integers",
+                       hint="e.g. --prompt-ids 2,818,5279") from None
+
+
+def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, array)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import rlx
+    from rlx.runtime.sampler import Sampler
+
+    if (args.prompt is None) == (args.prompt_ids is None):
+        raise RlxError("give exactly one of --prompt TEXT or --prompt-ids 2,818,...")
+    sampler = Sampler(args.temperature, args.top_k, args.top_p, args.seed)
+    _progress(f"loading {args.model} for target {args.target}")
+    model = rlx.load(args.model, target=args.target)
+    ids = _parse_ids(args.prompt_ids) if args.prompt_ids is not None else model.tokenizer.encode(args.prompt)
+    streamed: list[int] = []
+
+    def on_token(token: int) -> None:
+        streamed.append(token)
+        if args.stream:
+            sys.stdout.write(model.tokenizer.decode([token]))
+            sys.stdout.flush()
+
+    gen = model.generate(ids, args.max_new_tokens, sampler=sampler, on_token=on_token)
+    if args.logits_out:
+        _save_npy_atomic(Path(args.logits_out), gen.logits_array())
+    if args.stream:
+        sys.stdout.write("\n")
+    else:
+        try:
+            text = model.tokenizer.decode(gen.tokens)
+        except RlxError:
+            text = ",".join(map(str, gen.tokens))
+        sys.stdout.write(text + "\n")
+    _progress(f"prompt {len(ids)} tokens, generated {len(gen.tokens)}"
+              f"{' (stopped at EOS)' if gen.stopped_at_eos else ''}: "
+              f"prefill {gen.prefill_tok_s:.1f} tok/s, decode {gen.decode_tok_s:.2f} tok/s")
+    _progress("token ids: " + ",".join(map(str, gen.tokens)))
+    return 0
+
+
+def _progress(message: str) -> None:
+    print(f"[rlx] {message}", file=sys.stderr, flush=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rlx", description="Compile and run Gemma models with TVM.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("inspect", help="print a checkpoint's HIR and a summary")
+    p.add_argument("checkpoint", help="HF directory (config.json + safetensors) or .gguf file")
+    p.add_argument("--mode", choices=("prefill", "decode"), default="prefill")
+    p.add_argument("--format", choices=("text", "json", "dot"), default="text")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--seq", default="dynamic", help="prefill length, or 'dynamic' (needs --batch 1)")
+    p.set_defaults(fn=cmd_inspect)
+
+    p = sub.add_parser("run", help="generate text")
+    p.add_argument("model", help="checkpoint (HF directory or .gguf)")
+    p.add_argument("--target", default="reference", help="reference (numpy interpreter)")
+    p.add_argument("--prompt", help="prompt text (tokenized with the checkpoint's tokenizer)")
+    p.add_argument("--prompt-ids", help="comma-separated token ids, e.g. 2,818,5279")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--logits-out", help="write float32 [1 + decode steps, vocab] logits to this .npy")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    p.set_defaults(fn=cmd_run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except RlxError as e:
+        print(f"rlx: error: {e}", file=sys.stderr)
+        return e.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

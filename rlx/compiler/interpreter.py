@@ -1,0 +1,181 @@
+"""Reference interpreter: runs any HIR with numpy, one implementation per op.
+
+It is the ground truth for pass tests (numbers before and after a rewrite must agree) and the
+`reference` pseudo-target of `rlx run`. Floats are computed in float32 (softmax, norms and
+RoPE exactly as transformers does in eager float32), whatever the node dtype says.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+from rlx.compiler.graph import HIR, Node, param_key
+from rlx.compiler.ops import Op, attr_dim
+from rlx.compiler.shapes import bind_shape, eval_dim
+from rlx.errors import HIRError
+
+F32 = np.float32
+MASKED = np.finfo(np.float32).min  # transformers fills masked scores with dtype-min, not -inf
+
+Impl = Callable[[list[np.ndarray], dict[str, Any], dict[str, int]], np.ndarray]
+
+
+def _rmsnorm(x: np.ndarray, w: np.ndarray | None, eps: float, offset: float) -> np.ndarray:
+    x = x.astype(F32)
+    y = x * (1.0 / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + F32(eps)))
+    return y if w is None else y * (F32(offset) + w.astype(F32))
+
+
+def _gelu_tanh(x: np.ndarray) -> np.ndarray:
+    c = F32(np.sqrt(2.0 / np.pi))
+    return (F32(0.5) * x * (F32(1.0) + np.tanh(c * (x + F32(0.044715) * x * x * x)))).astype(F32)
+
+
+def _rope(x: np.ndarray, pos: np.ndarray, inv_freq: np.ndarray) -> np.ndarray:
+    freqs = pos.astype(F32)[:, None, :, None] * inv_freq.astype(F32)[None, None, None, :]  # [B,1,S,D/2]
+    emb = np.concatenate([freqs, freqs], axis=-1)
+    cos, sin = np.cos(emb), np.sin(emb)
+    half = x.shape[-1] // 2
+    rotated = np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return (x * cos + rotated * sin).astype(F32)
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(F32)
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def _causal_mask(scores: np.ndarray, qpos: np.ndarray, window: int, bidirectional: bool) -> np.ndarray:
+    q = qpos[:, None, :, None].astype(np.int64)
+    k = np.arange(scores.shape[-1], dtype=np.int64)[None, None, None, :]
+    visible = np.ones(np.broadcast_shapes(q.shape, k.shape), dtype=bool) if bidirectional else k <= q
+    if window:
+        visible &= (np.abs(q - k) < window) if bidirectional else (q - window < k)
+    return np.where(visible, scores, MASKED).astype(scores.dtype)
+
+
+def _moe(ins: list[np.ndarray], top_k: int) -> np.ndarray:
+    """Token-choice top-k routing over real experts (each token runs only its k experts)."""
+    x, router_x, proj, per_expert, gate_up, down = (a.astype(F32) for a in ins)
+    lead = x.shape[:-1]
+    xt, rt = x.reshape(-1, x.shape[-1]), router_x.reshape(-1, x.shape[-1])
+    probs = _softmax(rt @ proj.T)
+    top = np.argsort(-probs, axis=-1, kind="stable")[:, :top_k]
+    weights = np.take_along_axis(probs, top, axis=-1)
+    weights = weights / weights.sum(axis=-1, keepdims=True) * per_expert[top]
+    out = np.zeros_like(xt)
+    inter = gate_up.shape[1] // 2
+    for e in np.unique(top):
+        tok, slot = np.nonzero(top == e)
+        h = xt[tok] @ gate_up[e].T
+        act = _gelu_tanh(h[:, :inter]) * h[:, inter:]
+        out[tok] += (act @ down[e].T) * weights[tok, slot][:, None]
+    return out.reshape(*lead, x.shape[-1])
+
+
+def _reshape(x: np.ndarray, attrs: dict[str, Any], env: dict[str, int]) -> np.ndarray:
+    return x.reshape([eval_dim(attr_dim(d), env) for d in attrs["shape"]])
+
+
+def _slice(x: np.ndarray, attrs: dict[str, Any]) -> np.ndarray:
+    index = [slice(None)] * x.ndim
+    index[attrs["axis"]] = slice(attrs["start"], attrs["stop"])
+    return x[tuple(index)]
+
+
+IMPLS: dict[Op, Impl] = {
+    Op.EMBED: lambda a, at, env: a[0][a[1]],
+    Op.SCALE: lambda a, at, env: (a[0] * F32(at["value"])).astype(F32),
+    Op.ADD: lambda a, at, env: a[0] + a[1],
+    Op.MUL: lambda a, at, env: a[0] * a[1],
+    Op.RMSNORM: lambda a, at, env: _rmsnorm(a[0], a[1] if len(a) > 1 else None, at["eps"], at["offset"]),
+    Op.LINEAR: lambda a, at, env: a[0] @ a[1].T,
+    Op.GELU_TANH: lambda a, at, env: _gelu_tanh(a[0]),
+    Op.SOFTCAP: lambda a, at, env: (np.tanh(a[0] / F32(at["cap"])) * F32(at["cap"])).astype(F32),
+    Op.RESHAPE: lambda a, at, env: _reshape(a[0], at, env),
+    Op.TRANSPOSE: lambda a, at, env: np.ascontiguousarray(np.transpose(a[0], at["perm"])),
+    Op.REPEAT_KV: lambda a, at, env: np.repeat(a[0], at["repeats"], axis=1),
+    Op.ROPE: lambda a, at, env: _rope(a[0], a[1], a[2]),
+    Op.MATMUL: lambda a, at, env: np.matmul(a[0], a[1]),
+    Op.CAUSAL_MASK: lambda a, at, env: _causal_mask(a[0], a[1], at["window"], at["bidirectional"]),
+    Op.SOFTMAX: lambda a, at, env: _softmax(a[0]),
+    Op.CONCAT: lambda a, at, env: np.concatenate(a, axis=at["axis"]),
+    Op.SLICE: lambda a, at, env: _slice(a[0], at),
+    Op.CAST: lambda a, at, env: a[0],  # the reference computes in f32 throughout
+    Op.MOE: lambda a, at, env: _moe(a, at["top_k"]),
+}
+
+WeightSource = Mapping[str, np.ndarray] | Callable[[str], np.ndarray]
+
+
+class Interpreter:
+    """Runs an HIR; weights come from a mapping or a loader and are cached as float32 once."""
+
+    def __init__(self, hir: HIR, weights: WeightSource | None = None) -> None:
+        self.hir = hir
+        self._order = hir.nodes()
+        self._weights = weights if weights is not None else {}
+        self._cache: dict[str, np.ndarray] = {}
+        last_use: dict[str, int] = {}
+        for step, node in enumerate(self._order):
+            for i in node.inputs:
+                last_use[i] = step
+        self._last_use = last_use
+
+    def weight(self, name: str) -> np.ndarray:
+        if name not in self._cache:
+            src = self._weights
+            value = src(name) if callable(src) else src[name]
+            self._cache[name] = np.ascontiguousarray(value, dtype=F32)
+        return self._cache[name]
+
+    def param(self, node: Node) -> np.ndarray:
+        name, scale, shift = param_key(node)
+        if (scale, shift) == (1.0, 0.0):
+            return self.weight(name)
+        key = f"{name}*{scale!r}+{shift!r}"
+        if key not in self._cache:
+            self._cache[key] = (self.weight(name) * F32(scale) + F32(shift)).astype(F32)
+        return self._cache[key]
+
+    def _leaf(self, node: Node, feeds: Mapping[str, np.ndarray], env: dict[str, int]) -> np.ndarray:
+        if node.op is Op.PARAM:
+            return self.param(node)
+        if node.op is Op.CONST:
+            return np.asarray(node.attr("value"), dtype=node.type.dtype.numpy).reshape(
+                [int(d) for d in node.type.shape])  # type: ignore[arg-type]
+        name = node.attr("name")
+        if name not in feeds:
+            raise HIRError(f"missing input {name!r} (graph inputs: {sorted(self.hir.inputs)})")
+        value = np.asarray(feeds[name])
+        try:
+            bind_shape(node.type.shape, value.shape, env, f"input {name}")
+        except ValueError as e:
+            raise HIRError(str(e)) from None
+        return value.astype(node.type.dtype.numpy) if not node.type.dtype.is_float else value.astype(F32)
+
+    def run(self, feeds: Mapping[str, np.ndarray], *, env: dict[str, int] | None = None) -> dict[str, np.ndarray]:
+        env = dict(env or {})
+        for node in self._order:  # bind every symbol from the inputs before anything runs
+            if node.op is Op.INPUT and node.attr("name") in feeds:
+                self._leaf(node, feeds, env)
+        values: dict[str, np.ndarray] = {}
+        keep = set(self.hir.outputs.values())
+        for step, node in enumerate(self._order):
+            if node.op in (Op.INPUT, Op.PARAM, Op.CONST):
+                values[node.id] = self._leaf(node, feeds, env)
+            else:
+                args = [values[i] for i in node.inputs]
+                values[node.id] = IMPLS[node.op](args, node.attr_dict, env)
+            for i in set(node.inputs):
+                if self._last_use[i] == step and i not in keep:
+                    del values[i]
+        return {name: values[nid] for name, nid in self.hir.outputs.items()}
+
+
+def run_hir(hir: HIR, feeds: Mapping[str, np.ndarray], weights: WeightSource | None = None) -> dict[str, np.ndarray]:
+    return Interpreter(hir, weights).run(feeds)

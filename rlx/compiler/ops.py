@@ -1,0 +1,288 @@
+"""The HIR op set: one table row per op with its arity, attributes and type rule.
+
+Ops are as coarse as the model (RMSNorm, Linear, RoPE) so that fusion patterns read like the
+model, and fine where fusion has work to do (attention is scores -> scale -> softcap -> mask ->
+softmax -> value product until `fuse-attention` folds it into one op).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from rlx.compiler.dtypes import DType
+from rlx.compiler.shapes import Dim, Shape, SymDim, add_dims, eval_dim, parse_dim
+from rlx.compiler.tensor_type import TensorType
+
+
+class Op(enum.Enum):
+    INPUT = "input"
+    PARAM = "param"
+    CONST = "const"
+    EMBED = "embed"
+    SCALE = "scale"
+    ADD = "add"
+    MUL = "mul"
+    RMSNORM = "rms_norm"
+    LINEAR = "linear"
+    GELU_TANH = "gelu_tanh"
+    SOFTCAP = "softcap"
+    RESHAPE = "reshape"
+    TRANSPOSE = "transpose"
+    REPEAT_KV = "repeat_kv"
+    ROPE = "rope"
+    MATMUL = "matmul"
+    CAUSAL_MASK = "causal_mask"
+    SOFTMAX = "softmax"
+    CONCAT = "concat"
+    SLICE = "slice"
+    CAST = "cast"
+    MOE = "moe"
+
+
+class TypeRuleError(ValueError):
+    """Inputs or attrs do not fit an op's type rule; verify() turns it into an HIRError."""
+
+
+def _need(cond: bool, msg: str) -> None:
+    if not cond:
+        raise TypeRuleError(msg)
+
+
+def dims_equal(a: Dim, b: Dim) -> bool:
+    return a == b
+
+
+def broadcast_shapes(a: Shape, b: Shape) -> Shape:
+    out: list[Dim] = []
+    ra, rb = list(reversed(a)), list(reversed(b))
+    for i in range(max(len(a), len(b))):
+        da = ra[i] if i < len(ra) else 1
+        db = rb[i] if i < len(rb) else 1
+        if dims_equal(da, db) or db == 1:
+            out.append(da)
+        elif da == 1:
+            out.append(db)
+        else:
+            raise TypeRuleError(f"shapes {a} and {b} do not broadcast (dim {da} vs {db})")
+    return tuple(reversed(out))
+
+
+def attr_dim(value: int | str) -> Dim:
+    """Shape attrs hold ints or symbol strings so that they stay JSON values."""
+    return value if isinstance(value, int) else parse_dim(value)
+
+
+def _same_numel(a: Shape, b: Shape) -> bool:
+    """Symbolic element-count check by evaluating both shapes at two symbol assignments."""
+    symbols = {s for d in (*a, *b) if isinstance(d, SymDim) for s in d.symbols}
+    for probe in (3, 7):
+        env = dict.fromkeys(symbols, probe)
+        na = nb = 1
+        for d in a:
+            na *= eval_dim(d, env)
+        for d in b:
+            nb *= eval_dim(d, env)
+        if na != nb:
+            return False
+    return True
+
+
+# ---- type rules: (input types, attrs) -> output type; None means "declared on the node" ----
+TypeRule = Callable[[Sequence[TensorType], Mapping[str, Any]], TensorType | None]
+
+
+def _declared(ins: Sequence[TensorType], attrs: Mapping[str, Any]) -> None:
+    return None
+
+
+def _same_as_first(ins: Sequence[TensorType], attrs: Mapping[str, Any]) -> TensorType:
+    _need(ins[0].dtype.is_float, f"expects a float input, got {ins[0]}")
+    return ins[0]
+
+
+def _embed(ins: Sequence[TensorType], attrs: Mapping[str, Any]) -> TensorType:
+    table, ids = ins
+    _need(table.rank == 2, f"table must be [vocab, hidden], got {table}")
+    _need(ids.dtype.is_int, f"ids must be integer, got {ids}")
+    return TensorType(table.dtype, (*ids.shape, table.shape[1]))
+
+
+def _binary(ins: Sequence[TensorType], attrs: Mapping[str, Any]) -> TensorType:
+    a, b = ins
+    _need(a.dtype == b.dtype, f"dtype mismatch {a} vs {b}")
+    return TensorType(a.dtype, broadcast_shapes(a.shape, b.shape))
+
+
+def _rmsnorm(ins: Sequence[TensorType], attrs: Mapping[str, Any]) -> TensorType:
+    x = ins[0]
+    _need(x.dtype.is_float, f"expects a float input, got {x}")
+    if len(ins) == 2:
+        _need(ins[1].shape == (x.shape[-1],), f"weight {ins[1]} does not match last dim of {x}")
+    return x
+
+
+def _linear(ins: Sequence[TensorType], attrs: Mapping[str, Any]) -> TensorType:
+    x, w = ins
+    _need(w.rank == 2, f"weight must be [out, in], got {w}")
+    _need(x.shape[-1] == w.shape[1], f"in-features mismatch: x {x} vs weight {w}")
+    return TensorType(x.dtype, (*x.shape[:-1], w.shape[0]))
+
+
+def _reshape(ins: Sequence[TensorType], attrs: Mapping[str, Any]) -> TensorType:
+    shape = tuple(attr_dim(d) for d in attrs["shape"])
+    _need(_same_numel(ins[0].shape, shape), f"cannot reshape {ins[0]} to {list(attrs['shape'])}")
+    return ins[0].with_shape(shape)
+
+
+def _transpose(ins: Sequence[TensorType], attrs: Mapping[str, Any]) -> TensorType:
+    perm = tuple(attrs["perm"])
+    _need(sorted(perm) == list(range(ins[0].rank)), f"perm {perm} is not a permutation of rank {ins[0].rank}")
+    return ins[0].with_shape(tuple(ins[0].shape[p] for p in perm))
+
+
+def _repeat_kv(ins: Sequence[TensorType], attrs: Mapping[str, Any]) -> TensorType:
+    x = ins[0]
+    _need(x.rank == 4, f"expects [batch, kv_heads, seq, head_dim], got {x}")
+    _need(attrs["repeats"] >= 1, "repeats must be >= 1")
+    heads = x.shape[1]
+    _need(isinstance(heads, int), "kv_heads must be static")
+    return x.with_shape((x.shape[0], heads * attrs["repeats"], *x.shape[2:]))
+
+
+def _rope(ins: Sequence[TensorType], attrs: Mapping[str, Any]) -> TensorType:
+    x, pos, inv_freq = ins
+    _need(x.rank == 4, f"expects [batch, heads, seq, head_dim], got {x}")
+    _need(pos.dtype.is_int and pos.rank == 2, f"positions must be int [batch, seq], got {pos}")
+    _need(inv_freq.rank == 1 and x.shape[-1] == add_dims(inv_freq.shape[0], inv_freq.shape[0]),
+          f"inv_freq {inv_freq} must hold head_dim/2 = {x.shape[-1]}/2 values")
+    return x
+
+
+def _matmul(ins: Sequence[TensorType], attrs: Mapping[str, Any]) -> TensorType:
+    a, b = ins
+    _need(a.rank >= 2 and b.rank >= 2, f"matmul needs rank >= 2, got {a} and {b}")
+    _need(a.dtype == b.dtype, f"dtype mismatch {a} vs {b}")
+    _need(a.shape[-1] == b.shape[-2], f"contraction mismatch {a} @ {b}")
+    batch = broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    return TensorType(a.dtype, (*batch, a.shape[-2], b.shape[-1]))
+
+
+def _mask(ins: Sequence[TensorType], attrs: Mapping[str, Any]) -> TensorType:
+    scores, qpos = ins
+    _need(scores.rank == 4, f"scores must be [batch, heads, q, k], got {scores}")
+    _need(qpos.dtype.is_int and qpos.shape == (scores.shape[0], scores.shape[2]),
+          f"q positions {qpos} must be int [batch, q] of scores {scores}")
+    _need(attrs["window"] >= 0, "window must be >= 0 (0: no window)")
+    return scores
+
+
+def _concat(ins: Sequence[TensorType], attrs: Mapping[str, Any]) -> TensorType:
+    a, b = ins
+    axis = attrs["axis"] % a.rank
+    _need(a.rank == b.rank and a.dtype == b.dtype, f"concat of {a} and {b}")
+    for i, (da, db) in enumerate(zip(a.shape, b.shape, strict=True)):
+        _need(i == axis or da == db, f"concat dims differ off axis {axis}: {a} vs {b}")
+    shape = list(a.shape)
+    shape[axis] = add_dims(a.shape[axis], b.shape[axis])
+    return a.with_shape(tuple(shape))
+
+
+def _slice(ins: Sequence[TensorType], attrs: Mapping[str, Any]) -> TensorType:
+    x = ins[0]
+    axis, start, stop = attrs["axis"] % x.rank, attrs["start"], attrs["stop"]
+    dim = x.shape[axis]
+    if start < 0 and stop is None:
+        size: Dim = -start
+    else:
+        _need(start >= 0 and isinstance(stop, int) and stop > start, f"slice [{start}:{stop}] not supported")
+        _need(not isinstance(dim, int) or stop <= dim, f"slice stop {stop} past dim {dim}")
+        size = stop - start
+    shape = list(x.shape)
+    shape[axis] = size
+    return x.with_shape(tuple(shape))
+
+
+def _cast(ins: Sequence[TensorType], attrs: Mapping[str, Any]) -> TensorType:
+    return ins[0].with_dtype(DType.parse(attrs["dtype"]))
+
+
+def _moe(ins: Sequence[TensorType], attrs: Mapping[str, Any]) -> TensorType:
+    x, router_x, proj, per_expert, gate_up, down = ins
+    experts, top_k = attrs["num_experts"], attrs["top_k"]
+    hidden = x.shape[-1]
+    _need(router_x.shape == x.shape, f"router input {router_x} must match x {x}")
+    _need(proj.shape == (experts, hidden), f"router proj {proj} must be [{experts}, {hidden}]")
+    _need(per_expert.shape == (experts,), f"per-expert scale {per_expert} must be [{experts}]")
+    _need(gate_up.rank == 3 and gate_up.shape[0] == experts and gate_up.shape[2] == hidden,
+          f"gate_up {gate_up} must be [{experts}, 2*I, {hidden}]")
+    _need(down.rank == 3 and down.shape[0] == experts and down.shape[1] == hidden,
+          f"down {down} must be [{experts}, {hidden}, I]")
+    _need(0 < top_k <= experts, f"top_k {top_k} must be in 1..{experts}")
+    return x
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    """`attrs` maps each attr name to (accepted python types, default or REQUIRED)."""
+
+    arity: tuple[int, int]
+    infer: TypeRule
+    attrs: Mapping[str, tuple[tuple[type, ...], Any]] = field(default_factory=dict)
+
+
+REQUIRED = object()
+_NUM = (int, float)
+_OPT_INT = (int, type(None))
+
+OPS: dict[Op, OpSpec] = {
+    Op.INPUT: OpSpec((0, 0), _declared, {"name": ((str,), REQUIRED)}),
+    # a weight, optionally derived at load time as `stored * scale + shift` (constant folding
+    # moves the embedding scale and the (1+w) norm offset here, into the stored weight)
+    Op.PARAM: OpSpec((0, 0), _declared, {"name": ((str,), REQUIRED), "scale": (_NUM, 1.0), "shift": (_NUM, 0.0)}),
+    Op.CONST: OpSpec((0, 0), _declared, {"value": ((tuple,), REQUIRED)}),
+    Op.EMBED: OpSpec((2, 2), _embed),
+    Op.SCALE: OpSpec((1, 1), _same_as_first, {"value": (_NUM, REQUIRED)}),
+    Op.ADD: OpSpec((2, 2), _binary),
+    Op.MUL: OpSpec((2, 2), _binary),
+    Op.RMSNORM: OpSpec((1, 2), _rmsnorm, {"eps": (_NUM, REQUIRED), "offset": (_NUM, 0.0)}),
+    Op.LINEAR: OpSpec((2, 2), _linear),
+    Op.GELU_TANH: OpSpec((1, 1), _same_as_first),
+    Op.SOFTCAP: OpSpec((1, 1), _same_as_first, {"cap": (_NUM, REQUIRED)}),
+    Op.RESHAPE: OpSpec((1, 1), _reshape, {"shape": ((tuple,), REQUIRED)}),
+    Op.TRANSPOSE: OpSpec((1, 1), _transpose, {"perm": ((tuple,), REQUIRED)}),
+    Op.REPEAT_KV: OpSpec((1, 1), _repeat_kv, {"repeats": ((int,), REQUIRED)}),
+    Op.ROPE: OpSpec((3, 3), _rope),
+    Op.MATMUL: OpSpec((2, 2), _matmul),
+    Op.CAUSAL_MASK: OpSpec((2, 2), _mask, {"window": ((int,), 0), "bidirectional": ((bool,), False)}),
+    Op.SOFTMAX: OpSpec((1, 1), _same_as_first),
+    Op.CONCAT: OpSpec((2, 2), _concat, {"axis": ((int,), REQUIRED)}),
+    Op.SLICE: OpSpec((1, 1), _slice, {"axis": ((int,), REQUIRED), "start": ((int,), REQUIRED),
+                                      "stop": (_OPT_INT, None)}),
+    Op.CAST: OpSpec((1, 1), _cast, {"dtype": ((str,), REQUIRED)}),
+    Op.MOE: OpSpec((6, 6), _moe, {"num_experts": ((int,), REQUIRED), "top_k": ((int,), REQUIRED)}),
+}
+
+
+def complete_attrs(op: Op, attrs: Mapping[str, Any]) -> dict[str, Any]:
+    """Fill defaults and reject unknown or missing attrs, so nodes always carry every attr."""
+    spec = OPS[op]
+    unknown = set(attrs) - set(spec.attrs)
+    if unknown:
+        raise TypeRuleError(f"{op.value}: unknown attr(s) {sorted(unknown)} (known: {sorted(spec.attrs)})")
+    out: dict[str, Any] = {}
+    for name, (types, default) in spec.attrs.items():
+        if name in attrs:
+            value = attrs[name]
+        elif default is REQUIRED:
+            raise TypeRuleError(f"{op.value}: missing required attr {name!r}")
+        else:
+            value = default
+        if isinstance(value, list):
+            value = tuple(value)
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            raise TypeRuleError(f"{op.value}: attr {name}={value!r} must be {'/'.join(t.__name__ for t in types)}")
+        out[name] = value
+    return out

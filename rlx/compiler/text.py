@@ -1,0 +1,78 @@
+"""Text form of the HIR; `parse(print(h)) == h` exactly.
+
+    hir main {
+      %x = input() {"name": "input_ids"} : i64[BATCH, SEQ]
+      %h = embed(%p.embed_tokens.weight, %x) : f32[BATCH, SEQ, 640]
+      return logits=%h
+    }
+
+Attr blocks are JSON objects (floats print with repr, so they round-trip bit-exactly).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from rlx.compiler.graph import HIR, Node
+from rlx.compiler.ops import Op
+from rlx.compiler.tensor_type import TensorType
+from rlx.errors import HIRError
+
+_NODE = re.compile(r"^%(?P<id>\S+) = (?P<op>\w+)\((?P<args>[^)]*)\)(?: (?P<attrs>\{.*\}))? : (?P<type>.+)$")
+_HEADER = re.compile(r"^hir (?P<name>\S+) \{$")
+
+
+def _to_json(value: Any) -> Any:
+    return [_to_json(v) for v in value] if isinstance(value, tuple) else value
+
+
+def _from_json(value: Any) -> Any:
+    return tuple(_from_json(v) for v in value) if isinstance(value, list) else value
+
+
+def format_node(node: Node) -> str:
+    args = ", ".join("%" + i for i in node.inputs)
+    attrs = f" {json.dumps({k: _to_json(v) for k, v in node.attrs})}" if node.attrs else ""
+    return f"%{node.id} = {node.op.value}({args}){attrs} : {node.type}"
+
+
+def print_hir(hir: HIR) -> str:
+    lines = [f"hir {hir.name} {{"]
+    lines += ["  " + format_node(n) for n in hir.nodes()]
+    outs = ", ".join(f"{name}=%{nid}" for name, nid in hir.outputs.items())
+    lines += [f"  return {outs}", "}"]
+    return "\n".join(lines) + "\n"
+
+
+def parse_hir(text: str) -> HIR:
+    """Parse the text form. Nodes keep their ids; types are taken as written (verify() checks them)."""
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip() and not ln.strip().startswith("#")]
+    if len(lines) < 2 or not (m := _HEADER.match(lines[0])) or lines[-1] != "}":
+        raise HIRError("parse: expected 'hir NAME {' ... '}'")
+    hir = HIR(m.group("name"))
+    for lineno, line in enumerate(lines[1:-1], start=2):
+        if line.startswith("return"):
+            for item in filter(None, (s.strip() for s in line[len("return"):].split(","))):
+                name, _, ref = item.partition("=%")
+                if not ref:
+                    raise HIRError(f"parse line {lineno}: bad output {item!r}, expected name=%id")
+                hir.raw_set_output(name, ref)
+            continue
+        nm = _NODE.match(line)
+        if not nm:
+            raise HIRError(f"parse line {lineno}: cannot read {line!r}")
+        try:
+            op = Op(nm.group("op"))
+            attrs = json.loads(nm.group("attrs")) if nm.group("attrs") else {}
+            ttype = TensorType.parse(nm.group("type"))
+        except (ValueError, json.JSONDecodeError) as e:
+            raise HIRError(f"parse line {lineno}: {e}") from None
+        inputs = tuple(a.strip()[1:] for a in nm.group("args").split(",") if a.strip())
+        for i in inputs:
+            if i not in hir:
+                raise HIRError(f"parse line {lineno}: %{i} used before it is defined")
+        node_attrs = tuple(sorted((k, _from_json(v)) for k, v in attrs.items()))
+        hir.insert_raw(Node(nm.group("id"), op, inputs, ttype, node_attrs))
+    return hir

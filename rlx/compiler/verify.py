@@ -1,0 +1,85 @@
+"""HIR verifier: the invariants every pass must keep. Each rule has a name for error messages."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from rlx.compiler.graph import HIR, Node, param_key
+from rlx.compiler.ops import OPS, Op, TypeRuleError, complete_attrs
+from rlx.compiler.shapes import SymDim
+from rlx.errors import HIRError
+
+
+def _rule_acyclic(hir: HIR) -> None:
+    if not hir.is_acyclic():
+        raise HIRError("acyclic: the graph has a cycle")
+
+
+def _rule_has_outputs(hir: HIR) -> None:
+    if not hir.outputs:
+        raise HIRError("outputs: the graph has no outputs")
+    for name, nid in hir.outputs.items():
+        if nid not in hir:
+            raise HIRError(f"outputs: output {name} refers to undefined %{nid}")
+
+
+def _rule_unique_names(hir: HIR) -> None:
+    keys: dict[Op, Callable[[Node], object]] = {Op.INPUT: lambda n: n.attr("name"), Op.PARAM: param_key}
+    for op, key in keys.items():
+        seen: set[object] = set()
+        for n in hir.nodes_of(op):
+            k = key(n)
+            if k in seen:
+                raise HIRError(f"unique-names: two {op.value} nodes load {k!r}")
+            seen.add(k)
+
+
+def _check_node(hir: HIR, node: Node) -> None:
+    spec = OPS[node.op]
+    lo, hi = spec.arity
+    where = f"%{node.id} ({node.op.value})"
+    for i in node.inputs:
+        if i not in hir:
+            raise HIRError(f"defined-inputs: {where} uses undefined %{i}")
+    if not lo <= len(node.inputs) <= hi:
+        raise HIRError(f"arity: {where} takes {lo}..{hi} inputs, has {len(node.inputs)}")
+    try:
+        attrs = complete_attrs(node.op, node.attr_dict)
+    except TypeRuleError as e:
+        raise HIRError(f"attrs: {where}: {e}") from None
+    if attrs != node.attr_dict:
+        raise HIRError(f"attrs: {where} does not carry every attr (expected {sorted(attrs)})")
+    try:
+        inferred = spec.infer([hir.node(i).type for i in node.inputs], attrs)
+    except TypeRuleError as e:
+        raise HIRError(f"types: {where}: {e}") from None
+    if inferred is not None and inferred != node.type:
+        raise HIRError(f"types: {where} is declared {node.type} but its inputs give {inferred}")
+    if node.op is Op.CONST:
+        numel = 1
+        for d in node.type.shape:
+            if isinstance(d, SymDim):
+                raise HIRError(f"const: {where} must have a static shape")
+            numel *= d
+        if numel != len(node.attr("value")):
+            raise HIRError(f"const: {where} holds {len(node.attr('value'))} values for shape {node.type}")
+
+
+def _rule_nodes(hir: HIR) -> None:
+    for node in hir.nodes():
+        _check_node(hir, node)
+
+
+RULES: dict[str, Callable[[HIR], None]] = {
+    "acyclic": _rule_acyclic,
+    "outputs": _rule_has_outputs,
+    "unique-names": _rule_unique_names,
+    "nodes": _rule_nodes,
+}
+
+
+def verify(hir: HIR) -> HIR:
+    """Raise HIRError naming the first broken rule; return the graph for chaining."""
+    for rule in RULES.values():
+        rule(hir)
+    return hir

