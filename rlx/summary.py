@@ -21,6 +21,7 @@ def summarize(hir: HIR, config: GemmaConfig) -> dict[str, Any]:
             "window": config.window(i),
             "head_dim": config.layer_head_dim(i),
             "kv_heads": config.layer_kv_heads(i),
+            "kv_source": config.kv_source_layer(i),  # != layer: Gemma 4 KV sharing
             "rope": {"theta": rope.theta, "kind": rope.kind, "factor": rope.factor},
         })
     return {
@@ -48,5 +49,6 @@ def summary_lines(s: dict[str, Any]) -> list[str]:
         window = f"window {layer['window']}" if layer["window"] else "no window"
         lines.append(f"layer {layer['layer']:>2}: {layer['attention']:<17} {window:<12} head_dim {layer['head_dim']} "
                      f"kv_heads {layer['kv_heads']} rope {rope['kind']} theta {rope['theta']:g}"
-                     + (f" x{rope['factor']:g}" if rope["factor"] != 1 else ""))
+                     + (f" x{rope['factor']:g}" if rope["factor"] != 1 else "")
+                     + (f" kv of layer {layer['kv_source']}" if layer["kv_source"] != layer["layer"] else ""))
     return lines

@@ -7,6 +7,8 @@ model, not at a counter.
 
 from __future__ import annotations
 
+import copy
+import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,10 +45,16 @@ def param_key(node: Node) -> tuple[str, float, float]:
 
 
 class HIR:
-    """An HIR function: named inputs, nodes in dataflow order, named outputs."""
+    """An HIR function: named inputs, nodes in dataflow order, named outputs.
+
+    `meta` holds graph-level facts later stages need (e.g. `{"bounds": {"SEQ": 512}}` from
+    specialization, for memory planning). Unlike node meta it is serialised by the text and
+    JSON forms and is part of equality, so it must hold plain JSON values.
+    """
 
     def __init__(self, name: str = "main") -> None:
         self.name = name
+        self.meta: dict[str, Any] = {}
         self._g: nx.DiGraph = nx.DiGraph()
         self._outputs: dict[str, str] = {}
         self._counter = 0
@@ -193,12 +201,13 @@ class HIR:
         out._g = self._g.copy()
         out._outputs = dict(self._outputs)
         out._counter = self._counter
+        out.meta = copy.deepcopy(self.meta)
         return out
 
-    # ---- equality (structure, not meta) ----
+    # ---- equality (structure and graph meta, not node meta) ----
     def signature(self) -> tuple[Any, ...]:
         return (self.name, tuple(sorted((n.id, n.op, n.inputs, n.type, n.attrs) for n in self.nodes())),
-                tuple(self._outputs.items()))
+                tuple(self._outputs.items()), json.dumps(self.meta, sort_keys=True))
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, HIR) and self.signature() == other.signature()

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from rlx.compiler.graph import HIR, Node, param_key
-from rlx.compiler.ops import Op, attr_dim
+from rlx.compiler.ops import EPILOGUE_STEPS, Op, attr_dim, parse_step
 from rlx.compiler.shapes import bind_shape, eval_dim
 from rlx.errors import HIRError
 
@@ -77,6 +77,53 @@ def _moe(ins: list[np.ndarray], top_k: int) -> np.ndarray:
     return out.reshape(*lead, x.shape[-1])
 
 
+def _attention(ins: list[np.ndarray], at: dict[str, Any]) -> np.ndarray:
+    """The fused op, computed exactly as the unfused chain the frontend emits."""
+    q, k, v, pos, *bias = ins
+    rep = q.shape[1] // k.shape[1]
+    k, v = np.repeat(k, rep, axis=1), np.repeat(v, rep, axis=1)
+    s = np.matmul(q, np.swapaxes(k, -1, -2))
+    if at["scale"] != 1.0:
+        s = (s * F32(at["scale"])).astype(F32)
+    if at["softcap"]:
+        s = (np.tanh(s / F32(at["softcap"])) * F32(at["softcap"])).astype(F32)
+    if at["mask"] != "none":
+        s = _causal_mask(s, pos, at["window"], at["mask"] == "bidirectional")
+    for b in bias:
+        s = s + b
+    return np.matmul(_softmax(s), v)
+
+
+def _add_rmsnorm(ins: list[np.ndarray], at: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    total = ins[0] + ins[1]
+    return _rmsnorm(total, ins[2] if len(ins) > 2 else None, at["eps"], at["offset"]), total
+
+
+def _geglu(ins: list[np.ndarray]) -> np.ndarray:
+    if len(ins) == 1:
+        half = ins[0].shape[-1] // 2
+        ins = [ins[0][..., :half], ins[0][..., half:]]
+    return _gelu_tanh(ins[0]) * ins[1]
+
+
+_STEPS: dict[str, Callable[[np.ndarray, np.ndarray | None, float | None], np.ndarray]] = {
+    "add": lambda y, o, v: y + o,
+    "mul": lambda y, o, v: y * o,
+    "scale": lambda y, o, v: (y * F32(v)).astype(F32),
+    "softcap": lambda y, o, v: (np.tanh(y / F32(v)) * F32(v)).astype(F32),
+    "gelu_tanh": lambda y, o, v: _gelu_tanh(y),
+}
+
+
+def _linear_epilogue(ins: list[np.ndarray], at: dict[str, Any]) -> np.ndarray:
+    y = ins[0] @ ins[1].T
+    operands = list(ins[2:])
+    for step in at["steps"]:
+        kind, value = parse_step(step)
+        y = _STEPS[kind](y, operands.pop(0) if EPILOGUE_STEPS[kind] else None, value)
+    return y
+
+
 def _reshape(x: np.ndarray, attrs: dict[str, Any], env: dict[str, int]) -> np.ndarray:
     return x.reshape([eval_dim(attr_dim(d), env) for d in attrs["shape"]])
 
@@ -107,6 +154,10 @@ IMPLS: dict[Op, Impl] = {
     Op.SLICE: lambda a, at, env: _slice(a[0], at),
     Op.CAST: lambda a, at, env: a[0],  # the reference computes in f32 throughout
     Op.MOE: lambda a, at, env: _moe(a, at["top_k"]),
+    Op.ATTENTION: lambda a, at, env: _attention(a, at),
+    Op.ADD_RMSNORM: lambda a, at, env: _add_rmsnorm(a, at),  # type: ignore[dict-item]
+    Op.GEGLU: lambda a, at, env: _geglu(a),
+    Op.LINEAR_EPILOGUE: lambda a, at, env: _linear_epilogue(a, at),
 }
 
 WeightSource = Mapping[str, np.ndarray] | Callable[[str], np.ndarray]
@@ -164,16 +215,23 @@ class Interpreter:
             if node.op is Op.INPUT and node.attr("name") in feeds:
                 self._leaf(node, feeds, env)
         values: dict[str, np.ndarray] = {}
+        extra: dict[str, tuple[np.ndarray, ...]] = {}
         keep = set(self.hir.outputs.values())
         for step, node in enumerate(self._order):
             if node.op in (Op.INPUT, Op.PARAM, Op.CONST):
                 values[node.id] = self._leaf(node, feeds, env)
+            elif node.op is Op.RESULT:
+                values[node.id] = extra[node.inputs[0]][node.attr("index") - 1]
             else:
-                args = [values[i] for i in node.inputs]
-                values[node.id] = IMPLS[node.op](args, node.attr_dict, env)
+                out = IMPLS[node.op]([values[i] for i in node.inputs], node.attr_dict, env)
+                if isinstance(out, tuple):
+                    values[node.id], extra[node.id] = out[0], out[1:]
+                else:
+                    values[node.id] = out
             for i in set(node.inputs):
                 if self._last_use[i] == step and i not in keep:
                     del values[i]
+                    extra.pop(i, None)
         return {name: values[nid] for name, nid in self.hir.outputs.items()}
 
 

@@ -40,6 +40,12 @@ class Op(enum.Enum):
     SLICE = "slice"
     CAST = "cast"
     MOE = "moe"
+    # fused ops, produced by the fusion passes (never by the frontend)
+    ATTENTION = "attention"
+    ADD_RMSNORM = "add_rms_norm"
+    RESULT = "result"
+    GEGLU = "geglu"
+    LINEAR_EPILOGUE = "linear_epilogue"
 
 
 class TypeRuleError(ValueError):
@@ -180,13 +186,14 @@ def _mask(ins: Sequence[TensorType], attrs: Mapping[str, Any]) -> TensorType:
 
 
 def _concat(ins: Sequence[TensorType], attrs: Mapping[str, Any]) -> TensorType:
-    a, b = ins
+    a = ins[0]
     axis = attrs["axis"] % a.rank
-    _need(a.rank == b.rank and a.dtype == b.dtype, f"concat of {a} and {b}")
-    for i, (da, db) in enumerate(zip(a.shape, b.shape, strict=True)):
-        _need(i == axis or da == db, f"concat dims differ off axis {axis}: {a} vs {b}")
+    for b in ins[1:]:
+        _need(a.rank == b.rank and a.dtype == b.dtype, f"concat of {a} and {b}")
+        for i, (da, db) in enumerate(zip(a.shape, b.shape, strict=True)):
+            _need(i == axis or da == db, f"concat dims differ off axis {axis}: {a} vs {b}")
     shape = list(a.shape)
-    shape[axis] = add_dims(a.shape[axis], b.shape[axis])
+    shape[axis] = add_dims(*(t.shape[axis] for t in ins))
     return a.with_shape(tuple(shape))
 
 
@@ -224,6 +231,66 @@ def _moe(ins: Sequence[TensorType], attrs: Mapping[str, Any]) -> TensorType:
     return x
 
 
+MASK_KINDS = ("causal", "bidirectional", "none")
+# ops with extra results: the node's value is result 0; `result{index=i}` nodes read the others
+MULTI_RESULT = frozenset({"add_rms_norm"})
+
+
+def _attention(ins: Sequence[TensorType], attrs: Mapping[str, Any]) -> TensorType:
+    q, k, v, pos, *bias = ins
+    _need(q.rank == k.rank == v.rank == 4, f"q/k/v must be [batch, heads, seq, head_dim]: {q}, {k}, {v}")
+    hq, hk = q.shape[1], k.shape[1]
+    _need(isinstance(hq, int) and isinstance(hk, int) and hq % hk == 0, f"q heads {hq} not a multiple of kv {hk}")
+    _need(k.shape == v.shape and q.shape[-1] == k.shape[-1], f"k {k} / v {v} do not fit q {q}")
+    _need(pos.dtype.is_int and pos.shape == (q.shape[0], q.shape[2]), f"positions {pos} must be [batch, q]")
+    _need(attrs["mask"] in MASK_KINDS, f"mask {attrs['mask']!r} not in {MASK_KINDS}")
+    for b in bias:
+        _need(b.rank == 4 and b.shape[-1] == k.shape[2], f"bias {b} must be [batch, 1, q, k]")
+    return q.with_shape((*q.shape[:3], v.shape[-1]))
+
+
+def _add_rmsnorm(ins: Sequence[TensorType], attrs: Mapping[str, Any]) -> TensorType:
+    a, b, *w = ins
+    _need(a == b, f"residual add of {a} and {b} (the fused op needs equal types)")
+    return _rmsnorm([a, *w], attrs)
+
+
+def _result(ins: Sequence[TensorType], attrs: Mapping[str, Any]) -> TensorType:
+    _need(attrs["index"] == 1, "only result index 1 (the residual sum of add_rms_norm) exists")
+    return ins[0]
+
+
+def _geglu(ins: Sequence[TensorType], attrs: Mapping[str, Any]) -> TensorType:
+    if len(ins) == 2:
+        return _binary(ins, attrs)
+    x = ins[0]
+    last = x.shape[-1]
+    _need(isinstance(last, int) and last % 2 == 0, f"packed gate|up {x} needs an even last dim")
+    return x.with_shape((*x.shape[:-1], last // 2))  # type: ignore[operator]
+
+
+EPILOGUE_STEPS = {"add": 1, "mul": 1, "scale": 0, "softcap": 0, "gelu_tanh": 0}
+
+
+def parse_step(step: str) -> tuple[str, float | None]:
+    kind, _, value = step.partition("=")
+    return kind, float(value) if value else None
+
+
+def _linear_epilogue(ins: Sequence[TensorType], attrs: Mapping[str, Any]) -> TensorType:
+    out = _linear(ins[:2], attrs)
+    operands = list(ins[2:])
+    for step in attrs["steps"]:
+        kind, value = parse_step(step)
+        _need(kind in EPILOGUE_STEPS, f"unknown epilogue step {step!r} (known: {sorted(EPILOGUE_STEPS)})")
+        _need((value is not None) == (kind in ("scale", "softcap")), f"step {step!r}: scale/softcap take =value")
+        if EPILOGUE_STEPS[kind]:
+            _need(bool(operands), f"step {step!r} needs an operand")
+            out = _binary([out, operands.pop(0)], attrs)
+    _need(not operands, f"{len(operands)} epilogue operand(s) left unused")
+    return out
+
+
 @dataclass(frozen=True)
 class OpSpec:
     """`attrs` maps each attr name to (accepted python types, default or REQUIRED)."""
@@ -258,11 +325,21 @@ OPS: dict[Op, OpSpec] = {
     Op.MATMUL: OpSpec((2, 2), _matmul),
     Op.CAUSAL_MASK: OpSpec((2, 2), _mask, {"window": ((int,), 0), "bidirectional": ((bool,), False)}),
     Op.SOFTMAX: OpSpec((1, 1), _same_as_first),
-    Op.CONCAT: OpSpec((2, 2), _concat, {"axis": ((int,), REQUIRED)}),
+    Op.CONCAT: OpSpec((2, 8), _concat, {"axis": ((int,), REQUIRED)}),
     Op.SLICE: OpSpec((1, 1), _slice, {"axis": ((int,), REQUIRED), "start": ((int,), REQUIRED),
                                       "stop": (_OPT_INT, None)}),
     Op.CAST: OpSpec((1, 1), _cast, {"dtype": ((str,), REQUIRED)}),
     Op.MOE: OpSpec((6, 6), _moe, {"num_experts": ((int,), REQUIRED), "top_k": ((int,), REQUIRED)}),
+    # q, k, v (un-repeated KV heads), positions[, additive bias...]
+    Op.ATTENTION: OpSpec((4, 6), _attention, {"scale": (_NUM, 1.0), "softcap": (_NUM, 0.0),
+                                              "window": ((int,), 0), "mask": ((str,), "causal")}),
+    # norm(a + b) [* (offset + w)]; the sum a + b is `result{index=1}` of this node
+    Op.ADD_RMSNORM: OpSpec((2, 3), _add_rmsnorm, {"eps": (_NUM, REQUIRED), "offset": (_NUM, 0.0)}),
+    Op.RESULT: OpSpec((1, 1), _result, {"index": ((int,), REQUIRED)}),
+    # gelu_tanh(gate) * up, from two values or one packed [.., gate | up] value
+    Op.GEGLU: OpSpec((1, 2), _geglu),
+    # linear, then elementwise steps ("add", "mul" take the next operand; "scale=v", "softcap=v", "gelu_tanh")
+    Op.LINEAR_EPILOGUE: OpSpec((2, 6), _linear_epilogue, {"steps": ((tuple,), REQUIRED)}),
 }
 
 

@@ -4,7 +4,8 @@
 
 `Pat` matches a node by op (and an optional predicate) with sub-patterns for its inputs; `Var`
 binds any value; `Opt` matches an optional unary op. Interior nodes must have a single user, so
-a rewrite can replace the whole match without duplicating work. Rules are named; `apply_rules`
+a rewrite can replace the whole match without duplicating work, unless marked `shared` (views
+such as transposes, which cost nothing to keep for their other users). Rules are named; `apply_rules`
 runs them to a fixpoint and counts hits per rule.
 """
 
@@ -32,14 +33,16 @@ class Pat:
     name: str | None = None
     where: Predicate | None = None
     commutative: bool = False
+    shared: bool = False  # may have other users (cheap views, e.g. a transpose that CSE merged)
 
     def __init__(self, op: Op | tuple[Op, ...], *args: Pattern, name: str | None = None,
-                 where: Predicate | None = None, commutative: bool = False) -> None:
+                 where: Predicate | None = None, commutative: bool = False, shared: bool = False) -> None:
         object.__setattr__(self, "op", op)
         object.__setattr__(self, "args", tuple(args))
         object.__setattr__(self, "name", name)
         object.__setattr__(self, "where", where)
         object.__setattr__(self, "commutative", commutative)
+        object.__setattr__(self, "shared", shared)
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,7 @@ class Opt:
     op: Op
     inner: Pattern
     name: str
+    shared: bool = False
 
 
 Pattern = Var | Pat | Opt
@@ -75,7 +79,7 @@ def _match(hir: HIR, pat: Pattern, nid: str, m: Match, is_root: bool) -> bool:
         bound = m.bindings.setdefault(pat.name, nid)
         return bound == nid
     if isinstance(pat, Opt):
-        if node.op is pat.op and (is_root or len(hir.users(nid)) == 1):
+        if node.op is pat.op and (is_root or pat.shared or len(hir.users(nid)) == 1):
             saved = (dict(m.bindings), list(m.interior))
             m.bindings[pat.name] = nid
             if not is_root:
@@ -89,7 +93,7 @@ def _match(hir: HIR, pat: Pattern, nid: str, m: Match, is_root: bool) -> bool:
         return False
     if pat.where is not None and not pat.where(node):
         return False
-    if not is_root and (len(hir.users(nid)) != 1 or nid in hir.outputs.values()):
+    if not is_root and not pat.shared and (len(hir.users(nid)) != 1 or nid in hir.outputs.values()):
         return False
     orders = [node.inputs] if not pat.commutative else [node.inputs, tuple(reversed(node.inputs))]
     for inputs in orders:

@@ -48,10 +48,12 @@ class PassReport:
 
 
 class PassManager:
-    def __init__(self, passes: Sequence[Pass], *, verify_each: bool = True, dump_dir: Path | None = None) -> None:
+    def __init__(self, passes: Sequence[Pass], *, verify_each: bool = True, dump_dir: Path | None = None,
+                 assert_clean: bool = False) -> None:
         self.passes = list(passes)
         self.verify_each = verify_each
         self.dump_dir = dump_dir
+        self.assert_clean = assert_clean
 
     def _dump(self, index: int, label: str, hir: HIR) -> None:
         if self.dump_dir is not None:
@@ -77,4 +79,8 @@ class PassManager:
                 p.name, str(p), seconds, result.changed, before, len(hir), dict(result.stats),
                 [{"pattern": m.pattern, "node": m.node, "reason": m.reason} for m in result.misses]))
             self._dump(index, p.name, hir)
+        if self.assert_clean and report.misses:
+            listed = "\n".join(f"  {m.pattern}: %{m.node}: {m.reason}" for m in report.misses)
+            raise PassError(f"fusion is not clean: {len(report.misses)} missed pattern(s)\n{listed}",
+                            hint="fix the graph or profile, or set [fusion] assert_clean = false")
         return hir, report

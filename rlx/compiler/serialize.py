@@ -25,6 +25,7 @@ def hir_to_dict(hir: HIR) -> dict[str, Any]:
             for n in hir.nodes()
         ],
         "outputs": hir.outputs,
+        "meta": hir.meta,
     }
 
 
@@ -33,6 +34,7 @@ def hir_from_dict(data: dict[str, Any]) -> HIR:
         raise HIRError(f"not an rlx-hir v{FORMAT_VERSION} document (format={data.get('format')!r}, "
                        f"version={data.get('version')!r})")
     hir = HIR(data["name"])
+    hir.meta = dict(data.get("meta", {}))
     try:
         for n in data["nodes"]:
             attrs = tuple(sorted((k, _from_json(v)) for k, v in n["attrs"].items()))

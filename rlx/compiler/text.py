@@ -6,7 +6,8 @@
       return logits=%h
     }
 
-Attr blocks are JSON objects (floats print with repr, so they round-trip bit-exactly).
+Attr blocks are JSON objects (floats print with repr, so they round-trip bit-exactly). A graph
+with `meta` prints it as a JSON object on the header line: `hir main {"bounds": {"SEQ": 512}} {`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from rlx.compiler.tensor_type import TensorType
 from rlx.errors import HIRError
 
 _NODE = re.compile(r"^%(?P<id>\S+) = (?P<op>\w+)\((?P<args>[^)]*)\)(?: (?P<attrs>\{.*\}))? : (?P<type>.+)$")
-_HEADER = re.compile(r"^hir (?P<name>\S+) \{$")
+_HEADER = re.compile(r"^hir (?P<name>\S+)(?: (?P<meta>\{.*\}))? \{$")
 
 
 def _to_json(value: Any) -> Any:
@@ -39,7 +40,8 @@ def format_node(node: Node) -> str:
 
 
 def print_hir(hir: HIR) -> str:
-    lines = [f"hir {hir.name} {{"]
+    meta = f" {json.dumps(hir.meta)}" if hir.meta else ""
+    lines = [f"hir {hir.name}{meta} {{"]
     lines += ["  " + format_node(n) for n in hir.nodes()]
     outs = ", ".join(f"{name}=%{nid}" for name, nid in hir.outputs.items())
     lines += [f"  return {outs}", "}"]
@@ -52,6 +54,11 @@ def parse_hir(text: str) -> HIR:
     if len(lines) < 2 or not (m := _HEADER.match(lines[0])) or lines[-1] != "}":
         raise HIRError("parse: expected 'hir NAME {' ... '}'")
     hir = HIR(m.group("name"))
+    if m.group("meta"):
+        try:
+            hir.meta = json.loads(m.group("meta"))
+        except json.JSONDecodeError as e:
+            raise HIRError(f"parse line 1: bad graph meta: {e}") from None
     for lineno, line in enumerate(lines[1:-1], start=2):
         if line.startswith("return"):
             for item in filter(None, (s.strip() for s in line[len("return"):].split(","))):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from rlx.compiler.graph import HIR, Node, param_key
-from rlx.compiler.ops import OPS, Op, TypeRuleError, complete_attrs
+from rlx.compiler.ops import MULTI_RESULT, OPS, Op, TypeRuleError, complete_attrs
 from rlx.compiler.shapes import SymDim
 from rlx.errors import HIRError
 
@@ -55,6 +55,8 @@ def _check_node(hir: HIR, node: Node) -> None:
         raise HIRError(f"types: {where}: {e}") from None
     if inferred is not None and inferred != node.type:
         raise HIRError(f"types: {where} is declared {node.type} but its inputs give {inferred}")
+    if node.op is Op.RESULT and hir.node(node.inputs[0]).op.value not in MULTI_RESULT:
+        raise HIRError(f"result: {where} reads {hir.node(node.inputs[0]).op.value}, which has one result")
     if node.op is Op.CONST:
         numel = 1
         for d in node.type.shape:

@@ -104,7 +104,10 @@ _NORM_SHIFT = {1: 1.0, 2: 1.0, 3: 1.0, 4: 0.0}
 
 @dataclass(frozen=True)
 class GemmaConfig:
-    """Everything about a Gemma decoder that the compiler needs, per layer where it varies."""
+    """Everything about a Gemma decoder that the compiler needs, per layer where it varies.
+
+    `_source` (the file it came from) only makes validation errors name that file.
+    """
 
     generation: int
     model_type: str
@@ -137,6 +140,7 @@ class GemmaConfig:
     top_k_experts: int | None = None
     moe_intermediate_size: int | None = None
     hidden_size_per_layer_input: int = 0
+    vocab_size_per_layer_input: int = 0  # rows of `embed_tokens_per_layer`; 0 when PLE is off
     num_kv_shared_layers: int = 0
     use_double_wide_mlp: bool = False
     _source: str = field(default="<config>", compare=False, repr=False)
@@ -192,6 +196,12 @@ class GemmaConfig:
             raise bad(
                 f"num_kv_shared_layers={self.num_kv_shared_layers} is invalid for {self.num_layers} layers",
                 "use 0 <= num_kv_shared_layers < num_hidden_layers (Gemma 4 only)",
+            )
+        ple, ple_vocab = self.hidden_size_per_layer_input, self.vocab_size_per_layer_input
+        if ple < 0 or (ple > 0) != (ple_vocab > 0) or (ple and self.generation != 4):
+            raise bad(
+                f"hidden_size_per_layer_input={ple} with vocab_size_per_layer_input={ple_vocab} is invalid",
+                "per-layer embeddings (Gemma 4 only) need both positive, or both 0 to turn them off",
             )
         for i in range(self.num_layers):  # every shared layer needs a producer of its type
             self.kv_source_layer(i)
@@ -573,6 +583,7 @@ def _gemma4_fields(f: _Fields, types: list[str]) -> dict[str, Any]:
                 hint="rlx supports separate global KV heads only with attention_k_eq_v",
             )
     moe = f.bool("enable_moe_block", False)
+    ple = f.int("hidden_size_per_layer_input", 256) or 0
     return {
         "global_head_dim": global_head_dim,
         "num_global_kv_heads": global_kv,
@@ -581,7 +592,9 @@ def _gemma4_fields(f: _Fields, types: list[str]) -> dict[str, Any]:
         "num_experts": f.int("num_experts", None),
         "top_k_experts": f.int("top_k_experts", None),
         "moe_intermediate_size": f.int("moe_intermediate_size", None),
-        "hidden_size_per_layer_input": f.int("hidden_size_per_layer_input", 256) or 0,
+        "hidden_size_per_layer_input": ple,
+        # Gemma4TextConfig's default; 0 when PLE is off, where the GGUF reader has no table to size
+        "vocab_size_per_layer_input": f.int("vocab_size_per_layer_input", 262_144) if ple else 0,
         "num_kv_shared_layers": f.int("num_kv_shared_layers", 0),
         "use_double_wide_mlp": f.bool("use_double_wide_mlp", False),
     }
@@ -608,10 +621,8 @@ def _from_hf(d: Mapping[str, Any], source: str) -> GemmaConfig:
             raise ConfigError(f"field 'text_config' in {source} must be an object", hint="fix text_config")
     family = _FAMILIES.get(family_name)  # type: ignore[arg-type]
     if family is None:
-        raise ConfigError(
-            f"{source}: model_type {model_type!r} is not a supported Gemma model",
-            hint=f"supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}",
-        )
+        what = f"model_type {model_type!r} is not a supported Gemma model" if model_type else "has no model_type"
+        raise ConfigError(f"{source}: {what}", hint=f"supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}")
     gen = family.generation
     f = _Fields({**family.defaults, **text}, source, prefix)
     for key in _REQUIRED:
@@ -632,8 +643,8 @@ def _from_hf(d: Mapping[str, Any], source: str) -> GemmaConfig:
             for t, p in _ROPE_READERS[gen](f, types).items()}
     head_dim = f.int("head_dim", None) or f.int("hidden_size") // heads
     extras = _gemma4_fields(f, types) if gen == 4 else {}
-    tie = d.get("tie_word_embeddings", text.get("tie_word_embeddings", True)) if prefix else f.bool(
-        "tie_word_embeddings")
+    # transformers ties a wrapper's LM head by the wrapper's own flag, not text_config's
+    tie = _Fields(d, source).bool("tie_word_embeddings", True) if prefix else f.bool("tie_word_embeddings")
     eos = _special_ids(text, d, "eos_token_id", family.defaults["eos_token_id"])
     return GemmaConfig(
         generation=gen,
@@ -765,6 +776,11 @@ def _gguf_gemma4(meta: _GGUFMeta, gf: Any, types: list[str], n: int, global_kv: 
         raise ConfigError(f"{meta.source}: full layers have their own KV head count without k_eq_v",
                           hint="rlx supports global KV heads only with attention_k_eq_v; re-convert")
     experts = int(meta.get("expert_count", 0))
+    ple = int(meta.get("embedding_length_per_layer_input", 0))
+    ple_table = gf.tensors.get("per_layer_token_embd.weight")
+    if ple and ple_table is None:
+        raise ConfigError(f"{meta.source}: per-layer embeddings are on but per_layer_token_embd.weight is missing",
+                          hint="re-convert the model with a current llama.cpp convert_hf_to_gguf.py")
     return {
         "global_head_dim": int(meta.get("attention.key_length")),
         "num_global_kv_heads": global_kv,
@@ -773,7 +789,9 @@ def _gguf_gemma4(meta: _GGUFMeta, gf: Any, types: list[str], n: int, global_kv: 
         "num_experts": experts or None,
         "top_k_experts": int(meta.get("expert_used_count")) if experts else None,
         "moe_intermediate_size": int(meta.get("expert_feed_forward_length")) if experts else None,
-        "hidden_size_per_layer_input": int(meta.get("embedding_length_per_layer_input", 0)),
+        "hidden_size_per_layer_input": ple,
+        # llama.cpp stores no vocab_size_per_layer_input: it is the PLE table's row count
+        "vocab_size_per_layer_input": int(ple_table.shape[0]) if ple else 0,
         "num_kv_shared_layers": shared,
         "use_double_wide_mlp": max(ff) == 2 * min(ff),
     }

@@ -5,7 +5,12 @@ batch / seq / past, what to output (LM head, hidden state, last-token logits), w
 the KV cache, custom masks, per-layer stages and overrides, stages before/after the layer stack,
 and a patch hook over the finished graph. One builder covers Gemma 1-4; what differs between
 generations is read from `GemmaConfig` (norm offset, block shape, q/k/v norms, RoPE tables,
-per-layer head dims), never from an if-chain on the generation number.
+per-layer head dims, Gemma 4 per-layer embeddings and KV sharing), never from an if-chain on the
+generation number.
+
+KV sharing (Gemma 4 `num_kv_shared_layers`): the last layers attend over the K/V (cache included)
+of the last earlier layer of their type, so they take no `past_k/v.i` inputs and export no
+`present_k/v.i` outputs of their own.
 
 Attention is emitted unfused (scores, scale, softcap, mask, softmax, value product) so that the
 `fuse-attention` pass has real work to do and the reference interpreter checks each piece.
@@ -34,6 +39,7 @@ Mode = Literal["prefill", "decode"]
 Output = Literal["lm_head", "hidden", "last_token_logits"]
 PROFILE_FILE = "gemma.rlx.toml"
 PROFILE_PRESETS = ("gemma_prefill", "gemma_decode")
+_TO_BHSD = (0, 2, 1, 3)  # [B, S, heads, D] <-> [B, heads, S, D]
 
 
 def f32(*shape: Dim) -> TensorType:
@@ -184,7 +190,12 @@ class GemmaFlow:
         return self._with(media_attn_bias=on)
 
     def prefill_from_hidden(self) -> GemmaFlow:
-        """Start from an `inputs_embeds` [B, S, hidden] input already in the residual stream (scaled)."""
+        """Start from an `inputs_embeds` [B, S, hidden] input already in the residual stream (scaled).
+
+        Models with per-layer embeddings (Gemma 4 `hidden_size_per_layer_input`) also take
+        `input_ids` [B, S]: the per-layer table is looked up by token id (transformers would
+        invert the main embedding to find them), while the projection half reads `inputs_embeds`.
+        """
         return self._with(from_hidden=True, mode="prefill")
 
     # ---- profiles ----
@@ -277,6 +288,9 @@ class _Builder:
         self.T: Dim = add_dims(self.P, self.S)
         self.positions = self.hir.input("positions", TensorType(DType.I64, (self.B, self.S)))
         self._rope_tables: dict[tuple[RopeSpec, int], str] = {}
+        self._ids: str | None = None
+        self._ple: str | None = None  # packed per-layer inputs [B, S, layers * P]
+        self._kv: dict[int, tuple[str, str]] = {}  # layer -> its full-length (k, v), for KV-shared layers
         self._kv_out: dict[str, str] = {}
         self._masks: dict[str, str] = {}
 
@@ -310,15 +324,58 @@ class _Builder:
                                                   type=f32(len(values)), name=name)
         return self._rope_tables[key]
 
+    def ids(self) -> str:
+        """The `input_ids` input, made on first use (a `prefill_from_hidden` flow needs it only for PLE)."""
+        if self._ids is None:
+            self._ids = self.hir.input("input_ids", TensorType(DType.I64, (self.B, self.S)))
+        return self._ids
+
+    def scaled_embed(self, table: str, dim: int, name: str) -> str:
+        """`table[ids] * f32(sqrt(dim))`, as `Gemma*TextScaledWordEmbedding`."""
+        h = self.op(Op.EMBED, table, self.ids(), name=name)
+        return self.op(Op.SCALE, h, name=f"{name}.scale", value=float(np.float32(dim ** 0.5)))
+
     # ---- model pieces ----
     def embed(self) -> str:
         cfg = self.config
         if self.spec.from_hidden:
-            return self.hir.input("inputs_embeds", f32(self.B, self.S, cfg.hidden_size))
-        ids = self.hir.input("input_ids", TensorType(DType.I64, (self.B, self.S)))
-        table = self.w("embed_tokens.weight", cfg.vocab_size, cfg.hidden_size)
-        h = self.op(Op.EMBED, table, ids, name="embed")
-        return self.op(Op.SCALE, h, name="embed.scale", value=float(np.float32(cfg.hidden_size ** 0.5)))
+            h = self.hir.input("inputs_embeds", f32(self.B, self.S, cfg.hidden_size))
+        else:
+            h = self.scaled_embed(self.w("embed_tokens.weight", cfg.vocab_size, cfg.hidden_size),
+                                  cfg.hidden_size, "embed")
+        if cfg.hidden_size_per_layer_input:
+            self._ple = self.per_layer_inputs(h)
+        return h
+
+    def per_layer_inputs(self, h0: str) -> str:
+        """Gemma 4 PLE inputs for every layer, packed [B, S, layers * P] (layer i reads columns
+        i*P:(i+1)*P): `Gemma4TextModel.get_per_layer_inputs` + `project_per_layer_inputs`."""
+        cfg = self.config
+        n, P, H = cfg.num_layers, cfg.hidden_size_per_layer_input, cfg.hidden_size
+        split = _dims(self.B, self.S, n, P)
+        tok = self.scaled_embed(self.w("embed_tokens_per_layer.weight", cfg.vocab_size_per_layer_input, n * P),
+                                P, "ple.embed")
+        tok = self.op(Op.RESHAPE, tok, name="ple.embed.split", shape=split)
+        proj = self.op(Op.LINEAR, h0, self.w("per_layer_model_projection.weight", n * P, H), name="ple.proj")
+        proj = self.op(Op.SCALE, proj, name="ple.proj.scale", value=float(H ** -0.5))
+        proj = self.op(Op.RESHAPE, proj, name="ple.proj.split", shape=split)
+        proj = self.norm(proj, "per_layer_projection_norm.weight", P, "ple.proj.norm")
+        ple = self.op(Op.ADD, proj, tok, name="ple.combine")
+        ple = self.op(Op.SCALE, ple, name="ple.combine.scale", value=float(2.0 ** -0.5))
+        return self.op(Op.RESHAPE, ple, name="ple", shape=_dims(self.B, self.S, n * P))
+
+    def per_layer_embedding(self, i: int, h: str) -> str:
+        """The PLE residual step of layer i: h + norm(proj(act(gate(h)) * ple_i))."""
+        cfg = self.config
+        p, H, P = f"layers.{i}.", cfg.hidden_size, cfg.hidden_size_per_layer_input
+        if self._ple is None:
+            raise FlowError(f"layer {i} needs per-layer inputs, but embed() did not build them")
+        ple = self.op(Op.SLICE, self._ple, name=f"l{i}.ple.input", axis=2, start=i * P, stop=(i + 1) * P)
+        g = self.op(Op.LINEAR, h, self.w(p + "per_layer_input_gate.weight", P, H), name=f"l{i}.ple.gate")
+        g = self.op(Op.MUL, self.op(Op.GELU_TANH, g, name=f"l{i}.ple.act"), ple, name=f"l{i}.ple.mul")
+        g = self.op(Op.LINEAR, g, self.w(p + "per_layer_projection.weight", H, P), name=f"l{i}.ple.proj")
+        g = self.norm(g, p + "post_per_layer_input_norm.weight", H, f"l{i}.ple.norm")
+        return self.op(Op.ADD, h, g, name=f"l{i}.ple.residual")
 
     def mask(self, layer: int, scores: str, window: int) -> str:
         spec = self.spec
@@ -342,42 +399,57 @@ class _Builder:
         """[B, S, n*d] -> [B, S, n, d] (head split; transposed after the per-head norm and RoPE)."""
         return self.op(Op.RESHAPE, x, name=name, shape=_dims(self.B, self.S, n, d))
 
-    def attention(self, i: int, x: str, ov: LayerOverrides) -> str:
+    def own_kv(self, i: int, x: str, table: str) -> tuple[str, str]:
+        """Layer i's K/V [B, kv_heads, T, head_dim]: projected, normed, rotated, cache prepended."""
         cfg = self.config
         p = f"layers.{i}.self_attn."
-        hd, hq, hk = cfg.layer_head_dim(i), cfg.num_heads, cfg.layer_kv_heads(i)
-        H = cfg.hidden_size
-        has_qk_norm = cfg.generation >= 3
-        q = self.heads(self.op(Op.LINEAR, x, self.w(p + "q_proj.weight", hq * hd, H), name=f"l{i}.q"), hq, hd,
-                       f"l{i}.q.heads")
-        k_raw = self.heads(self.op(Op.LINEAR, x, self.w(p + "k_proj.weight", hk * hd, H), name=f"l{i}.k"), hk, hd,
-                           f"l{i}.k.heads")
+        hd, hk, H = cfg.layer_head_dim(i), cfg.layer_kv_heads(i), cfg.hidden_size
+        k = self.heads(self.op(Op.LINEAR, x, self.w(p + "k_proj.weight", hk * hd, H), name=f"l{i}.k"), hk, hd,
+                       f"l{i}.k.heads")
         if cfg.layer_k_eq_v(i):
-            v = k_raw
+            v = k  # the raw projection, before k_norm and RoPE
         else:
             v = self.heads(self.op(Op.LINEAR, x, self.w(p + "v_proj.weight", hk * hd, H), name=f"l{i}.v"), hk, hd,
                            f"l{i}.v.heads")
-        k = k_raw
-        if has_qk_norm:
-            q = self.norm(q, p + "q_norm.weight", hd, f"l{i}.q.norm")
+        if cfg.generation >= 3:
             k = self.norm(k, p + "k_norm.weight", hd, f"l{i}.k.norm")
         if cfg.generation >= 4:
             v = self.norm(v, None, hd, f"l{i}.v.norm")
-        to_bhsd = (0, 2, 1, 3)
-        q = self.op(Op.TRANSPOSE, q, name=f"l{i}.q.t", perm=to_bhsd)
-        k = self.op(Op.TRANSPOSE, k, name=f"l{i}.k.t", perm=to_bhsd)
-        v = self.op(Op.TRANSPOSE, v, name=f"l{i}.v.t", perm=to_bhsd)
-        rope = cfg.layer_rope(i)
-        if ov.rope_theta is not None:
-            rope = replace(rope, theta=ov.rope_theta)
-        table = self.rope_table(rope, hd)
-        q = self.op(Op.ROPE, q, self.positions, table, name=f"l{i}.q.rope")
+        k = self.op(Op.TRANSPOSE, k, name=f"l{i}.k.t", perm=_TO_BHSD)
+        v = self.op(Op.TRANSPOSE, v, name=f"l{i}.v.t", perm=_TO_BHSD)
         k = self.op(Op.ROPE, k, self.positions, table, name=f"l{i}.k.rope")
         if self.spec.has_past:
             kv_type = f32(self.B, hk, self.P, hd)
             k = self.op(Op.CONCAT, self.hir.input(f"past_k.{i}", kv_type), k, name=f"l{i}.k.cache", axis=2)
             v = self.op(Op.CONCAT, self.hir.input(f"past_v.{i}", kv_type), v, name=f"l{i}.v.cache", axis=2)
         self._kv_out[f"present_k.{i}"], self._kv_out[f"present_v.{i}"] = k, v
+        self._kv[i] = k, v
+        return k, v
+
+    def shared_kv(self, i: int) -> tuple[str, str]:
+        """A KV-shared layer attends over its producer's full-length K/V, built earlier in this graph."""
+        src = self.config.kv_source_layer(i)
+        if src not in self._kv:
+            raise FlowError(f"layer {i} reuses the K/V of layer {src}, but layer {src} computed none",
+                            hint=f"keep layer {src}'s stock attention (ctx.default_stage()) or drop layer {i} too")
+        return self._kv[src]
+
+    def attention(self, i: int, x: str, ov: LayerOverrides) -> str:
+        cfg = self.config
+        p = f"layers.{i}.self_attn."
+        hd, hq, hk = cfg.layer_head_dim(i), cfg.num_heads, cfg.layer_kv_heads(i)
+        H = cfg.hidden_size
+        q = self.heads(self.op(Op.LINEAR, x, self.w(p + "q_proj.weight", hq * hd, H), name=f"l{i}.q"), hq, hd,
+                       f"l{i}.q.heads")
+        if cfg.generation >= 3:
+            q = self.norm(q, p + "q_norm.weight", hd, f"l{i}.q.norm")
+        q = self.op(Op.TRANSPOSE, q, name=f"l{i}.q.t", perm=_TO_BHSD)
+        rope = cfg.layer_rope(i)
+        if ov.rope_theta is not None:
+            rope = replace(rope, theta=ov.rope_theta)
+        table = self.rope_table(rope, hd)
+        q = self.op(Op.ROPE, q, self.positions, table, name=f"l{i}.q.rope")
+        k, v = self.shared_kv(i) if cfg.is_kv_shared(i) else self.own_kv(i, x, table)
         if hq != hk:
             k = self.op(Op.REPEAT_KV, k, name=f"l{i}.k.rep", repeats=hq // hk)
             v = self.op(Op.REPEAT_KV, v, name=f"l{i}.v.rep", repeats=hq // hk)
@@ -393,13 +465,13 @@ class _Builder:
         s = self.mask(i, s, window)
         probs = self.op(Op.SOFTMAX, s, name=f"l{i}.attn.probs")
         o = self.op(Op.MATMUL, probs, v, name=f"l{i}.attn.out")
-        o = self.op(Op.TRANSPOSE, o, name=f"l{i}.attn.out.t", perm=to_bhsd)
+        o = self.op(Op.TRANSPOSE, o, name=f"l{i}.attn.out.t", perm=_TO_BHSD)
         o = self.op(Op.RESHAPE, o, name=f"l{i}.attn.merge", shape=_dims(self.B, self.S, hq * hd))
         return self.op(Op.LINEAR, o, self.w(p + "o_proj.weight", H, hq * hd), name=f"l{i}.o")
 
     def mlp(self, i: int, x: str, prefix: str = "mlp.") -> str:
         cfg = self.config
-        p, H, inter = f"layers.{i}.{prefix}", cfg.hidden_size, cfg.intermediate_size
+        p, H, inter = f"layers.{i}.{prefix}", cfg.hidden_size, cfg.layer_intermediate_size(i)
         gate = self.op(Op.LINEAR, x, self.w(p + "gate_proj.weight", inter, H), name=f"l{i}.mlp.gate")
         up = self.op(Op.LINEAR, x, self.w(p + "up_proj.weight", inter, H), name=f"l{i}.mlp.up")
         act = self.op(Op.MUL, self.op(Op.GELU_TANH, gate, name=f"l{i}.mlp.act"), up, name=f"l{i}.mlp.glu")
@@ -437,6 +509,8 @@ class _Builder:
         if four_norms:
             m = self.norm(m, p + "post_feedforward_layernorm.weight", H, f"l{i}.post_mlp_norm")
         h = self.op(Op.ADD, h, m, name=f"l{i}.mlp.residual")
+        if cfg.hidden_size_per_layer_input:
+            h = self.per_layer_embedding(i, h)
         if cfg.generation >= 4:
             h = self.op(Op.MUL, h, self.w(p + "layer_scalar", 1), name=f"l{i}.layer_scalar")
         return h

@@ -313,10 +313,11 @@ class WeightStore:
 
     def require(self, name: str, shape: tuple[int, ...]) -> None:
         """WeightError unless `name` exists with exactly `shape`."""
-        found = self._entry(name).shape
-        if tuple(found) != tuple(shape):
+        entry = self._entry(name)
+        if tuple(entry.shape) != tuple(shape):
+            stored = f" (stored as {entry.stored_name})" if entry.stored_name != name else ""
             raise WeightError(
-                f"tensor {name} in {self.source} has shape {tuple(found)}, expected {tuple(shape)}",
+                f"tensor {name}{stored} in {entry.file} has shape {tuple(entry.shape)}, expected {tuple(shape)}",
                 hint="the weights do not match the config; re-download the checkpoint or fix config.json",
             )
 

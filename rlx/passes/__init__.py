@@ -1,5 +1,22 @@
 """HIR passes, one module each; importing this package registers them all by name."""
 
-from rlx.passes import cse, dce, fold_constants
+from rlx.passes import (
+    cse,
+    dce,
+    fold_constants,
+    fuse_add_norm,
+    fuse_attention,
+    fuse_epilogue,
+    fuse_geglu,
+    fuse_matmuls,
+    specialize,
+)
 
-__all__ = ["cse", "dce", "fold_constants"]
+__all__ = ["cse", "dce", "fold_constants", "fuse_add_norm", "fuse_attention", "fuse_epilogue", "fuse_geglu",
+           "fuse_matmuls", "specialize"]
+
+# The default pipeline, in dependency order: shared-input matmuls before GeGLU (so it can read
+# the packed gate|up), attention and add-norm before the generic epilogue (which would
+# otherwise absorb the residual adds those patterns need).
+DEFAULT_PIPELINE = ("fold-constants,cse,fuse-qkv,fuse-gate-up,fuse-geglu,fuse-attention,fuse-add-norm,"
+                    "fuse-lm-head-softcap,fuse-epilogue,dce")

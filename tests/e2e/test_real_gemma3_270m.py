@@ -97,3 +97,28 @@ def test_tokenizers_agree_on_the_prompt(hf_run: HFRun, real_gguf_path: Path) -> 
 
     assert Tokenizer.from_checkpoint(open_checkpoint(real_gguf_path)).encode(PROMPT) == hf_run.prompt_ids
     assert Tokenizer.from_checkpoint(open_checkpoint(hf_run.hf_dir)).encode(PROMPT) == hf_run.prompt_ids
+
+
+@pytest.mark.parametrize("mode", ["prefill", "decode"])
+def test_default_pipeline_fuses_every_attention_norm_and_mlp(real_gguf_path: Path, mode: str) -> None:
+    """On the real 270M: assert_clean passes and every layer's attention, residual norms and MLP fused."""
+    from rlx.compiler.passes import parse_pipeline
+    from rlx.compiler.pipeline import PassManager
+    from rlx.frontends.checkpoint import open_checkpoint
+    from rlx.frontends.flow import GemmaFlow
+    from rlx.passes import DEFAULT_PIPELINE
+
+    ckpt = open_checkpoint(real_gguf_path)
+    flow = GemmaFlow(ckpt.config, ckpt.weights.shape).last_token_logits().export_kv()
+    hir = (flow.prefill().dynamic_seq() if mode == "prefill" else flow.decode().dynamic_past()).build()
+    fused, report = PassManager(parse_pipeline(DEFAULT_PIPELINE), assert_clean=True).run(hir)
+    stats = {k: v for r in report.records for k, v in r.stats.items()}
+    layers = ckpt.config.num_layers
+    assert layers == 18
+    for pattern in ("attention", "geglu", "qkv", "gate-up"):
+        assert stats[f"hits.{pattern}"] == layers, pattern
+    # residual norms: pre-MLP norm of every layer + input norm of layers 1..17 (layer 0 reads the embedding)
+    assert stats["hits.add-norm"] == 2 * layers - 1
+    assert sum(v for k, v in stats.items() if k.startswith("misses.")) == 0
+    counts = fused.op_counts()
+    assert counts["attention"] == layers and "softmax" not in counts and "gelu_tanh" not in counts

@@ -120,6 +120,8 @@ def test_matches_transformers_per_layer(case: str) -> None:
         assert (ours.enable_moe_block, ours.num_experts, ours.top_k_experts, ours.moe_intermediate_size) == (
             tf.enable_moe_block, tf.num_experts, tf.top_k_experts, tf.moe_intermediate_size)
         assert ours.hidden_size_per_layer_input == (tf.hidden_size_per_layer_input or 0)
+        assert ours.vocab_size_per_layer_input == (tf.vocab_size_per_layer_input if ours.hidden_size_per_layer_input
+                                                   else 0)
         for i in range(ours.num_layers):
             attn = Gemma4TextAttention(tf, i)
             assert ours.layer_k_eq_v(i) == attn.use_alternative_attention

@@ -13,11 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from rlx.frontends.checkpoint import open_checkpoint
 
 from rlx.compiler.interpreter import Interpreter
+from rlx.compiler.ops import Op
 from rlx.errors import FlowError
-from rlx.frontends.flow import GemmaFlow, LayerOverrides
+from rlx.frontends.checkpoint import open_checkpoint
+from rlx.frontends.flow import GemmaFlow, LayerOverrides, identity_stage
 from rlx.runtime.generate import generate
 from rlx.runtime.reference import ReferenceEngine, WeightCache
 from tests.fixtures.tiny import FAMILIES, hf_reference, reference_for_layers
@@ -78,13 +79,18 @@ def test_keep_first_k_layers_matches_truncated_transformers(k: int, tiny_ckpt: C
     assert_logits_close(ours, ref)
 
 
-def test_prefill_from_hidden_equals_token_prefill(tiny_ckpt: Callable[[str], Path]) -> None:
-    d = tiny_ckpt("gemma2")
+@pytest.mark.parametrize("family", ["gemma2", "gemma4-ple"])
+def test_prefill_from_hidden_equals_token_prefill(family: str, tiny_ckpt: Callable[[str], Path]) -> None:
+    """PLE models also take `input_ids` (for the per-layer table); others take only the embeddings."""
+    d = tiny_ckpt(family)
     ckpt = open_checkpoint(d)
     embed = ckpt.weights.get("embed_tokens.weight")[PROMPT] * np.float32(ckpt.config.hidden_size ** 0.5)
     hir = GemmaFlow(ckpt.config, ckpt.weights.shape).prefill_from_hidden().dynamic_seq().build()
-    out = Interpreter(hir, WeightCache(ckpt)).run(
-        {"inputs_embeds": embed[None], "positions": np.arange(len(PROMPT))[None]})
+    feeds = {"inputs_embeds": embed[None], "positions": np.arange(len(PROMPT))[None]}
+    if ckpt.config.hidden_size_per_layer_input:
+        feeds["input_ids"] = np.asarray([PROMPT])
+    assert set(hir.inputs) == set(feeds)
+    out = Interpreter(hir, WeightCache(ckpt)).run(feeds)
     np.testing.assert_allclose(out["logits"], _prefill_all(d)["logits"], rtol=1e-5, atol=1e-5)
 
 
@@ -129,6 +135,36 @@ def test_kv_export_has_per_layer_shapes(tiny_ckpt: Callable[[str], Path]) -> Non
         assert out[f"present_k.{i}"].shape == (1, cfg.layer_kv_heads(i), len(PROMPT), cfg.layer_head_dim(i))
         assert out[f"present_v.{i}"].shape == out[f"present_k.{i}"].shape
     assert len({cfg.layer_head_dim(i) for i in range(cfg.num_layers)}) == 2  # the fixture really mixes them
+
+
+def test_kv_shared_layers_have_no_cache_of_their_own(tiny_ckpt: Callable[[str], Path]) -> None:
+    """KV-shared layers export nothing and take no past; producers' exports keep their per-layer shapes."""
+    d = tiny_ckpt("gemma4-kvshare")
+    ckpt = open_checkpoint(d)
+    cfg = ckpt.config
+    own = [i for i in range(cfg.num_layers) if not cfg.is_kv_shared(i)]
+    assert own == [0, 1] and [cfg.kv_source_layer(i) for i in (2, 3)] == [0, 1]
+    out = _prefill_all(d, lambda f: f.export_kv())
+    assert {k for k in out if k.startswith("present_")} == {f"present_{kv}.{i}" for kv in "kv" for i in own}
+    for i in own:
+        assert out[f"present_k.{i}"].shape == (1, cfg.layer_kv_heads(i), len(PROMPT), cfg.layer_head_dim(i))
+        assert out[f"present_v.{i}"].shape == out[f"present_k.{i}"].shape
+    decode = GemmaFlow(cfg, ckpt.weights.shape).decode().dynamic_past().export_kv().build()
+    assert set(decode.inputs) == {"input_ids", "positions"} | {f"past_{kv}.{i}" for kv in "kv" for i in own}
+    assert {k for k in decode.outputs if k.startswith("present_")} == {f"present_{kv}.{i}" for kv in "kv"
+                                                                     for i in own}
+    params = {n.attr("name"): n.type.shape for n in decode.nodes_of(Op.PARAM)}
+    assert not any(name.startswith(("layers.2.self_attn.k", "layers.3.self_attn.k")) for name in params)
+    assert params["layers.2.mlp.up_proj.weight"] == (2 * cfg.intermediate_size, cfg.hidden_size)
+    assert params["layers.1.mlp.up_proj.weight"] == (cfg.intermediate_size, cfg.hidden_size)
+
+
+def test_kv_shared_layer_needs_its_producer(tiny_ckpt: Callable[[str], Path]) -> None:
+    ckpt = open_checkpoint(tiny_ckpt("gemma4-kvshare"))
+    flow = GemmaFlow(ckpt.config, ckpt.weights.shape).layer(lambda ctx: identity_stage if ctx.index == 1 else None)
+    with pytest.raises(FlowError, match="layer 3 reuses the K/V of layer 1"):
+        flow.build()
+    GemmaFlow(ckpt.config, ckpt.weights.shape).keep_layers(2).build()  # dropping the sharers too is fine
 
 
 def test_dynamic_seq_needs_batch_one(tiny_ckpt: Callable[[str], Path]) -> None:

@@ -134,7 +134,7 @@ def test_multimodal_prefixes_and_vision_tensors(tiny_ckpt, tmp_path: Path) -> No
 # ---- GGUF ------------------------------------------------------------------------------------
 
 _FAMILY_ARCH = {"gemma1-mqa": "gemma", "gemma2": "gemma2", "gemma3": "gemma3", "gemma3-mm": "gemma3",
-                "gemma4": "gemma4", "gemma4-moe": "gemma4"}
+                "gemma4": "gemma4", "gemma4-moe": "gemma4", "gemma4-kvshare": "gemma4"}
 
 
 @pytest.mark.parametrize("family", sorted(_FAMILY_ARCH))
@@ -177,12 +177,23 @@ def test_gguf_reader_and_fast_reader_agree(tiny_ckpt, tmp_path: Path) -> None:
 
 
 def test_real_gguf_tensors(real_gguf_path: Path) -> None:
+    from transformers.integrations.gguf.dequant import dequantize  # an independent (torch) dequantizer
+
+    from rlx.frontends.gguf_file import GGUFFile
+
     store = open_checkpoint(real_gguf_path).weights
-    assert store.dtype("layers.0.self_attn.o_proj.weight") == "Q4_K"
     assert store.shape("layers.0.self_attn.q_proj.weight") == (1024, 640)
     assert store.shape("lm_head.weight") == (262144, 640) and "lm_head.weight" in store
     q_norm = store.get("layers.0.self_attn.q_norm.weight")  # stored as 1 + w
     assert q_norm.shape == (256,) and abs(float(q_norm.mean())) < 1.0
+    gf = GGUFFile.open(real_gguf_path)
+    for gguf_name, name, qtype in [("blk.0.attn_output.weight", "layers.0.self_attn.o_proj.weight", "Q4_K"),
+                                   ("blk.0.ffn_down.weight", "layers.0.mlp.down_proj.weight", "Q6_K"),
+                                   ("blk.0.attn_v.weight", "layers.0.self_attn.v_proj.weight", "Q8_0")]:
+        info = gf.tensors[gguf_name]
+        ref = dequantize(torch.from_numpy(gf.raw(gguf_name).copy()), int(info.ggml_type)).numpy()
+        assert store.dtype(name) == qtype
+        np.testing.assert_array_equal(store.get(name), ref.reshape(info.shape), err_msg=name)
 
 
 # ---- broken files ----------------------------------------------------------------------------
