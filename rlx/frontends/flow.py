@@ -22,7 +22,7 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
@@ -35,10 +35,11 @@ from rlx.compiler.verify import verify
 from rlx.errors import FlowError
 from rlx.frontends.config import GemmaConfig, RopeSpec
 
+if TYPE_CHECKING:  # rlx.compiler.profile imports this module: import it lazily here
+    from rlx.compiler.profile import Profile
+
 Mode = Literal["prefill", "decode"]
 Output = Literal["lm_head", "hidden", "last_token_logits"]
-PROFILE_FILE = "gemma.rlx.toml"
-PROFILE_PRESETS = ("gemma_prefill", "gemma_decode")
 _TO_BHSD = (0, 2, 1, 3)  # [B, S, heads, D] <-> [B, heads, S, D]
 
 
@@ -63,6 +64,10 @@ Stage = Callable[["LayerContext", str], str]
 def identity_stage(ctx: LayerContext, h: str) -> str:
     """A stage that leaves the residual stream unchanged (drops the layer)."""
     return h
+
+
+NAMED_STAGES: dict[str, Stage] = {"identity": identity_stage}
+"""Stages a profile can name (`[[layers]] replace = "identity"`)."""
 
 
 @dataclass
@@ -105,7 +110,7 @@ class FlowSpec:
     custom_mask: bool = False
     media_attn_bias: bool = False
     from_hidden: bool = False
-    profile: str | Path | None = None
+    profile: Profile | None = None     # build() applies its [[layers]] patches
     layer_overrides: tuple[tuple[int, LayerOverrides], ...] = ()
 
 
@@ -199,18 +204,22 @@ class GemmaFlow:
         return self._with(from_hidden=True, mode="prefill")
 
     # ---- profiles ----
-    def profile(self, preset: str) -> GemmaFlow:
-        if preset not in PROFILE_PRESETS:
-            raise FlowError(f"unknown profile preset {preset!r}", hint=f"use one of {', '.join(PROFILE_PRESETS)}")
-        return self._with(profile=preset)
+    def profile(self, preset: str | Profile) -> GemmaFlow:
+        """Attach a profile: a preset name (`gemma_prefill`, `gemma_decode`) or a loaded `Profile`."""
+        from rlx.compiler.profile import PRESETS, Profile
+
+        if isinstance(preset, Profile):
+            return self._with(profile=preset)
+        if preset not in PRESETS:
+            raise FlowError(f"unknown profile preset {preset!r}", hint=f"use one of {', '.join(PRESETS)}")
+        return self._with(profile=PRESETS[preset])
 
     def profile_near(self, weights: str | Path) -> GemmaFlow:
-        """Use `gemma.rlx.toml` next to the weights if present, else the preset for the mode."""
-        path = Path(weights)
-        candidate = (path if path.is_dir() else path.parent) / PROFILE_FILE
-        if candidate.is_file():
-            return self._with(profile=candidate)
-        return self._with(profile="gemma_decode" if self.spec.mode == "decode" else "gemma_prefill")
+        """Use `gemma.rlx.toml` next to the weights if present, else the default profile (each
+        graph's pipeline is then its mode's preset's)."""
+        from rlx.compiler.profile import profile_near
+
+        return self._with(profile=profile_near(weights))
 
     # ---- stages and patches ----
     def layer(self, fn: Callable[[LayerContext], Stage | None]) -> GemmaFlow:
@@ -242,6 +251,8 @@ class GemmaFlow:
 
     # ---- build ----
     def build(self) -> HIR:
+        if self.spec.profile is not None:  # its [[layers]] become the builder calls they stand for
+            return self.spec.profile.apply(self._with(profile=None)).build()
         spec = self.spec
         if spec.seq is None and spec.mode == "prefill" and spec.batch != 1:
             raise FlowError("dynamic_seq needs batch 1 (padded batches need a static seq)",

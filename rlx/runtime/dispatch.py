@@ -99,7 +99,7 @@ class Dispatcher:
                     padded[name] = _pad(padded[name], axis, c * extra, name in CONTINUED_INPUTS)
         if (select := self.graphs.select_input) is not None:  # one-hot on the last real position
             one_hot = np.zeros(eval_shape(self.graphs.variants[bucket].inputs[select].type.shape, env), np.float32)
-            one_hot[..., -1] = 1.0
+            one_hot[..., n - 1] = 1.0
             padded[select] = one_hot
         out = self._runners[bucket].run(padded)
         return {name: self._unpad(out[name], source.node(nid).type.shape, extra)

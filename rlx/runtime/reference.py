@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from rlx.compiler.graph import HIR
 from rlx.compiler.interpreter import Interpreter
+from rlx.compiler.pipeline import PassReport
+from rlx.compiler.profile import Profile, optimize
 from rlx.errors import RunError
 from rlx.frontends.checkpoint import Checkpoint
-from rlx.frontends.flow import GemmaFlow
+from rlx.frontends.flow import GemmaFlow, Mode
+from rlx.progress import track
 
 
 class WeightCache:
@@ -23,21 +28,48 @@ class WeightCache:
             self._cache[name] = np.ascontiguousarray(self._store.get(name), dtype=np.float32)
         return self._cache[name]
 
+    def preload(self, names: list[str]) -> None:
+        """Load (dequantize) every tensor up front, with progress, so timings measure compute."""
+        for name in track(sorted(set(names)), "loading weights"):
+            self(name)
 
-def reference_graphs(ckpt: Checkpoint, flow: GemmaFlow | None = None) -> tuple[HIR, HIR]:
-    """(prefill, decode) graphs for batch-1 generation: last-token logits plus the KV cache."""
+
+_MODE_FLOWS: dict[Mode, Callable[[GemmaFlow], GemmaFlow]] = {
+    "prefill": lambda f: f.prefill().dynamic_seq(),
+    "decode": lambda f: f.decode().dynamic_past(),
+}
+
+
+def reference_pipelines(ckpt: Checkpoint, flow: GemmaFlow | None = None, *, passes: str | None = None,
+                        profile: Profile | None = None) -> dict[Mode, tuple[HIR, PassReport]]:
+    """Per mode, the batch-1 generation graph (last-token logits plus the KV cache) and its pass
+    report: the profile's [[layers]] applied, then `passes` or else the profile's pipeline for that
+    mode (with neither, no pass runs and the graphs are the builder's)."""
     base = (flow or GemmaFlow(ckpt.config, ckpt.weights.shape)).batch(1).last_token_logits().export_kv()
-    return base.prefill().dynamic_seq().build(), base.decode().dynamic_past().build()
+    if profile is not None:
+        base = base.profile(profile)
+    return {mode: optimize(make(base).build(), mode, profile, passes) for mode, make in _MODE_FLOWS.items()}
+
+
+def reference_graphs(ckpt: Checkpoint, flow: GemmaFlow | None = None, *, passes: str | None = None,
+                     profile: Profile | None = None) -> tuple[HIR, HIR]:
+    """(prefill, decode) graphs; see `reference_pipelines`."""
+    graphs = reference_pipelines(ckpt, flow, passes=passes, profile=profile)
+    return graphs["prefill"][0], graphs["decode"][0]
 
 
 class ReferenceEngine:
     name = "reference"
 
-    def __init__(self, ckpt: Checkpoint, flow: GemmaFlow | None = None) -> None:
+    def __init__(self, ckpt: Checkpoint, flow: GemmaFlow | None = None, *, passes: str | None = None,
+                 profile: Profile | None = None) -> None:
         self.config = ckpt.config
         self.max_seq = ckpt.config.max_position_embeddings
         weights = WeightCache(ckpt)
-        prefill, decode = reference_graphs(ckpt, flow)
+        graphs = reference_pipelines(ckpt, flow, passes=passes, profile=profile)
+        self.reports: dict[str, PassReport] = {mode: report for mode, (_, report) in graphs.items()}
+        prefill, decode = graphs["prefill"][0], graphs["decode"][0]
+        weights.preload([n.attr("name") for g in (prefill, decode) for n in g.params.values()])
         self._prefill, self._decode = Interpreter(prefill, weights), Interpreter(decode, weights)
         self._kv: dict[str, np.ndarray] = {}
         self._pos = 0

@@ -125,3 +125,19 @@ def test_add_infers_types_and_rejects_bad_inputs() -> None:
         h.add(Op.GELU_TANH, [x], {"approx": True})
     with pytest.raises(HIRError, match="missing required attr"):
         h.add(Op.SCALE, [x])
+
+
+def test_graph_meta_round_trips_and_counts_for_equality() -> None:
+    h = tiny_block()
+    h.meta["bounds"] = {"SEQ": 512, "BATCH": 1}
+    text = print_hir(h)
+    assert text.startswith('hir tiny {"bounds": {"SEQ": 512, "BATCH": 1}} {\n')
+    back = parse_hir(text)
+    assert back == h and back.meta == h.meta and print_hir(back) == text
+    loaded = serialize.loads(serialize.dumps(h))
+    assert loaded == h and loaded.meta == h.meta and serialize.dumps(loaded) == serialize.dumps(h)
+    assert h.copy().meta == h.meta and h.copy().meta is not h.meta
+    assert tiny_block() != h  # same nodes, different bounds
+    assert print_hir(tiny_block()).startswith("hir tiny {\n")  # no meta: the header is unchanged
+    with pytest.raises(HIRError, match="bad graph meta"):
+        parse_hir(text.replace('"SEQ": 512', '"SEQ": 512,,'))

@@ -9,22 +9,19 @@ from typing import Any
 import gguf
 import numpy as np
 import pytest
-
-from rlx.errors import ConfigError
-from rlx.frontends.config import FULL, SLIDING, GemmaConfig, RopeSpec
-
-transformers = pytest.importorskip("transformers")
-torch = pytest.importorskip("torch")
-
-from transformers import CONFIG_MAPPING  # noqa: E402
-from transformers.models.gemma.modeling_gemma import GemmaAttention, GemmaRotaryEmbedding  # noqa: E402
-from transformers.models.gemma2.modeling_gemma2 import Gemma2Attention, Gemma2RotaryEmbedding  # noqa: E402
-from transformers.models.gemma3.modeling_gemma3 import Gemma3Attention, Gemma3RotaryEmbedding  # noqa: E402
-from transformers.models.gemma4.modeling_gemma4 import (  # noqa: E402
+import transformers
+from transformers import CONFIG_MAPPING
+from transformers.models.gemma.modeling_gemma import GemmaAttention, GemmaRotaryEmbedding
+from transformers.models.gemma2.modeling_gemma2 import Gemma2Attention, Gemma2RotaryEmbedding
+from transformers.models.gemma3.modeling_gemma3 import Gemma3Attention, Gemma3RotaryEmbedding
+from transformers.models.gemma4.modeling_gemma4 import (
     Gemma4TextAttention,
     Gemma4TextMLP,
     Gemma4TextRotaryEmbedding,
 )
+
+from rlx.errors import ConfigError
+from rlx.frontends.config import FULL, SLIDING, GemmaConfig, RopeSpec
 
 _SMALL = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, vocab_size=128)
 # generation -> (attention module, rotary module); per-type rope buffers from Gemma 3 on

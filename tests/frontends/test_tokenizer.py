@@ -5,13 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import transformers
 
 from rlx.errors import RlxError
 from rlx.frontends.checkpoint import open_checkpoint
 from rlx.runtime.tokenizer import Tokenizer
 from tests.fixtures.gguf_writer import write_gguf_from_hf
-
-transformers = pytest.importorskip("transformers")
 
 TEXTS = [
     "The capital of France is",

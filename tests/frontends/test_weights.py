@@ -9,15 +9,14 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
+import torch
+import transformers
 
 from rlx.errors import RlxError, WeightError
 from rlx.frontends.checkpoint import open_checkpoint
 from rlx.frontends.config import GemmaConfig
 from rlx.frontends.weights import WeightStore, canonical_hf_name
 from tests.fixtures.gguf_writer import write_gguf_from_hf
-
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

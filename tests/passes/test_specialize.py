@@ -10,7 +10,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import rlx.passes  # noqa: F401  (registers the passes)
 from rlx.compiler.graph import HIR
 from rlx.compiler.interpreter import Interpreter
 from rlx.compiler.ops import Op, attr_dim
@@ -22,6 +21,7 @@ from rlx.compiler.verify import verify
 from rlx.errors import RunError
 from rlx.frontends.checkpoint import open_checkpoint
 from rlx.frontends.flow import GemmaFlow
+from rlx.passes import DEFAULT_PIPELINE
 from rlx.passes.specialize import (
     SELECT_INPUT,
     BucketedGraphs,
@@ -256,11 +256,14 @@ def test_property_dispatch_equals_dynamic(h: HIR, buckets: list[int], data: st.D
 # ---- real model recipe on tiny checkpoints ----
 
 
-def _dispatch_vs_dynamic(ckpt_dir: Path, flow: Callable[[GemmaFlow], GemmaFlow], lengths: tuple[int, ...]) -> None:
+def _dispatch_vs_dynamic(ckpt_dir: Path, flow: Callable[[GemmaFlow], GemmaFlow], lengths: tuple[int, ...],
+                         pipeline: str = "") -> None:
+    """Bucketed variants (of the graph after `pipeline`) through the Dispatcher vs the dynamic graph."""
     ckpt = open_checkpoint(ckpt_dir)
     dynamic = flow(GemmaFlow(ckpt.config, ckpt.weights.shape).prefill().dynamic_seq()).export_kv().build()
     weights = WeightCache(ckpt)
-    graphs: BucketedGraphs = specialize_buckets(dynamic, buckets=(1, 4, 8, 16))
+    compiled, _ = PassManager(parse_pipeline(pipeline)).run(dynamic)
+    graphs: BucketedGraphs = specialize_buckets(compiled, buckets=(1, 4, 8, 16))
     dispatcher = Dispatcher(graphs, lambda v: Interpreter(v, weights))
     reference = Interpreter(dynamic, weights)
     rng = np.random.default_rng(0)
@@ -276,3 +279,8 @@ def test_gemma_last_token_logits_and_kv_match_dynamic(tiny_ckpt: Callable[[str],
 
 def test_gemma_all_position_logits_match_dynamic(tiny_ckpt: Callable[[str], Path]) -> None:
     _dispatch_vs_dynamic(tiny_ckpt("gemma3"), GemmaFlow.lm_head, (5, 11))
+
+
+def test_gemma_fused_graph_buckets_like_dynamic(tiny_ckpt: Callable[[str], Path]) -> None:
+    """The order a compiled target uses: fuse first, then specialize per bucket."""
+    _dispatch_vs_dynamic(tiny_ckpt("gemma3"), GemmaFlow.last_token_logits, (3, 11), DEFAULT_PIPELINE)
