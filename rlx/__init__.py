@@ -14,8 +14,9 @@ __all__ = ["RlxError", "load"]
 __version__ = "0.1.0"
 
 
-def load(path: Any, target: str = "reference") -> Any:
-    """Open a checkpoint (HF directory or GGUF file) for generation on `target`."""
+def load(path: Any, target: str = "reference", **options: Any) -> Any:
+    """Open a checkpoint (HF directory or GGUF file) for generation on `target`; `options` are
+    `rlx.api.load`'s (profile=..., passes=...)."""
     from rlx.api import load as _load
 
-    return _load(path, target)
+    return _load(path, target, **options)

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from rlx.compiler.profile import Profile, resolve_profile
 from rlx.errors import RlxError
 from rlx.frontends.checkpoint import Checkpoint, open_checkpoint
 from rlx.runtime.engine import Engine
@@ -14,8 +15,16 @@ from rlx.runtime.reference import ReferenceEngine
 from rlx.runtime.sampler import Sampler
 from rlx.runtime.tokenizer import Tokenizer
 
-ENGINES: dict[str, Callable[[Checkpoint], Engine]] = {
+
+def _cpu_engine(ckpt: Checkpoint, **options: object) -> Engine:
+    from rlx.runtime.compiled import CompiledEngine  # imports TVM, so only when asked for
+
+    return CompiledEngine(ckpt, target="cpu", **options)  # type: ignore[arg-type]
+
+
+ENGINES: dict[str, Callable[..., Engine]] = {  # (checkpoint, *, passes, profile) -> engine
     "reference": ReferenceEngine,
+    "cpu": _cpu_engine,  # compiled with TVM for this machine's CPU
 }
 
 
@@ -23,6 +32,7 @@ ENGINES: dict[str, Callable[[Checkpoint], Engine]] = {
 class Model:
     checkpoint: Checkpoint
     engine: Engine
+    profile: Profile | None = None
     _tokenizer: Tokenizer | None = None
 
     @property
@@ -38,9 +48,15 @@ class Model:
                         eos_ids=self.checkpoint.config.eos_token_ids, on_token=on_token)
 
 
-def load(path: str | Path, target: str = "reference") -> Model:
-    """Open a checkpoint (HF directory or GGUF file) for generation on `target`."""
+def load(path: str | Path, target: str = "reference", *, profile: str | Path | Profile | None = None,
+         passes: str | None = None) -> Model:
+    """Open a checkpoint (HF directory or GGUF file) for generation on `target`.
+
+    `profile` is a `Profile`, a preset name or a `gemma.rlx.toml` path (None: the one next to the
+    weights, else the default); `passes` is pipeline text that replaces the profile's pipeline.
+    """
     if target not in ENGINES:
         raise RlxError(f"unknown target {target!r} for run", hint=f"use one of: {', '.join(ENGINES)}")
+    chosen = resolve_profile(profile, path)  # a bad profile fails before any weight is read
     ckpt = open_checkpoint(path)
-    return Model(ckpt, ENGINES[target](ckpt))
+    return Model(ckpt, ENGINES[target](ckpt, passes=passes, profile=chosen), chosen)

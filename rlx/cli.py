@@ -20,6 +20,9 @@ import numpy as np
 from rlx.errors import RlxError
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from rlx.compiler.pipeline import PassReport
     from rlx.frontends.checkpoint import Checkpoint
     from rlx.frontends.flow import GemmaFlow
 
@@ -39,20 +42,37 @@ def _positive(text: str, flag: str) -> int:
     return int(text)
 
 
+def _report_lines(source: str, reports: Mapping[str, PassReport]) -> list[str]:
+    """The pass report of each graph, headed by the profile that chose its pipeline."""
+    out = [f"profile: {source}"]
+    for graph, report in reports.items():
+        pipeline = ",".join(r.spec for r in report.records) or "(no passes)"
+        out += [f"passes for {graph}: {pipeline}", *report.lines()]
+    return out
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from rlx.compiler.dot import to_dot
+    from rlx.compiler.profile import optimize, resolve_profile
     from rlx.compiler.serialize import hir_to_dict
     from rlx.compiler.text import print_hir
     from rlx.frontends.checkpoint import open_checkpoint
     from rlx.summary import summarize, summary_lines
 
+    profile = resolve_profile(args.profile, args.checkpoint)
     ckpt = open_checkpoint(args.checkpoint)
-    hir = _flow(ckpt, args).build()
+    hir, report = optimize(_flow(ckpt, args).profile(profile).build(), args.mode, profile, args.passes)
     summary = summarize(hir, ckpt.config)
+    passes = _report_lines(profile.source, {args.mode: report})
+    if profile.passes.verbose:
+        for line in passes:
+            _progress(line)
+    notes = summary_lines(summary) + (passes if args.report else [])
+    extra = {"passes": report.to_dict()["passes"]} if args.report else {}
     render: dict[str, Callable[[], str]] = {
-        "text": lambda: print_hir(hir) + "".join(f"# {ln}\n" for ln in summary_lines(summary)),
-        "json": lambda: json.dumps({"summary": summary, "hir": hir_to_dict(hir)}, indent=1) + "\n",
-        "dot": lambda: "".join(f"// {ln}\n" for ln in summary_lines(summary)) + to_dot(hir),
+        "text": lambda: print_hir(hir) + "".join(f"# {ln}\n" for ln in notes),
+        "json": lambda: json.dumps({"summary": summary, "hir": hir_to_dict(hir), **extra}, indent=1) + "\n",
+        "dot": lambda: "".join(f"// {ln}\n" for ln in notes) + to_dot(hir),
     }
     sys.stdout.write(render[args.format]())
     return 0
@@ -86,7 +106,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise RlxError("give exactly one of --prompt TEXT or --prompt-ids 2,818,...")
     sampler = Sampler(args.temperature, args.top_k, args.top_p, args.seed)
     _progress(f"loading {args.model} for target {args.target}")
-    model = rlx.load(args.model, target=args.target)
+    model = rlx.load(args.model, target=args.target, profile=args.profile, passes=args.passes)
+    if model.profile is not None and model.profile.passes.verbose:
+        for line in _report_lines(model.profile.source, model.engine.reports):
+            _progress(line)
     ids = _parse_ids(args.prompt_ids) if args.prompt_ids is not None else model.tokenizer.encode(args.prompt)
     streamed: list[int] = []
 
@@ -128,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("text", "json", "dot"), default="text")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--seq", default="dynamic", help="prefill length, or 'dynamic' (needs --batch 1)")
+    p.add_argument("--report", action="store_true", help="append the pass report (time, nodes, fusion hits)")
+    _compile_flags(p)
     p.set_defaults(fn=cmd_inspect)
 
     p = sub.add_parser("run", help="generate text")
@@ -142,8 +167,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    _compile_flags(p)
     p.set_defaults(fn=cmd_run)
     return parser
+
+
+def _compile_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--profile", help="gemma.rlx.toml or a preset (gemma_prefill, gemma_decode); default: "
+                                     "the gemma.rlx.toml next to the weights, else each mode's preset")
+    p.add_argument("--passes", metavar="SPEC", help="pass pipeline, e.g. 'fold-constants,cse,dce' "
+                                                    "(replaces the profile's; '' runs none)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

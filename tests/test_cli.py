@@ -143,3 +143,107 @@ def test_bad_prompt_ids_and_unknown_target(tiny_ckpt: Ckpt, capsys: pytest.Captu
     assert "comma-separated" in _err(capsys, ["run", d, "--prompt-ids", "2,x"])
     assert "unknown target 'tpu'" in _err(capsys, ["run", d, "--target", "tpu", "--prompt-ids", "2"])
     assert "exactly one of" in _err(capsys, ["run", d])
+
+
+# ---------------------------------------------------------------------------------------------
+# Profiles and pass pipelines: --profile FILE|PRESET, --passes SPEC, inspect --report.
+# (kept together at the end of the file; imports are local so this block stands alone)
+# ---------------------------------------------------------------------------------------------
+
+PROFILE_PROMPT = [2, 17, 99, 5, 42, 200, 7, 63, 128, 11]
+
+
+def _report_rows(out: str) -> list[str]:
+    """The pass names of `inspect --report` rows (`# <spec> <ms> <changed> ...`)."""
+    rows = out[out.index("# pass "):].splitlines()[1:]
+    return [r[2:].split()[0] for r in rows if r.startswith("# ") and not r.startswith("# pass")]
+
+
+@pytest.mark.parametrize("mode", ["prefill", "decode"])
+def test_inspect_report_lists_each_pass(mode: str, tiny_ckpt: Ckpt, capsys: pytest.CaptureFixture[str]) -> None:
+    from rlx.compiler.profile import DEFAULT_PROFILE
+
+    assert main(["inspect", str(tiny_ckpt("gemma3")), "--mode", mode, "--report"]) == 0
+    out = capsys.readouterr().out
+    verify(parse_hir(out))  # the report is comment lines: the text still parses back
+    expected = DEFAULT_PROFILE.pipeline(mode).split(",")
+    assert _report_rows(out) == expected and "fuse-attention" in expected
+    assert f"# passes for {mode}: {','.join(expected)}" in out and "hits.attention=4" in out
+    assert "softmax" not in out.split("# graph")[0]  # the printed HIR is the fused one
+
+
+def test_inspect_json_report_and_passes_override(tiny_ckpt: Ckpt, capsys: pytest.CaptureFixture[str]) -> None:
+    d = str(tiny_ckpt("gemma2"))
+    assert main(["inspect", d, "--format", "json", "--report", "--passes", "cse,dce"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert [p["name"] for p in doc["passes"]] == ["cse", "dce"]
+    assert all({"seconds", "changed", "nodes_before", "nodes_after", "stats"} <= set(p) for p in doc["passes"])
+    assert main(["inspect", d, "--report", "--passes", ""]) == 0
+    out = capsys.readouterr().out
+    assert "# passes for prefill: (no passes)" in out and "softmax(" in out  # unfused
+
+
+def test_profile_next_to_the_weights_and_flag_precedence(tiny_ckpt: Ckpt, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    d = _copy(tiny_ckpt("gemma3"), tmp_path / "m")
+    (d / "gemma.rlx.toml").write_text('[passes]\npipeline = "cse,dce"\n\n[[layers]]\nkeep_first = 1\n')
+    assert main(["inspect", str(d), "--report"]) == 0
+    out = capsys.readouterr().out
+    assert _report_rows(out) == ["cse", "dce"] and f"# profile: {d / 'gemma.rlx.toml'}" in out
+    assert "%l0.attn" in out and "%l1." not in out  # keep_first = 1
+    assert main(["inspect", str(d), "--report", "--profile", "gemma_decode"]) == 0  # --profile wins
+    out = capsys.readouterr().out
+    assert "fuse-epilogue" in _report_rows(out) and "%l1." in out
+    assert main(["inspect", str(d), "--report", "--passes", "dce"]) == 0  # --passes wins over the file
+    assert _report_rows(capsys.readouterr().out) == ["dce"]
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_run_profile_keep_first_matches_truncated_transformers(k: int, tiny_ckpt: Ckpt, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.fixtures.tiny import reference_for_layers
+
+    d = tiny_ckpt("gemma3")
+    ref = reference_for_layers(d, PROFILE_PROMPT, k)[-1]
+    profile = tmp_path / "p.toml"
+    profile.write_text(f"[passes]\nverbose = true\n\n[[layers]]\nkeep_first = {k}\n")
+    out = tmp_path / "logits.npy"
+    assert main(["run", str(d), "--prompt-ids", ",".join(map(str, PROFILE_PROMPT)), "--max-new-tokens", "1",
+                 "--profile", str(profile), "--logits-out", str(out)]) == 0
+    np.testing.assert_allclose(np.load(out)[0], ref, rtol=1e-4, atol=1e-4 * float(np.abs(ref).max()))
+    err = capsys.readouterr().err
+    assert f"[rlx] profile: {profile}" in err and "[rlx] passes for decode: " in err  # verbose = true
+
+
+BAD_PROFILES = [
+    # (profile text, line, key, message): one per kind of mistake, the last one caught at build time
+    ("[fusion]\npolicy = \"direct\"\n\n[fusoin]\nskip = true\n", 4, "fusoin", "unknown section"),
+    ("[passes]\ncse = true\nfolding = true\n", 3, "folding", "unknown key"),
+    ("[fusion]\nskip = \"yes\"\n", 2, "skip", "expected a boolean"),
+    ("[backend.cuda]\nopt_level = 7\n", 2, "opt_level", "must be in 0..3"),
+    ("[[layers]]\nindex = 0\nwindow = 2\n\n[[layers]]\nindex = 9\ndrop = true\n", 6, "index", "out of range"),
+]
+
+
+@pytest.mark.parametrize("text, line, key, message", BAD_PROFILES, ids=[b[2] for b in BAD_PROFILES])
+def test_bad_profile_exits_2_and_writes_nothing(text: str, line: int, key: str, message: str, tiny_ckpt: Ckpt,
+                                                tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    profile = tmp_path / "gemma.rlx.toml"
+    profile.write_text(text)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    logits = out_dir / "logits.npy"
+    d = str(tiny_ckpt("gemma3"))
+    for argv in (["run", d, "--prompt-ids", "2,3", "--profile", str(profile), "--logits-out", str(logits)],
+                 ["inspect", d, "--profile", str(profile)]):
+        err = _err(capsys, argv)
+        assert f"{profile}:{line}: " in err and repr(key) in err and message in err, err
+    assert not list(out_dir.iterdir())
+
+
+def test_bad_passes_spec_exits_2(tiny_ckpt: Ckpt, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    d = str(tiny_ckpt("gemma3"))
+    out = tmp_path / "logits.npy"
+    err = _err(capsys, ["run", d, "--prompt-ids", "2,3", "--passes", "dce,nosuch", "--logits-out", str(out)])
+    assert "unknown pass 'nosuch'" in err and not out.exists()
+    assert "not found" in _err(capsys, ["inspect", d, "--profile", str(tmp_path / "missing.toml")])

@@ -253,7 +253,9 @@ class LayerPatch:
     def check_bounds(self, num_layers: int) -> None:
         key = self.checked_key
         if key in _IN_BOUNDS and not _IN_BOUNDS[key](self, num_layers):
-            raise ProfileError(f"{self.where} key {key!r}: {getattr(self, key)!r} is out of range for a model "
+            value = getattr(self, key)
+            shown = list(value) if isinstance(value, tuple) else value  # as written in TOML
+            raise ProfileError(f"{self.where} key {key!r}: {shown} is out of range for a model "
                                f"with {num_layers} layers (0..{num_layers - 1})",
                                hint="profiles are per model: check the layer count in config.json")
 

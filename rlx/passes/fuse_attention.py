@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 from rlx.compiler.graph import HIR
 from rlx.compiler.ops import Op
-from rlx.compiler.passes import Miss, Pass, PassResult, register
-from rlx.compiler.patterns import Match, Opt, Pat, Pattern, Rule, Var, apply_rules
-from rlx.passes.fusion import fusion_result
+from rlx.compiler.passes import register
+from rlx.compiler.patterns import Match, Opt, Pat, Pattern, Rule, Var
+from rlx.passes.fusion import RuleFusion
 
 _KT = (0, 1, 3, 2)
 
@@ -64,12 +64,9 @@ RULES = tuple(Rule(f"attention-{kind}{'-media' if media else ''}", _pattern(kind
 
 @register
 @dataclass(frozen=True)
-class FuseAttention(Pass):
+class FuseAttention(RuleFusion):
     name = "fuse-attention"
-
-    def run(self, hir: HIR) -> PassResult:
-        out = hir.copy()
-        hits = sum(apply_rules(out, RULES).values())
-        misses = [Miss("attention", n.id, "softmax outside a recognised attention block")
-                  for n in out.nodes_of(Op.SOFTMAX)]
-        return fusion_result("attention", out, hits, misses)
+    pattern = "attention"
+    rules = RULES
+    anchor = Op.SOFTMAX
+    miss_reason = "softmax outside a recognised attention block"

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 
 from rlx.compiler.graph import HIR
 from rlx.compiler.ops import Op
-from rlx.compiler.passes import Miss, Pass, PassResult, register
-from rlx.compiler.patterns import Match, Pat, Rule, Var, apply_rules
-from rlx.passes.fusion import fusion_result
+from rlx.compiler.passes import register
+from rlx.compiler.patterns import Match, Pat, Rule, Var
+from rlx.passes.fusion import RuleFusion
 
 
 def _halves_of_one(hir: HIR, gate: str, up: str) -> str | None:
@@ -40,12 +40,9 @@ RULES = (Rule("geglu", Pat(Op.MUL, Pat(Op.GELU_TANH, Var("gate")), Var("up"), co
 
 @register
 @dataclass(frozen=True)
-class FuseGeGLU(Pass):
+class FuseGeGLU(RuleFusion):
     name = "fuse-geglu"
-
-    def run(self, hir: HIR) -> PassResult:
-        out = hir.copy()
-        hits = sum(apply_rules(out, RULES).values())
-        misses = [Miss("geglu", n.id, "gelu_tanh not multiplied by an up projection")
-                  for n in out.nodes_of(Op.GELU_TANH)]
-        return fusion_result("geglu", out, hits, misses)
+    pattern = "geglu"
+    rules = RULES
+    anchor = Op.GELU_TANH
+    miss_reason = "gelu_tanh not multiplied by an up projection"

@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from rlx.compiler.graph import HIR, Node
 from rlx.compiler.ops import Op, attr_dim
@@ -114,12 +114,17 @@ class Specialize(Pass):
         if not self.dims:
             raise PassError("specialize needs a binding", hint="e.g. specialize{SEQ=128}")
 
+    @property
+    def bindings(self) -> dict[str, int]:
+        """The validated bindings (`dims` holds sorted `(symbol, size)` pairs after __post_init__)."""
+        return dict(cast(tuple[tuple[str, int], ...], self.dims))
+
     def __str__(self) -> str:
-        return f"{self.name}{{{','.join(f'{k}={v}' for k, v in self.dims)}}}"
+        return f"{self.name}{{{','.join(f'{k}={v}' for k, v in self.bindings.items())}}}"
 
     def run(self, hir: HIR) -> PassResult:
         present = graph_symbols(hir)
-        env = {k: v for k, v in self.dims if k in present}  # type: ignore[misc]
+        env = {k: v for k, v in self.bindings.items() if k in present}
         if not env:
             return PassResult(hir.copy(), False, {"retyped": 0})
         out, retyped = bind(hir, env)

@@ -6,14 +6,18 @@ The reference interpreter implements it here; compiled targets implement the sam
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Protocol
 
 import numpy as np
+
+from rlx.compiler.pipeline import PassReport
 
 
 class Engine(Protocol):
     name: str
     max_seq: int
+    reports: Mapping[str, PassReport]  # per graph (e.g. "prefill", "decode"): the passes that built it
 
     def prefill(self, ids: list[int]) -> np.ndarray:
         """Reset the KV cache, run the prompt, return the last position's logits [vocab]."""

@@ -64,10 +64,11 @@ def _save_hf_dir(model: object, out: Path) -> None:
     (out / "config.json").write_text(json.dumps(config, indent=1))
 
 
-# the CLI, plus its own peak RSS reported on exit (so the memory bound covers exactly this run)
-_CLI_WITH_RSS = ("import resource, sys; from rlx.cli import main; rc = main(sys.argv[1:]); "
-                 "print('maxrss_kb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr); "
-                 "sys.exit(rc)")
+# the CLI, plus its own peak RSS (VmHWM) on exit. Not getrusage: a forked child's ru_maxrss
+# starts from the parent's (pytest's) high-water mark, which would measure the test, not rlx.
+_CLI_WITH_RSS = ("import re, sys; from rlx.cli import main; rc = main(sys.argv[1:]); "
+                 "hwm = re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1); "
+                 "print('maxrss_kb', hwm, file=sys.stderr); sys.exit(rc)")
 
 
 def _rlx_run(model: Path, tmp: Path) -> tuple[list[int], np.ndarray, str, int]:
@@ -87,10 +88,11 @@ def _rlx_run(model: Path, tmp: Path) -> tuple[list[int], np.ndarray, str, int]:
 def test_gguf_greedy_continuation_equals_transformers(hf_run: HFRun, real_gguf_path: Path, tmp_path: Path) -> None:
     tokens, logits, text, rss = _rlx_run(Path(real_gguf_path), tmp_path)
     assert tokens == hf_run.tokens
-    # weights are dequantized one tensor at a time into one shared f32 cache: peak memory stays
-    # well under two f32 copies (2 x 1.07 GB), tokenizer and interpreter included
+    # weights are dequantized one tensor at a time into one shared f32 cache. Measured ~1.72 x the
+    # f32 weight bytes: one f32 copy (1.07 GB) + the mmapped GGUF (0.25 GB) + tokenizer, numpy and
+    # Python; a second full f32 copy would push it past 2.7 x, so 2.2 x separates the two cleanly
     f32_bytes = 4 * 268_098_176
-    assert rss < 1.8 * f32_bytes, f"peak RSS {rss / 2**30:.2f} GiB"
+    assert rss < 2.2 * f32_bytes, f"peak RSS {rss / 2**30:.2f} GiB"
     assert logits.shape == (N_NEW, 262144) and logits.dtype == np.float32
     # same f32 weights: first-step logits agree to f32 accumulation noise over 18 layers
     np.testing.assert_allclose(logits[0], hf_run.first_logits, rtol=1e-3, atol=1e-3 * np.abs(hf_run.first_logits).max())

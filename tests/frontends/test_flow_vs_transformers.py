@@ -183,3 +183,21 @@ def test_batched_static_prefill_equals_single(tiny_ckpt: Callable[[str], Path]) 
         {"input_ids": np.asarray([PROMPT, other]), "positions": np.tile(np.arange(len(PROMPT)), (2, 1))})
     np.testing.assert_allclose(out["logits"][0], _prefill_all(d)["logits"][0], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(out["logits"][1], _prefill_all(d, ids=other)["logits"][0], rtol=1e-5, atol=1e-5)
+
+
+GGUF_FAMILIES = {"gemma1-gqa": "gemma", "gemma2": "gemma2", "gemma3": "gemma3", "gemma4": "gemma4",
+                 "gemma4-moe": "gemma4"}
+
+
+@pytest.mark.parametrize("family", sorted(GGUF_FAMILIES))
+def test_tiny_gguf_gives_the_checkpoints_logits(family: str, tiny_ckpt: Callable[[str], Path],
+                                                tmp_path: Path) -> None:
+    """A GGUF written with gguf.GGUFWriter (llama.cpp names, +1 norm shift) runs like its source checkpoint."""
+    from tests.fixtures.gguf_writer import write_gguf_from_hf
+
+    d = tiny_ckpt(family)
+    gguf_path = write_gguf_from_hf(d, tmp_path / f"{family}.gguf", arch=GGUF_FAMILIES[family])
+    ref = hf_reference(d, PROMPT, 4)
+    engine = ReferenceEngine(open_checkpoint(gguf_path))
+    rows = [engine.prefill(PROMPT), *(engine.step(t) for t in ref.tokens)]
+    assert_logits_close(np.stack(rows), ref.logits)

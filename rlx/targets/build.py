@@ -1,0 +1,135 @@
+"""Compile a lowered Relax module for a target: fuse, schedule, then TVM's codegen.
+
+The pipeline is ours in its middle part: Relax legalization and fusion (the same for every
+target), then the schedule rules of the target's device (`BACKENDS`: our CPU rules, dlight's
+GPU rules; Metal without dlight's Matmul rule, which segfaults there), then TVM's own
+per-device dataflow lowering and finalisation (`tvm.relax.backend.<device>.pipeline`). The scheduled
+module is kept (`Built.scheduled`) so tests and reports can see which rule scheduled what.
+
+Risky builds (Metal: TVM.md saw a whole-process segfault) run in a child process that exports
+the library to a file; a crash there is an error here, not a dead caller.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+import tvm
+from tvm import relax
+from tvm.relax.backend.cpu_generic import pipeline as cpu_pipeline
+from tvm.relax.backend.cuda import pipeline as cuda_pipeline
+from tvm.relax.backend.gpu_generic import pipeline as gpu_pipeline
+from tvm.s_tir.dlight.base import ScheduleRule
+
+from rlx.errors import RlxError
+from rlx.targets.presets import ResolvedTarget, resolve_target
+from rlx.targets.schedules import apply_schedules, cpu_rules, gpu_rules, schedule_report
+
+
+class BuildError(RlxError):
+    """TVM could not compile the module for the target."""
+
+
+@dataclass(frozen=True)
+class Backend:
+    """What differs per device: schedule rules, TVM's backend module, and whether to isolate."""
+
+    rules: Callable[[], list[tuple[str, ScheduleRule]]]
+    tvm_backend: ModuleType
+    isolate: bool = False
+
+
+BACKENDS: dict[str, Backend] = {
+    "cpu": Backend(cpu_rules, cpu_pipeline),
+    "cuda": Backend(gpu_rules, cuda_pipeline),
+    "metal": Backend(lambda: gpu_rules(matmul=False), gpu_pipeline, isolate=True),
+}
+
+_FUSION = (relax.transform.LegalizeOps, relax.transform.AnnotateTIROpPattern, relax.transform.FoldConstant,
+           relax.transform.FuseOps, relax.transform.FuseTIR)
+
+
+@dataclass
+class Built:
+    executable: relax.VMExecutable
+    scheduled: tvm.IRModule
+    target: ResolvedTarget
+    seconds: float
+
+    @property
+    def schedules(self) -> dict[str, str]:
+        return schedule_report(self.scheduled)
+
+
+def _resolve(target: str | ResolvedTarget) -> ResolvedTarget:
+    return resolve_target(target) if isinstance(target, str) else target
+
+
+def optimize(mod: tvm.IRModule, target: str | ResolvedTarget) -> tvm.IRModule:
+    """Legalize, fuse and schedule: the module every PrimFunc of which has its schedule."""
+    resolved = _resolve(target)
+    be = BACKENDS[resolved.device]
+    passes = [*be.tvm_backend.library_dispatch_passes(resolved.target), *(p() for p in _FUSION),
+              apply_schedules(be.rules())]
+    with resolved.target:
+        return tvm.transform.Sequential(passes)(mod)
+
+
+def _finish_pipeline(resolved: ResolvedTarget) -> tvm.transform.Pass:
+    be = BACKENDS[resolved.device].tvm_backend
+    return tvm.transform.Sequential([*be.dataflow_lower_passes(resolved.target),
+                                     *be.finalize_passes(resolved.target)])
+
+
+def build(mod: tvm.IRModule, target: str | ResolvedTarget) -> Built:
+    """Compile in this process (for devices not marked `isolate`)."""
+    resolved = _resolve(target)
+    if BACKENDS[resolved.device].isolate:
+        raise BuildError(f"{resolved.name} builds can crash the process; use build_isolated()")
+    t0 = time.perf_counter()
+    scheduled = optimize(mod, resolved)
+    try:
+        ex = tvm.compile(scheduled, target=resolved.target, relax_pipeline=_finish_pipeline(resolved))
+    except (RuntimeError, ValueError) as e:
+        raise BuildError(f"TVM failed to compile for {resolved.name}: {str(e).splitlines()[0]}") from e
+    return Built(ex, scheduled, resolved, time.perf_counter() - t0)
+
+
+def build_isolated(mod: tvm.IRModule, target: str, out: Path, *, timeout: float = 1800) -> Path:
+    """Compile in a child process and export the library to `out` (`.tar` for cross targets,
+    `.so` for the host); returns `out`. A crash or timeout of the child raises `BuildError`."""
+    with tempfile.TemporaryDirectory(prefix="rlx-build-") as tmp:
+        src = Path(tmp) / "module.json"
+        src.write_text(tvm.ir.save_json(mod))
+        cmd = [sys.executable, "-m", "rlx.targets.build", str(src), target, str(out)]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise BuildError(f"{target} build timed out after {timeout:.0f} s") from None
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+        how = f"signal {-proc.returncode}" if proc.returncode < 0 else f"exit {proc.returncode}"
+        raise BuildError(f"{target} build failed in its child process ({how}): " + " | ".join(tail))
+    return out
+
+
+def _child_main(argv: list[str]) -> int:
+    """`python -m rlx.targets.build MODULE.json TARGET OUT`: the child side of build_isolated."""
+    src, target, out = argv
+    resolved = resolve_target(target)
+    mod = tvm.ir.load_json(Path(src).read_text())
+    scheduled = optimize(mod, resolved)
+    ex = tvm.compile(scheduled, target=resolved.target, relax_pipeline=_finish_pipeline(resolved))
+    ex.export_library(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_child_main(sys.argv[1:]))

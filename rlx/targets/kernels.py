@@ -1,0 +1,123 @@
+"""TE computes for the HIR ops Relax has no operator for (or none we can schedule).
+
+Each is one TE stage, so Relax's FuseOps can fuse elementwise epilogues into it, and the
+contractions carry a known block name so that `schedules.py` finds them after fusion (the
+contraction kind decides the schedule, see `CONTRACTIONS`). Every compute mirrors the numpy
+reference in `rlx/compiler/interpreter.py`: float32, same operation order where it matters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from tvm import te, tirx
+
+MASKED = float(np.finfo(np.float32).min)  # what the reference (and transformers) fills masked scores with
+
+# contraction block names -> operand layout: "nt" reduces over the last axis of both operands
+# (x @ w.T: both rows contiguous), "nn" over the last axis of a and the second-to-last of b
+LINEAR = "rlx_linear"
+ATTN_SCORES = "rlx_attn_scores"
+ATTN_VALUES = "rlx_attn_values"
+MATMUL = "rlx_matmul"
+MOE_GATE_UP = "rlx_moe_gate_up"
+MOE_DOWN = "rlx_moe_down"
+CONTRACTIONS: dict[str, str] = {
+    LINEAR: "nt", ATTN_SCORES: "nt", MOE_GATE_UP: "nt", MOE_DOWN: "nt",
+    ATTN_VALUES: "nn", MATMUL: "nn",
+}
+
+
+def linear(x: te.Tensor, w: te.Tensor) -> te.Tensor:
+    """`y[..., n] = sum_k x[..., k] * w[n, k]` (weights stay [out, in], as stored)."""
+    k = te.reduce_axis((0, x.shape[-1]), name="k")
+    return te.compute((*x.shape[:-1], w.shape[0]),
+                      lambda *i: te.sum(x[(*i[:-1], k)] * w[i[-1], k], axis=k), name=LINEAR)
+
+
+def _broadcast_index(index: Sequence[tirx.PrimExpr], shape: Sequence[tirx.PrimExpr],
+                     out_shape: Sequence[tirx.PrimExpr]) -> list[tirx.PrimExpr]:
+    """Index a (numpy-broadcast) batch prefix: size-1 dims read element 0."""
+    lead = len(out_shape) - len(shape)
+    return [tirx.const(0, i.dtype) if isinstance(d, tirx.IntImm) and d.value == 1 and not
+            (isinstance(o, tirx.IntImm) and o.value == 1) else i
+            for i, d, o in zip(index[lead:], shape, out_shape[lead:], strict=True)]
+
+
+def matmul(a: te.Tensor, b: te.Tensor, out_batch: Sequence[tirx.PrimExpr]) -> te.Tensor:
+    """`np.matmul` for rank >= 2 with broadcast batch dims (`out_batch`)."""
+    k = te.reduce_axis((0, a.shape[-1]), name="k")
+    shape = (*out_batch, a.shape[-2], b.shape[-1])
+
+    def body(*i: tirx.PrimExpr) -> tirx.PrimExpr:
+        batch = i[:-2]
+        ia = _broadcast_index(batch, a.shape[:-2], out_batch)
+        ib = _broadcast_index(batch, b.shape[:-2], out_batch)
+        return te.sum(a[(*ia, i[-2], k)] * b[(*ib, k, i[-1])], axis=k)
+
+    return te.compute(shape, body, name=MATMUL)
+
+
+def attention_scores(q: te.Tensor, k: te.Tensor) -> te.Tensor:
+    """`q @ k^T` per head; query head h reads KV head h // (Hq / Hk), so K is never repeated."""
+    group = int(q.shape[1]) // int(k.shape[1])
+    d = te.reduce_axis((0, q.shape[-1]), name="d")
+    return te.compute((q.shape[0], q.shape[1], q.shape[2], k.shape[2]),
+                      lambda b, h, s, t: te.sum(q[b, h, s, d] * k[b, h // group, t, d], axis=d),
+                      name=ATTN_SCORES)
+
+
+def attention_values(p: te.Tensor, v: te.Tensor) -> te.Tensor:
+    """`probs @ v` per head, with the same head grouping as `attention_scores`."""
+    group = int(p.shape[1]) // int(v.shape[1])
+    t = te.reduce_axis((0, p.shape[-1]), name="t")
+    return te.compute((p.shape[0], p.shape[1], p.shape[2], v.shape[3]),
+                      lambda b, h, s, e: te.sum(p[b, h, s, t] * v[b, h // group, t, e], axis=t),
+                      name=ATTN_VALUES)
+
+
+def rope(x: te.Tensor, pos: te.Tensor, inv_freq: te.Tensor) -> te.Tensor:
+    """Rotate-half RoPE: `x * cos(p f) + rotate_half(x) * sin(p f)`, f repeated over both halves."""
+    dim = x.shape[-1]
+    half = dim // 2
+
+    def body(b: tirx.PrimExpr, h: tirx.PrimExpr, s: tirx.PrimExpr, d: tirx.PrimExpr) -> tirx.PrimExpr:
+        angle = pos[b, s].astype("float32") * inv_freq[tirx.floormod(d, half)]
+        partner = x[b, h, s, tirx.floormod(d + half, dim)]
+        rotated = tirx.Select(d < half, -partner, partner)
+        return x[b, h, s, d] * tirx.cos(angle) + rotated * tirx.sin(angle)
+
+    return te.compute(x.shape, body, name="rlx_rope")
+
+
+def causal_mask(scores: te.Tensor, qpos: te.Tensor, window: int, bidirectional: bool) -> te.Tensor:
+    """Keys sit at positions 0..T-1; a query at q sees k <= q (and q - W < k with a window W);
+    bidirectional: every key, or |q - k| < W with a window."""
+    masked = tirx.const(MASKED, "float32")
+
+    def body(b: tirx.PrimExpr, h: tirx.PrimExpr, s: tirx.PrimExpr, t: tirx.PrimExpr) -> tirx.PrimExpr:
+        q = qpos[b, s].astype("int64")
+        k = t.astype("int64")
+        visible = tirx.const(True, "bool") if bidirectional else k <= q
+        if window:
+            near = (tirx.abs(q - k) < window) if bidirectional else (q - window < k)
+            visible = tirx.all(visible, near)
+        return tirx.Select(visible, scores[b, h, s, t], masked)
+
+    return te.compute(scores.shape, body, name="rlx_causal_mask")
+
+
+def moe_gate_up(x: te.Tensor, gate_up: te.Tensor, experts: te.Tensor) -> te.Tensor:
+    """`h[n, j, i] = sum_c x[n, c] * gate_up[experts[n, j], i, c]`: each token reads only the
+    weights of its k chosen experts (the gather happens inside the contraction)."""
+    c = te.reduce_axis((0, x.shape[-1]), name="c")
+    return te.compute((x.shape[0], experts.shape[1], gate_up.shape[1]),
+                      lambda n, j, i: te.sum(x[n, c] * gate_up[experts[n, j], i, c], axis=c), name=MOE_GATE_UP)
+
+
+def moe_down(act: te.Tensor, down: te.Tensor, experts: te.Tensor) -> te.Tensor:
+    """`y[n, j, c] = sum_i act[n, j, i] * down[experts[n, j], c, i]` (per chosen expert slot)."""
+    i = te.reduce_axis((0, act.shape[-1]), name="i")
+    return te.compute((act.shape[0], act.shape[1], down.shape[1]),
+                      lambda n, j, c: te.sum(act[n, j, i] * down[experts[n, j], c, i], axis=i), name=MOE_DOWN)

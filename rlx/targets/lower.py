@@ -1,0 +1,359 @@
+"""HIR -> Relax IRModule: one Relax function per graph, one lowering per HIR op (`LOWERINGS`).
+
+Calling convention of every function (`Signature` records it for the runtime):
+- parameters: the graph inputs sorted by name (natural order: `past_k.2` before `past_k.10`),
+  then every PARAM sorted by (stored tensor, scale, shift). Weights are inputs, never constants,
+  so one compiled module serves any checkpoint of the same shape; a derived param
+  (`stored * scale + shift`) is materialised by whoever uploads the weights (`ParamSpec.derive`).
+- symbolic dims (`SEQ`, `PAST_SEQ`, `BATCH`) are int64 `tvm.tirx.Var`s, one per symbol per
+  function, shared by all of its params; `PAST_SEQ+SEQ` is the expression of the two.
+- result: a Relax tuple of the HIR outputs in `hir.outputs` order.
+
+Ops map to Relax operators where Relax has one (matmul-free ones: take, permute_dims, reshape,
+concat, strided_slice, repeat, softmax, rms_norm, gelu_tanh, tanh, topk) and to TE computes
+from `kernels.py` otherwise (linear and the other contractions, RoPE, masks, MoE expert
+contractions). Every value is pinned to the HIR's declared type (a match_cast where Relax
+infers a less simple shape), so shapes downstream stay the HIR's.
+"""
+
+from __future__ import annotations
+
+import functools
+import operator
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import tvm
+from tvm import relax, tirx
+from tvm.sym import Analyzer
+
+from rlx.compiler.dtypes import DType
+from rlx.compiler.graph import HIR, Node, param_key
+from rlx.compiler.ops import EPILOGUE_STEPS, Op, attr_dim, parse_step
+from rlx.compiler.shapes import Dim, Shape, dim_symbols
+from rlx.compiler.tensor_type import TensorType
+from rlx.errors import HIRError
+from rlx.targets import kernels
+
+TVM_DTYPES: dict[DType, str] = {
+    DType.F32: "float32", DType.F16: "float16", DType.BF16: "bfloat16",
+    DType.I32: "int32", DType.I64: "int64", DType.BOOL: "bool",
+}
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One weight parameter: which stored tensor, how it is derived, and its type."""
+
+    name: str
+    scale: float
+    shift: float
+    type: TensorType
+
+    @property
+    def key(self) -> str:
+        """Unique per derivation; the plain tensor name when not derived."""
+        return self.name if (self.scale, self.shift) == (1.0, 0.0) else f"{self.name}*{self.scale!r}+{self.shift!r}"
+
+    def derive(self, stored: np.ndarray) -> np.ndarray:
+        """`stored * scale + shift` in the param's dtype (host side, once, at load time)."""
+        dtype = self.type.dtype.numpy
+        if (self.scale, self.shift) == (1.0, 0.0):
+            return np.ascontiguousarray(stored, dtype=dtype)
+        f = np.float32
+        return np.ascontiguousarray(stored.astype(f) * f(self.scale) + f(self.shift), dtype=dtype)
+
+
+@dataclass(frozen=True)
+class Signature:
+    """How to call one lowered function: inputs, then params, in this order; outputs by name."""
+
+    function: str
+    inputs: tuple[tuple[str, TensorType], ...]
+    params: tuple[ParamSpec, ...]
+    outputs: tuple[str, ...]
+
+
+@dataclass
+class Lowered:
+    mod: tvm.IRModule
+    signatures: dict[str, Signature]
+
+
+def _natural(name: str) -> list[Any]:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def signature_of(hir: HIR, function: str) -> Signature:
+    inputs = tuple((name, node.type) for name, node in sorted(hir.inputs.items(), key=lambda kv: _natural(kv[0])))
+    params = tuple(sorted((ParamSpec(*param_key(n), n.type) for n in hir.params.values()),
+                          key=lambda p: (p.name, p.scale, p.shift)))
+    return Signature(function, inputs, params, tuple(hir.outputs))
+
+
+class _Fn:
+    """Lowering state of one function: the block builder, symbolic dims, values by node id."""
+
+    def __init__(self, bb: relax.BlockBuilder, hir: HIR) -> None:
+        self.bb = bb
+        self.hir = hir
+        symbols = sorted(set().union(*(dim_symbols(n.type.shape) for n in hir.nodes())))
+        self.dims = {s: tirx.Var(s, "int64") for s in symbols}
+        self.values: dict[str, relax.Expr] = {}
+        self.results: dict[str, relax.Expr] = {}  # multi-result nodes: their full tuple
+
+    def dim(self, d: Dim) -> tirx.PrimExpr:
+        if isinstance(d, int):
+            return tirx.IntImm("int64", d)
+        expr: tirx.PrimExpr = tirx.IntImm("int64", d.const)
+        for name, coeff in d.terms:
+            expr = expr + self.dims[name] * coeff if coeff != 1 else expr + self.dims[name]
+        return Analyzer().simplify(expr)
+
+    def shape(self, shape: Shape) -> list[tirx.PrimExpr]:
+        return [self.dim(d) for d in shape]
+
+    def ty(self, t: TensorType) -> relax.TensorType:
+        return relax.TensorType(self.shape(t.shape), TVM_DTYPES[t.dtype])
+
+    def emit(self, expr: relax.Expr) -> relax.Var:
+        return expr if isinstance(expr, relax.Var) else self.bb.emit(expr)
+
+    def te(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> relax.Var:
+        return self.bb.emit_te(fn, *args, **kwargs)
+
+    def pin(self, value: relax.Expr, t: TensorType, what: str) -> relax.Var:
+        """Make `value`'s Relax type the HIR type (match_cast when Relax's shape is less simple)."""
+        var = self.emit(value)
+        got = var.ty
+        want = self.ty(t)
+        if not isinstance(got, relax.TensorType) or got.dtype != want.dtype or got.ndim != want.ndim:
+            raise HIRError(f"lowering {what}: Relax type {got} does not match HIR type {t}")
+        analyzer = Analyzer()
+        same = got.shape is not None and all(
+            analyzer.can_prove_equal(a, b) for a, b in zip(got.shape.values, want.shape.values, strict=True))
+        return var if same else self.bb.match_cast(var, want)
+
+
+def _f32(value: float) -> relax.Constant:
+    return relax.const(value, "float32")
+
+
+# ---- shared pieces (unfused ops and the fused ops that contain them use the same ones) ----
+def _scale(x: relax.Expr, value: float) -> relax.Expr:
+    return relax.op.multiply(x, _f32(value))
+
+
+def _softcap(x: relax.Expr, cap: float) -> relax.Expr:
+    return relax.op.multiply(relax.op.tanh(relax.op.divide(x, _f32(cap))), _f32(cap))
+
+
+def _rmsnorm(fn: _Fn, x: relax.Expr, w: relax.Expr | None, eps: float, offset: float, width: Dim) -> relax.Expr:
+    if w is None:
+        weight: relax.Expr = relax.const(np.ones(int(width), np.float32))  # type: ignore[arg-type]
+    else:
+        weight = w if offset == 0 else fn.emit(relax.op.add(w, _f32(offset)))
+    return relax.op.nn.rms_norm(x, weight, axes=[-1], epsilon=float(eps))
+
+
+def _geglu(fn: _Fn, gate: relax.Expr, up: relax.Expr) -> relax.Expr:
+    return relax.op.multiply(relax.op.nn.gelu_tanh(gate), up)
+
+
+def _halves(fn: _Fn, x: relax.Expr) -> tuple[relax.Expr, relax.Expr]:
+    parts = fn.emit(relax.op.split(x, 2, axis=-1))
+    return fn.emit(relax.TupleGetItem(parts, 0)), fn.emit(relax.TupleGetItem(parts, 1))
+
+
+def _mask(fn: _Fn, scores: relax.Expr, pos: relax.Expr, window: int, bidirectional: bool) -> relax.Expr:
+    return fn.te(kernels.causal_mask, scores, pos, window=window, bidirectional=bidirectional)
+
+
+def _matmul(fn: _Fn, node: Node, a: relax.Expr, b: relax.Expr) -> relax.Expr:
+    return fn.te(kernels.matmul, a, b, out_batch=fn.shape(node.type.shape[:-2]))
+
+
+def _slice(fn: _Fn, node: Node, x: relax.Expr, src: TensorType) -> relax.Expr:
+    at = node.attr_dict
+    axis = at["axis"] % src.rank
+    dim = fn.dim(src.shape[axis])
+    start, stop = at["start"], at["stop"]
+    begin = dim + start if start < 0 else tirx.IntImm("int64", start)
+    end = dim if stop is None else tirx.IntImm("int64", stop)
+    return relax.op.strided_slice(x, axes=[axis], begin=[begin], end=[end], assume_inbound=True)
+
+
+def _attention(fn: _Fn, node: Node, args: list[relax.Expr]) -> relax.Expr:
+    """The fused op as one chain of the unfused pieces (GQA by index, K/V never repeated)."""
+    at = node.attr_dict
+    q, k, v, pos, *bias = args
+    s = fn.te(kernels.attention_scores, q, k)
+    if at["scale"] != 1.0:
+        s = fn.emit(_scale(s, at["scale"]))
+    if at["softcap"]:
+        s = fn.emit(_softcap(s, at["softcap"]))
+    if at["mask"] != "none":
+        s = _mask(fn, s, pos, at["window"], at["mask"] == "bidirectional")
+    for b in bias:
+        s = fn.emit(relax.op.add(s, b))
+    probs = fn.emit(relax.op.nn.softmax(s, axis=-1))
+    return fn.te(kernels.attention_values, probs, v)
+
+
+def _add_rmsnorm(fn: _Fn, node: Node, args: list[relax.Expr]) -> relax.Expr:
+    at = node.attr_dict
+    total = fn.emit(relax.op.add(args[0], args[1]))
+    normed = fn.emit(_rmsnorm(fn, total, args[2] if len(args) > 2 else None, at["eps"], at["offset"],
+                              node.type.shape[-1]))
+    return relax.Tuple([normed, total])
+
+
+_STEPS: dict[str, Callable[[relax.Expr, relax.Expr | None, float | None], relax.Expr]] = {
+    "add": lambda y, o, v: relax.op.add(y, o),
+    "mul": lambda y, o, v: relax.op.multiply(y, o),
+    "scale": lambda y, o, v: _scale(y, v),  # type: ignore[arg-type]
+    "softcap": lambda y, o, v: _softcap(y, v),  # type: ignore[arg-type]
+    "gelu_tanh": lambda y, o, v: relax.op.nn.gelu_tanh(y),
+}
+
+
+def _linear_epilogue(fn: _Fn, node: Node, args: list[relax.Expr]) -> relax.Expr:
+    y = fn.te(kernels.linear, args[0], args[1])
+    operands = list(args[2:])
+    for step in node.attr("steps"):
+        kind, value = parse_step(step)
+        y = fn.emit(_STEPS[kind](y, operands.pop(0) if EPILOGUE_STEPS[kind] else None, value))
+    return y
+
+
+def _moe(fn: _Fn, node: Node, args: list[relax.Expr]) -> relax.Expr:
+    """Token-choice top-k routing: softmax router, top-k experts per token, renormalised weights
+    times the per-expert scale; only the chosen experts' weights are read (gathered by index)."""
+    x, router_x, proj, per_expert, gate_up, down = args
+    top_k = node.attr("top_k")
+    lead, hidden = node.type.shape[:-1], fn.dim(node.type.shape[-1])
+    tokens = Analyzer().simplify(functools.reduce(operator.mul, [fn.dim(d) for d in lead], fn.dim(1)))
+    xt = fn.emit(relax.op.reshape(x, [tokens, hidden]))
+    rt = fn.emit(relax.op.reshape(router_x, [tokens, hidden]))
+    probs = fn.emit(relax.op.nn.softmax(fn.te(kernels.linear, rt, proj), axis=-1))
+    top = fn.emit(relax.op.topk(probs, top_k, axis=-1, ret_type="both", largest=True, dtype="int64"))
+    values, experts = fn.emit(relax.TupleGetItem(top, 0)), fn.emit(relax.TupleGetItem(top, 1))
+    norm = fn.emit(relax.op.divide(values, relax.op.sum(values, axis=-1, keepdims=True)))
+    weights = fn.emit(relax.op.multiply(norm, relax.op.take(per_expert, experts, axis=0)))
+    h = fn.te(kernels.moe_gate_up, xt, gate_up, experts)
+    act = fn.emit(_geglu(fn, *_halves(fn, h)))
+    y = fn.te(kernels.moe_down, act, down, experts)
+    out = fn.emit(relax.op.sum(relax.op.multiply(y, relax.op.expand_dims(weights, -1)), axis=1))
+    return relax.op.reshape(out, fn.shape(node.type.shape))
+
+
+def _geglu_op(fn: _Fn, node: Node, args: list[relax.Expr]) -> relax.Expr:
+    gate, up = _halves(fn, args[0]) if len(args) == 1 else args
+    return _geglu(fn, gate, up)
+
+
+Lowering = Callable[[_Fn, Node, list[relax.Expr]], relax.Expr]
+
+
+def _input_type(fn: _Fn, node: Node, i: int) -> TensorType:
+    return fn.hir.node(node.inputs[i]).type
+
+
+LOWERINGS: dict[Op, Lowering] = {
+    Op.EMBED: lambda fn, n, a: relax.op.take(a[0], a[1], axis=0),
+    Op.SCALE: lambda fn, n, a: _scale(a[0], n.attr("value")),
+    Op.ADD: lambda fn, n, a: relax.op.add(a[0], a[1]),
+    Op.MUL: lambda fn, n, a: relax.op.multiply(a[0], a[1]),
+    Op.RMSNORM: lambda fn, n, a: _rmsnorm(fn, a[0], a[1] if len(a) > 1 else None, n.attr("eps"), n.attr("offset"),
+                                          n.type.shape[-1]),
+    Op.LINEAR: lambda fn, n, a: fn.te(kernels.linear, a[0], a[1]),
+    Op.GELU_TANH: lambda fn, n, a: relax.op.nn.gelu_tanh(a[0]),
+    Op.SOFTCAP: lambda fn, n, a: _softcap(a[0], n.attr("cap")),
+    Op.RESHAPE: lambda fn, n, a: relax.op.reshape(a[0], fn.shape(tuple(attr_dim(d) for d in n.attr("shape")))),
+    Op.TRANSPOSE: lambda fn, n, a: relax.op.permute_dims(a[0], list(n.attr("perm"))),
+    Op.REPEAT_KV: lambda fn, n, a: relax.op.repeat(a[0], n.attr("repeats"), axis=1),
+    Op.ROPE: lambda fn, n, a: fn.te(kernels.rope, a[0], a[1], a[2]),
+    Op.MATMUL: lambda fn, n, a: _matmul(fn, n, a[0], a[1]),
+    Op.CAUSAL_MASK: lambda fn, n, a: _mask(fn, a[0], a[1], n.attr("window"), n.attr("bidirectional")),
+    Op.SOFTMAX: lambda fn, n, a: relax.op.nn.softmax(a[0], axis=-1),
+    Op.CONCAT: lambda fn, n, a: relax.op.concat(a, axis=n.attr("axis")),
+    Op.SLICE: lambda fn, n, a: _slice(fn, n, a[0], _input_type(fn, n, 0)),
+    Op.CAST: lambda fn, n, a: relax.op.astype(a[0], TVM_DTYPES[n.type.dtype]),
+    Op.MOE: _moe,
+    Op.ATTENTION: _attention,
+    Op.ADD_RMSNORM: _add_rmsnorm,
+    Op.GEGLU: _geglu_op,
+    Op.LINEAR_EPILOGUE: _linear_epilogue,
+}
+
+
+def _var_name(text: str) -> str:
+    return re.sub(r"\W", "_", text)
+
+
+def _const(fn: _Fn, node: Node) -> relax.Expr:
+    shape = [int(d) for d in node.type.shape]  # type: ignore[arg-type]
+    return relax.const(np.asarray(node.attr("value"), dtype=node.type.dtype.numpy).reshape(shape))
+
+
+def _lower_function(bb: relax.BlockBuilder, hir: HIR, sig: Signature) -> None:
+    fn = _Fn(bb, hir)
+    by_param = {param_key(n): n.id for n in hir.params.values()}
+    inputs = {name: relax.Var(_var_name(name), fn.ty(t)) for name, t in sig.inputs}
+    params = [relax.Var("w_" + _var_name(p.key), fn.ty(p.type)) for p in sig.params]
+    for name, var in inputs.items():
+        fn.values[hir.inputs[name].id] = var
+    for p, var in zip(sig.params, params, strict=True):
+        fn.values[by_param[(p.name, p.scale, p.shift)]] = var
+    with bb.function(sig.function, [*inputs.values(), *params]):
+        with bb.dataflow():
+            for node in hir.nodes():
+                if node.op in (Op.INPUT, Op.PARAM):
+                    continue
+                if node.op is Op.CONST:
+                    fn.values[node.id] = fn.emit(_const(fn, node))
+                    continue
+                if node.op is Op.RESULT:
+                    item = relax.TupleGetItem(fn.results[node.inputs[0]], node.attr("index"))
+                    fn.values[node.id] = fn.pin(item, node.type, node.id)
+                    continue
+                lowering = LOWERINGS.get(node.op)
+                if lowering is None:
+                    raise HIRError(f"%{node.id}: op {node.op.value} has no TVM lowering")
+                out = lowering(fn, node, [fn.values[i] for i in node.inputs])
+                if isinstance(out, relax.Tuple):  # multi-result op: result 0 is the node's value
+                    fn.results[node.id] = fn.emit(out)
+                    out = relax.TupleGetItem(fn.results[node.id], 0)
+                fn.values[node.id] = fn.pin(out, node.type, node.id)
+            result = bb.emit_output(relax.Tuple([fn.values[nid] for nid in hir.outputs.values()]))
+        bb.emit_func_output(result)
+
+
+def lower(graphs: Mapping[str, HIR]) -> Lowered:
+    """Lower several graphs (function name -> HIR) into ONE IRModule, so they share kernels and
+    compile once."""
+    bb = relax.BlockBuilder()
+    signatures: dict[str, Signature] = {}
+    for function, hir in graphs.items():
+        if not re.fullmatch(r"[A-Za-z_]\w*", function):
+            raise HIRError(f"function name {function!r} must be an identifier")
+        signatures[function] = signature_of(hir, function)
+        _lower_function(bb, hir, signatures[function])
+    return Lowered(bb.get(), signatures)
+
+
+def lower_hir(hir: HIR, function: str | None = None) -> Lowered:
+    """One graph; the function is named `function` or after the HIR (`gemma3_prefill`)."""
+    return lower({function or _var_name(hir.name): hir})
+
+
+def param_keys(signatures: Sequence[Signature]) -> dict[str, ParamSpec]:
+    """Every distinct param over several functions, by key (what to upload once and share)."""
+    out: dict[str, ParamSpec] = {}
+    for sig in signatures:
+        for p in sig.params:
+            out.setdefault(p.key, p)
+    return out
