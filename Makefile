@@ -21,9 +21,9 @@ demo: $(STAMP)
 	$(BIN)/python -m rlx.demo
 
 test: $(STAMP)
-	$(BIN)/python -m ruff check rlx tests bench
+	$(BIN)/python -m ruff check .
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
-	$(BIN)/python -m ruff check rlx tests bench
+	$(BIN)/python -m ruff check .
 	duplicates rlx tests || true

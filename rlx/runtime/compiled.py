@@ -3,8 +3,10 @@
 Both graphs (dynamic SEQ prefill, dynamic PAST_SEQ decode; batch 1, last-token logits, KV cache
 exported) are built and rewritten by passes exactly as the reference engine's, lowered into ONE
 IRModule (functions `prefill` and `decode`, shared kernels) and compiled once. Weights are
-uploaded once, each derived param (`stored * scale + shift`) materialised on the host, and
-shared by both functions.
+uploaded once and shared by both functions.
+
+Weights: whatever the graph computes from weights alone (derived params, the q|k|v and gate|up
+concats of the fusion passes) is computed once on the host here, not per call in a kernel.
 
 KV cache, first version: the cache lives on the device between steps as the `present_*`
 arrays the functions return, fed back as `past_*`; each step's graph concatenates the new K/V
@@ -68,9 +70,11 @@ class CompiledEngine:
         self._pos = 0
 
     def _upload(self, stored: WeightCache) -> dict[str, tvm.runtime.Tensor]:
-        """Every distinct (derived) param of both functions, on the device once."""
+        """Every distinct weight param of both functions, computed on the host and put on the
+        device once (the float32 host copies go when `stored` does)."""
         specs = param_keys(list(self.lowered.signatures.values()))
-        return {key: tvm.runtime.tensor(spec.derive(stored(spec.name)), self.device) for key, spec in specs.items()}
+        stored.preload([name for spec in specs.values() for name in spec.stored])
+        return {key: tvm.runtime.tensor(spec.materialize(stored), self.device) for key, spec in specs.items()}
 
     def _call(self, sig: Signature, feeds: dict[str, np.ndarray | tvm.runtime.Tensor]) -> dict[str, tvm.runtime.Tensor]:
         args = []

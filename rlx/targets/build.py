@@ -12,11 +12,12 @@ the library to a file; a crash there is an error here, not a dead caller.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -28,6 +29,8 @@ from tvm.relax.backend.cuda import pipeline as cuda_pipeline
 from tvm.relax.backend.gpu_generic import pipeline as gpu_pipeline
 from tvm.s_tir.dlight.base import ScheduleRule
 
+from rlx.compiler.graph import HIR
+from rlx.compiler.serialize import hir_from_dict, hir_to_dict
 from rlx.errors import RlxError
 from rlx.targets.presets import ResolvedTarget, resolve_target
 from rlx.targets.schedules import apply_schedules, cpu_rules, gpu_rules, schedule_report
@@ -102,30 +105,35 @@ def build(mod: tvm.IRModule, target: str | ResolvedTarget) -> Built:
     return Built(ex, scheduled, resolved, time.perf_counter() - t0)
 
 
-def build_isolated(mod: tvm.IRModule, target: str, out: Path, *, timeout: float = 1800) -> Path:
-    """Compile in a child process and export the library to `out` (`.tar` for cross targets,
-    `.so` for the host); returns `out`. A crash or timeout of the child raises `BuildError`."""
+def build_isolated(graphs: Mapping[str, HIR], target: str, out: Path, *, timeout: float = 1800) -> Path:
+    """Lower and compile `graphs` (function name -> HIR) in a child process and export the library
+    to `out` (`.tar` for cross targets); returns `out`. A crash or timeout of the child raises
+    `BuildError`. The child gets the HIR (JSON), not the IRModule: TVM 0.27's `save_json`
+    itself segfaulted on our lowered module."""
     with tempfile.TemporaryDirectory(prefix="rlx-build-") as tmp:
-        src = Path(tmp) / "module.json"
-        src.write_text(tvm.ir.save_json(mod))
+        src = Path(tmp) / "graphs.json"
+        src.write_text(json.dumps({name: hir_to_dict(hir) for name, hir in graphs.items()}))
         cmd = [sys.executable, "-m", "rlx.targets.build", str(src), target, str(out)]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
             raise BuildError(f"{target} build timed out after {timeout:.0f} s") from None
     if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+        lines = [ln for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip()]
+        why = next((ln for ln in lines if "Segfault" in ln or "Error" in ln), lines[-1] if lines else "")
         how = f"signal {-proc.returncode}" if proc.returncode < 0 else f"exit {proc.returncode}"
-        raise BuildError(f"{target} build failed in its child process ({how}): " + " | ".join(tail))
+        raise BuildError(f"{target} build failed in its child process ({how}): {why.strip()}")
     return out
 
 
 def _child_main(argv: list[str]) -> int:
-    """`python -m rlx.targets.build MODULE.json TARGET OUT`: the child side of build_isolated."""
+    """`python -m rlx.targets.build GRAPHS.json TARGET OUT`: the child side of build_isolated."""
+    from rlx.targets.lower import lower
+
     src, target, out = argv
+    graphs = {name: hir_from_dict(d) for name, d in json.loads(Path(src).read_text()).items()}
     resolved = resolve_target(target)
-    mod = tvm.ir.load_json(Path(src).read_text())
-    scheduled = optimize(mod, resolved)
+    scheduled = optimize(lower(graphs).mod, resolved)
     ex = tvm.compile(scheduled, target=resolved.target, relax_pipeline=_finish_pipeline(resolved))
     ex.export_library(out)
     return 0

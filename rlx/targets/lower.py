@@ -2,9 +2,12 @@
 
 Calling convention of every function (`Signature` records it for the runtime):
 - parameters: the graph inputs sorted by name (natural order: `past_k.2` before `past_k.10`),
-  then every PARAM sorted by (stored tensor, scale, shift). Weights are inputs, never constants,
-  so one compiled module serves any checkpoint of the same shape; a derived param
-  (`stored * scale + shift`) is materialised by whoever uploads the weights (`ParamSpec.derive`).
+  then the weights sorted by `ParamSpec.key`. Weights are inputs, never constants, so one
+  compiled module serves any checkpoint of the same shape. Whatever the graph computes from
+  weights alone (a derived param `stored * scale + shift`, the q|k|v or gate|up concat the
+  fusion passes add) is not lowered: the frontier of that weight-only part becomes the
+  parameters, and the runtime computes them once on the host when it loads the weights
+  (`ParamSpec.materialize`), in the layout the kernels read.
 - symbolic dims (`SEQ`, `PAST_SEQ`, `BATCH`) are int64 `tvm.tirx.Var`s, one per symbol per
   function, shared by all of its params; `PAST_SEQ+SEQ` is the expression of the two.
 - result: a Relax tuple of the HIR outputs in `hir.outputs` order.
@@ -19,6 +22,7 @@ infers a less simple shape), so shapes downstream stay the HIR's.
 from __future__ import annotations
 
 import functools
+import hashlib
 import operator
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -32,6 +36,7 @@ from tvm.sym import Analyzer
 
 from rlx.compiler.dtypes import DType
 from rlx.compiler.graph import HIR, Node, param_key
+from rlx.compiler.interpreter import Interpreter
 from rlx.compiler.ops import EPILOGUE_STEPS, Op, attr_dim, parse_step
 from rlx.compiler.shapes import Dim, Shape, dim_symbols
 from rlx.compiler.tensor_type import TensorType
@@ -46,25 +51,28 @@ TVM_DTYPES: dict[DType, str] = {
 
 @dataclass(frozen=True)
 class ParamSpec:
-    """One weight parameter: which stored tensor, how it is derived, and its type."""
+    """One function parameter holding weights: a stored tensor, or a weight-only computation
+    (a derived `stored * scale + shift`, a fused q|k|v concat...) hoisted out of the kernels.
 
-    name: str
-    scale: float
-    shift: float
+    `program` is a small weight-only HIR with one output, `value`, that computes it; the runtime
+    runs it once with the reference interpreter when loading weights (`materialize`). `key` is
+    the canonical expression, so two functions (or two graphs) that use the same weights share
+    one uploaded tensor.
+    """
+
+    key: str
     type: TensorType
+    program: HIR
 
     @property
-    def key(self) -> str:
-        """Unique per derivation; the plain tensor name when not derived."""
-        return self.name if (self.scale, self.shift) == (1.0, 0.0) else f"{self.name}*{self.scale!r}+{self.shift!r}"
+    def stored(self) -> tuple[str, ...]:
+        """The stored tensors it reads."""
+        return tuple(sorted({param_key(n)[0] for n in self.program.params.values()}))
 
-    def derive(self, stored: np.ndarray) -> np.ndarray:
-        """`stored * scale + shift` in the param's dtype (host side, once, at load time)."""
-        dtype = self.type.dtype.numpy
-        if (self.scale, self.shift) == (1.0, 0.0):
-            return np.ascontiguousarray(stored, dtype=dtype)
-        f = np.float32
-        return np.ascontiguousarray(stored.astype(f) * f(self.scale) + f(self.shift), dtype=dtype)
+    def materialize(self, load: Callable[[str], np.ndarray]) -> np.ndarray:
+        """Compute it on the host from the stored tensors (`load(name)`), in the param's dtype."""
+        value = Interpreter(self.program, load).run({})["value"]
+        return np.ascontiguousarray(value, dtype=self.type.dtype.numpy)
 
 
 @dataclass(frozen=True)
@@ -87,10 +95,60 @@ def _natural(name: str) -> list[Any]:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
+def weight_only(hir: HIR) -> set[str]:
+    """Nodes computed from params alone (at least one param, no graph input): load-time work."""
+    params, inputs = set(), set()
+    for n in hir.nodes():
+        params.update([n.id] if n.op is Op.PARAM or any(i in params for i in n.inputs) else [])
+        inputs.update([n.id] if n.op is Op.INPUT or any(i in inputs for i in n.inputs) else [])
+    return params - inputs
+
+
+def _expr_key(hir: HIR, node_id: str, memo: dict[str, str]) -> str:
+    """Canonical text of a weight-only value: equal computations get equal keys in any graph."""
+    if node_id not in memo:
+        n = hir.node(node_id)
+        if n.op is Op.PARAM:
+            name, scale, shift = param_key(n)
+            memo[node_id] = name if (scale, shift) == (1.0, 0.0) else f"{name}*{scale!r}+{shift!r}"
+        elif n.op is Op.CONST:
+            memo[node_id] = "const:" + hashlib.sha1(repr((n.type, n.attrs)).encode()).hexdigest()[:12]
+        else:
+            attrs = ",".join(f"{k}={v!r}" for k, v in n.attrs)
+            args = ",".join(_expr_key(hir, i, memo) for i in n.inputs)
+            memo[node_id] = f"{n.op.value}{{{attrs}}}({args})"
+    return memo[node_id]
+
+
+def _program(hir: HIR, node_id: str) -> HIR:
+    """The weight-only subgraph computing `node_id`, as an HIR with output `value`."""
+    out = HIR(f"{hir.name}.{node_id}")
+    needed: set[str] = set()
+    stack = [node_id]
+    while stack:
+        nid = stack.pop()
+        if nid not in needed:
+            needed.add(nid)
+            stack.extend(hir.node(nid).inputs)
+    for n in hir.nodes():
+        if n.id in needed:
+            out.insert_raw(n)
+    out.raw_set_output("value", node_id)
+    return out
+
+
+def _param_nodes(hir: HIR) -> dict[str, ParamSpec]:
+    """Weight-only nodes the rest of the graph reads (or that are outputs), by node id."""
+    weights = weight_only(hir)
+    used = {i for n in hir.nodes() if n.id not in weights for i in n.inputs} | set(hir.outputs.values())
+    memo: dict[str, str] = {}
+    return {nid: ParamSpec(_expr_key(hir, nid, memo), hir.node(nid).type, _program(hir, nid))
+            for nid in sorted(weights & used)}
+
+
 def signature_of(hir: HIR, function: str) -> Signature:
     inputs = tuple((name, node.type) for name, node in sorted(hir.inputs.items(), key=lambda kv: _natural(kv[0])))
-    params = tuple(sorted((ParamSpec(*param_key(n), n.type) for n in hir.params.values()),
-                          key=lambda p: (p.name, p.scale, p.shift)))
+    params = tuple(sorted(_param_nodes(hir).values(), key=lambda p: p.key))
     return Signature(function, inputs, params, tuple(hir.outputs))
 
 
@@ -301,17 +359,18 @@ def _const(fn: _Fn, node: Node) -> relax.Expr:
 
 def _lower_function(bb: relax.BlockBuilder, hir: HIR, sig: Signature) -> None:
     fn = _Fn(bb, hir)
-    by_param = {param_key(n): n.id for n in hir.params.values()}
+    node_of = {p.key: nid for nid, p in _param_nodes(hir).items()}
     inputs = {name: relax.Var(_var_name(name), fn.ty(t)) for name, t in sig.inputs}
-    params = [relax.Var("w_" + _var_name(p.key), fn.ty(p.type)) for p in sig.params]
+    params = [relax.Var("w_" + _var_name(node_of[p.key]), fn.ty(p.type)) for p in sig.params]
     for name, var in inputs.items():
         fn.values[hir.inputs[name].id] = var
     for p, var in zip(sig.params, params, strict=True):
-        fn.values[by_param[(p.name, p.scale, p.shift)]] = var
+        fn.values[node_of[p.key]] = var
+    skip = weight_only(hir)  # computed on the host at load time; the frontier arrives as params
     with bb.function(sig.function, [*inputs.values(), *params]):
         with bb.dataflow():
             for node in hir.nodes():
-                if node.op in (Op.INPUT, Op.PARAM):
+                if node.op is Op.INPUT or node.id in skip:
                     continue
                 if node.op is Op.CONST:
                     fn.values[node.id] = fn.emit(_const(fn, node))

@@ -61,15 +61,19 @@ def _fixed(d: TargetDict) -> Callable[[], TargetDict]:
 
 _LLVM_HOST = _fixed({"kind": "llvm"})
 
+
+def _cuda(arch: str) -> Callable[[], TargetDict]:
+    # 48 KiB: the static shared memory every sm_80+ block gets (TVM warns and assumes it if unset)
+    return _fixed({"kind": "cuda", "arch": arch, "max_shared_memory_per_block": 49152})
+
+
 PRESETS: dict[str, Preset] = {p.name: p for p in (
     Preset("cpu", "cpu", _host_cpu, local=True, about="this machine's CPU (llvm, host mcpu and core count)"),
     Preset("cpu-aarch64", "cpu",
            _fixed({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a72", "mattr": ["+neon"]}),
            about="64-bit ARM Linux (cross-compiled; link and run on the device)"),
-    Preset("cuda", "cuda", _fixed({"kind": "cuda", "arch": "sm_80"}), _LLVM_HOST,
-           about="NVIDIA sm_80 (A100; runs on any newer GPU too)"),
-    Preset("cuda-sm90", "cuda", _fixed({"kind": "cuda", "arch": "sm_90"}), _LLVM_HOST,
-           about="NVIDIA sm_90 (H100 / H200)"),
+    Preset("cuda", "cuda", _cuda("sm_80"), _LLVM_HOST, about="NVIDIA sm_80 (A100; runs on any newer GPU too)"),
+    Preset("cuda-sm90", "cuda", _cuda("sm_90"), _LLVM_HOST, about="NVIDIA sm_90 (H100 / H200)"),
     Preset("metal", "metal", _fixed({"kind": "metal"}),
            _fixed({"kind": "llvm", "mtriple": "arm64-apple-macos"}),
            about="Apple GPU (MSL source + arm64 macOS host objects; export as .tar)"),

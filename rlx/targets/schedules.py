@@ -17,11 +17,12 @@ and dlight has no CPU matmul rule, so the heavy kernels get our own:
   `vectorize` is applied while the block still has its init (no `decompose_reduction`): after
   decomposing, TVM refuses it (the update block has no compact dataflow, as TVM.md saw).
   Fused elementwise epilogues are computed where each output element is produced.
-- dlight's `cpu.Reduction` for norms and softmax.
+- `RowReduction` for norms and softmax (rows in parallel, each row's blocks under its loop).
 - `ParallelOuter`: anything else gets its leading spatial loops fused and run in parallel.
 
-A rule that raises a schedule error is skipped for that function (the next rule tries), and
-every function records the rule that scheduled it (`rlx.schedule` attr; `schedule_report`).
+A rule that raises a schedule error, or whose schedule the first TIR lowering steps reject, is
+skipped for that function (the next rule tries), and every function records the rule that
+scheduled it (`rlx.schedule` attr; `schedule_report`).
 """
 
 from __future__ import annotations
@@ -141,6 +142,47 @@ class Contraction(ScheduleRule):
         return sch
 
 
+def _is_reduction(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV) -> bool:
+    return any(iv.iter_type == tirx.IterVar.CommReduce for iv in sch.get(block).iter_vars)
+
+
+def _leading_spatial(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV) -> int:
+    n = 0
+    for iv in sch.get(block).iter_vars:
+        if iv.iter_type != tirx.IterVar.DataPar:
+            break
+        n += 1
+    return n
+
+
+class RowReduction(ScheduleRule):
+    """Row-wise reductions with elementwise neighbours (RMSNorm, softmax, their fused adds):
+    one parallel loop over the rows, every block computed per row under it.
+
+    dlight's `cpu.Reduction` was tried first and dropped: on a decode-shaped RMSNorm
+    ([1, 1, 640]) it parallelised the 640 output columns and recomputed the whole row's sum of
+    squares under each (0.3 ms per norm instead of microseconds).
+    """
+
+    def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool) -> s_tir.Schedule | None:
+        if not isinstance(func, tirx.PrimFunc):
+            return None
+        sch = s_tir.Schedule(func)
+        blocks = _root_blocks(sch)
+        reductions = [b for b in blocks if _is_reduction(sch, b)]
+        if not reductions or _is_reduction(sch, blocks[-1]):
+            return None
+        rows = min(_leading_spatial(sch, b) for b in reductions)
+        loops = sch.get_loops(blocks[-1])
+        if rows == 0 or len(loops) <= rows:
+            return None
+        row = sch.fuse(*loops[:rows]) if rows > 1 else loops[0]
+        sch.parallel(row)
+        for b in reversed(blocks[:-1]):
+            sch.compute_at(b, row, preserve_unit_loops=True)
+        return sch
+
+
 class ParallelOuter(ScheduleRule):
     """Fallback: each loop nest's leading spatial loops, fused and parallel."""
 
@@ -173,8 +215,7 @@ class _Named(ScheduleRule):
 
 
 def cpu_rules() -> list[tuple[str, ScheduleRule]]:
-    return [("contraction", Contraction()), ("dlight.cpu.Reduction", dl.cpu.Reduction()),
-            ("parallel-outer", ParallelOuter())]
+    return [("contraction", Contraction()), ("row-reduction", RowReduction()), ("parallel-outer", ParallelOuter())]
 
 
 def gpu_rules(matmul: bool = True) -> list[tuple[str, ScheduleRule]]:
@@ -183,6 +224,19 @@ def gpu_rules(matmul: bool = True) -> list[tuple[str, ScheduleRule]]:
     return rules + [("dlight.gpu.GEMV", dl.gpu.GEMV()), ("dlight.gpu.Reduction", dl.gpu.Reduction()),
                     ("dlight.gpu.GeneralReduction", dl.gpu.GeneralReduction()),
                     ("dlight.gpu.Fallback", dl.gpu.Fallback())]
+
+
+# the first TIR lowering steps, which reject some schedules dlight emits (e.g. its GPU Reduction
+# rule on a decode attention-score kernel: "cross-thread reduction ... not the deepest loops")
+_CHECKS = (s_tir.transform.CanonicalizeLoop, s_tir.transform.LowerCrossThreadReduction)
+
+
+def _lowers(func: tirx.PrimFunc) -> bool:
+    try:
+        tvm.transform.Sequential([c() for c in _CHECKS])(tvm.IRModule({"main": func}))
+        return True
+    except _SCHEDULE_ERRORS:
+        return False
 
 
 def apply_schedules(rules: Sequence[tuple[str, ScheduleRule]]) -> tvm.transform.Pass:
@@ -203,7 +257,10 @@ def apply_schedules(rules: Sequence[tuple[str, ScheduleRule]]) -> tvm.transform.
                 if sch is None:
                     continue
                 sch = sch[0] if isinstance(sch, list) else sch
-                updated[gv] = sch.mod["main"].with_attr("tirx.is_scheduled", True).with_attr(SCHEDULE_ATTR, name)
+                scheduled = sch.mod["main"].with_attr("tirx.is_scheduled", True).with_attr(SCHEDULE_ATTR, name)
+                if not _lowers(scheduled):
+                    continue
+                updated[gv] = scheduled
                 break
         for gv, func in updated.items():
             mod[gv] = func
