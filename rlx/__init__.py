@@ -1,6 +1,6 @@
 """rlx: a compiler for Google's Gemma language models built on Apache TVM.
 
-Public surface: `rlx.load(...)` and the `rlx` CLI; everything else is internal. Imports are
+Public surface: `rlx.compile(...)`, `rlx.load(...)` and the `rlx` CLI; everything else is internal. Imports are
 lazy so that `import rlx` (and the CLI's start-up) does not pull in numpy-heavy modules or TVM.
 """
 
@@ -10,13 +10,20 @@ from typing import Any
 
 from rlx.errors import RlxError
 
-__all__ = ["RlxError", "load"]
+__all__ = ["RlxError", "compile", "load"]
 __version__ = "0.1.0"
 
 
+def compile(checkpoint: Any, target: Any = "cpu", out: Any = None, **options: Any) -> Any:  # noqa: A001
+    """Compile a checkpoint into artifact directories, one per target (`rlx.api.compile`)."""
+    from rlx.api import compile as _compile
+
+    return _compile(checkpoint, target, out, **options)
+
+
 def load(path: Any, target: str = "reference", **options: Any) -> Any:
-    """Open a checkpoint (HF directory or GGUF file) for generation on `target`; `options` are
-    `rlx.api.load`'s (profile=..., passes=...)."""
+    """Open a checkpoint (HF directory or GGUF file) or a compiled artifact for generation on
+    `target`; `options` are `rlx.api.load`'s (profile=..., passes=...)."""
     from rlx.api import load as _load
 
     return _load(path, target, **options)

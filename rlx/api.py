@@ -30,22 +30,26 @@ ENGINES: dict[str, Callable[..., Engine]] = {  # (checkpoint, *, passes, profile
 
 @dataclass
 class Model:
-    checkpoint: Checkpoint
+    """A model ready to generate: an engine plus where its tokenizer comes from (loaded lazily,
+    so `--prompt-ids` runs need none)."""
+
     engine: Engine
+    eos_ids: tuple[int, ...]
+    tokenizer_from: Callable[[], Tokenizer]
     profile: Profile | None = None
     _tokenizer: Tokenizer | None = None
 
     @property
     def tokenizer(self) -> Tokenizer:
         if self._tokenizer is None:
-            self._tokenizer = Tokenizer.from_checkpoint(self.checkpoint)
+            self._tokenizer = self.tokenizer_from()
         return self._tokenizer
 
     def generate(self, prompt: str | list[int], max_new_tokens: int = 32, *, sampler: Sampler | None = None,
                  on_token: Callable[[int], None] | None = None) -> Generation:
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         return generate(self.engine, ids, max_new_tokens, sampler=sampler,
-                        eos_ids=self.checkpoint.config.eos_token_ids, on_token=on_token)
+                        eos_ids=self.eos_ids, on_token=on_token)
 
 
 def load(path: str | Path, target: str = "reference", *, profile: str | Path | Profile | None = None,
@@ -55,8 +59,35 @@ def load(path: str | Path, target: str = "reference", *, profile: str | Path | P
     `profile` is a `Profile`, a preset name or a `gemma.rlx.toml` path (None: the one next to the
     weights, else the default); `passes` is pipeline text that replaces the profile's pipeline.
     """
+    if _is_artifact(path):
+        return _load_artifact(Path(path), target)
     if target not in ENGINES:
         raise RlxError(f"unknown target {target!r} for run", hint=f"use one of: {', '.join(ENGINES)}")
     chosen = resolve_profile(profile, path)  # a bad profile fails before any weight is read
     ckpt = open_checkpoint(path)
-    return Model(ckpt, ENGINES[target](ckpt, passes=passes, profile=chosen), chosen)
+    engine = ENGINES[target](ckpt, passes=passes, profile=chosen)
+    return Model(engine, ckpt.config.eos_token_ids, lambda: Tokenizer.from_checkpoint(ckpt), chosen)
+
+
+def _is_artifact(path: str | Path) -> bool:
+    return (Path(path) / "manifest.json").is_file()
+
+
+def _load_artifact(path: Path, target: str) -> Model:
+    """A compiled artifact runs on the target it was compiled for; `--target` may only confirm it."""
+    from rlx.runtime.artifact_engine import ArtifactEngine
+
+    engine = ArtifactEngine(path)
+    if target not in ("reference", engine.name):  # "reference" is the flag's default: not a choice
+        raise RlxError(f"{path} is compiled for {engine.name}, not {target}",
+                       hint=f"drop --target, or compile for it: rlx compile CHECKPOINT --target {target}")
+    return Model(engine, engine.config.eos_token_ids, lambda: Tokenizer.from_hf_dir(path))
+
+
+def compile(checkpoint: str | Path, target: str | list[str] = "cpu", out: str | Path | None = None, *,
+            profile: str | None = None, passes: str | None = None, max_seq: int | None = None) -> list[Path]:
+    """Compile a checkpoint to artifact directories (one per target); see `rlx compile`."""
+    from rlx.compile_driver import compile_checkpoint
+
+    targets = target.split(",") if isinstance(target, str) else list(target)
+    return compile_checkpoint(checkpoint, targets, out, profile=profile, passes=passes, max_seq=max_seq)

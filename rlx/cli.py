@@ -107,6 +107,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     sampler = Sampler(args.temperature, args.top_k, args.top_p, args.seed)
     _progress(f"loading {args.model} for target {args.target}")
     model = rlx.load(args.model, target=args.target, profile=args.profile, passes=args.passes)
+    _progress(f"running on {model.engine.name}")
     if model.profile is not None and model.profile.passes.verbose:
         for line in _report_lines(model.profile.source, model.engine.reports):
             _progress(line)
@@ -141,6 +142,20 @@ def _progress(message: str) -> None:
     print(f"[rlx] {message}", file=sys.stderr, flush=True)
 
 
+def _targets(text: str) -> list[str]:
+    """Comma-separated presets; a JSON target dict (which has commas of its own) is one target."""
+    return [text] if text.lstrip().startswith("{") else [t.strip() for t in text.split(",") if t.strip()]
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    from rlx.compile_driver import compile_checkpoint
+
+    for path in compile_checkpoint(args.checkpoint, _targets(args.target), args.out, profile=args.profile,
+                                   passes=args.passes, max_seq=args.max_seq, use_cache=not args.no_cache):
+        print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlx", description="Compile and run Gemma models with TVM.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -155,9 +170,21 @@ def build_parser() -> argparse.ArgumentParser:
     _compile_flags(p)
     p.set_defaults(fn=cmd_inspect)
 
+    p = sub.add_parser("compile", help="compile a checkpoint into an artifact directory per target")
+    p.add_argument("checkpoint", help="HF directory (config.json + safetensors) or .gguf file")
+    p.add_argument("--target", default="cpu", help="preset(s), comma-separated (cpu, cpu-aarch64, cuda, "
+                                                   "cuda-sm90, metal), or a TVM target JSON dict")
+    p.add_argument("--out", help="artifact directory (several targets: one subdirectory each); "
+                                 "default artifacts/<checkpoint name>")
+    p.add_argument("--max-seq", type=int, help="longest sequence (prompt + generated) the artifact serves")
+    p.add_argument("--no-cache", action="store_true", help="build even if the compile cache has this artifact")
+    _compile_flags(p)
+    p.set_defaults(fn=cmd_compile)
+
     p = sub.add_parser("run", help="generate text")
-    p.add_argument("model", help="checkpoint (HF directory or .gguf)")
-    p.add_argument("--target", default="reference", help="reference (numpy interpreter)")
+    p.add_argument("model", help="checkpoint (HF directory or .gguf) or an artifact from rlx compile")
+    p.add_argument("--target", default="reference", help="reference (numpy interpreter) or cpu (compiled with "
+                                                         "TVM in-process); an artifact runs on its own target")
     p.add_argument("--prompt", help="prompt text (tokenized with the checkpoint's tokenizer)")
     p.add_argument("--prompt-ids", help="comma-separated token ids, e.g. 2,818,5279")
     p.add_argument("--max-new-tokens", type=int, default=32)

@@ -62,6 +62,7 @@ class CompiledEngine:
         self.reports: dict[str, PassReport] = {mode: report for mode, (_, report) in graphs.items()}
         t0 = time.perf_counter()
         self.lowered = lower({mode: hir for mode, (hir, _) in graphs.items()})
+        self.signatures: dict[str, Signature] = self.lowered.signatures
         self.built = build(self.lowered.mod, resolved)
         self.compile_seconds = time.perf_counter() - t0
         self._vm = relax.VirtualMachine(self.built.executable, self.device)
@@ -93,7 +94,7 @@ class CompiledEngine:
             "positions": np.arange(self._pos, self._pos + n, dtype=np.int64)[None, :],
         }
         feeds.update({k.replace("present_", "past_"): v for k, v in self._kv.items()})
-        out = self._call(self.lowered.signatures[function], feeds)
+        out = self._call(self.signatures[function], feeds)
         self._kv = {k: v for k, v in out.items() if k.startswith("present_")}
         self._pos += n
         return out["logits"].numpy()[0, -1]

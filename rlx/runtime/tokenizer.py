@@ -142,6 +142,14 @@ class Tokenizer:
         return cls(backend, bos_id=bos_id, eos_ids=[*eos_ids, *(e for e in extra if e is not None)],
                    source=str(path))
 
+    def save(self, directory: Path) -> None:
+        """Write what `from_hf_dir` reads back: tokenizer.json, the BOS token, the EOS ids."""
+        directory = Path(directory)
+        self.backend.save(str(directory / "tokenizer.json"))
+        bos = self.backend.id_to_token(self.bos_id) if self.bos_id is not None else None
+        (directory / "tokenizer_config.json").write_text(json.dumps({"bos_token": bos}))
+        (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": list(self.eos_ids)}))
+
     @property
     def vocab_size(self) -> int:
         return self.backend.get_vocab_size(with_added_tokens=True)

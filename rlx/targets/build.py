@@ -110,6 +110,7 @@ def build_isolated(graphs: Mapping[str, HIR], target: str, out: Path, *, timeout
     to `out` (`.tar` for cross targets); returns `out`. A crash or timeout of the child raises
     `BuildError`. The child gets the HIR (JSON), not the IRModule: TVM 0.27's `save_json`
     itself segfaulted on our lowered module."""
+    resolve_target(target)  # a bad name fails here, not in the child
     with tempfile.TemporaryDirectory(prefix="rlx-build-") as tmp:
         src = Path(tmp) / "graphs.json"
         src.write_text(json.dumps({name: hir_to_dict(hir) for name, hir in graphs.items()}))
@@ -120,7 +121,7 @@ def build_isolated(graphs: Mapping[str, HIR], target: str, out: Path, *, timeout
             raise BuildError(f"{target} build timed out after {timeout:.0f} s") from None
     if proc.returncode != 0:
         lines = [ln for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip()]
-        why = next((ln for ln in lines if "Segfault" in ln or "Error" in ln), lines[-1] if lines else "")
+        why = next((ln for ln in lines if "Segfault" in ln), lines[-1] if lines else "")  # else the exception
         how = f"signal {-proc.returncode}" if proc.returncode < 0 else f"exit {proc.returncode}"
         raise BuildError(f"{target} build failed in its child process ({how}): {why.strip()}")
     return out

@@ -41,6 +41,7 @@ from rlx.targets.kernels import CONTRACTIONS
 LANES = 16   # partial sums per output element (one AVX-512 / four NEON f32 vectors)
 TILE_N = 16  # output columns per parallel task
 SCHEDULE_ATTR = "rlx.schedule"
+EXTERN = "extern"  # what the report says of a function that only calls a runtime library
 
 # TVM 0.27 raises builtin exception types (ScheduleError is a RuntimeError)
 _SCHEDULE_ERRORS = (RuntimeError, ValueError)
@@ -91,9 +92,12 @@ def _schedule_nt(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV,
     sch.reorder(*order)
     sch.parallel(tile)
     if lanes > 1:
-        sch.compute_at(partial, inner)
+        # preserve_unit_loops: one new loop per block var (lane, rows..., col, k_outer), so the lane
+        # and k loops are found by position even when K == lanes leaves a 1-trip k loop
+        sch.compute_at(partial, inner, preserve_unit_loops=True)
         sch.set_scope(partial, 0, "local")
-        lane_loop, k_outer = sch.get_loops(partial)[-2:]
+        own = sch.get_loops(partial)[-len(sch.get(partial).iter_vars):]
+        lane_loop, k_outer = own[0], own[-1]
         sch.reorder(k_outer, lane_loop)
         sch.vectorize(lane_loop)  # before any decompose_reduction: see the module docstring
     for c in consumers:
@@ -262,6 +266,9 @@ def apply_schedules(rules: Sequence[tuple[str, ScheduleRule]]) -> tvm.transform.
                     continue
                 updated[gv] = scheduled
                 break
+            else:
+                if "T.call_packed(" in func.script():  # e.g. topk: a call into TVM's sort library
+                    updated[gv] = func.with_attr(SCHEDULE_ATTR, EXTERN)
         for gv, func in updated.items():
             mod[gv] = func
         return mod
@@ -270,6 +277,7 @@ def apply_schedules(rules: Sequence[tuple[str, ScheduleRule]]) -> tvm.transform.
 
 
 def schedule_report(mod: tvm.IRModule) -> dict[str, str]:
-    """PrimFunc name -> the rule that scheduled it ("none" if no rule applied)."""
+    """PrimFunc name -> the rule that scheduled it ("extern": a runtime library call, nothing to
+    schedule; "none": no rule applied)."""
     return {gv.name_hint: str(func.attrs.get(SCHEDULE_ATTR, "none")) if func.attrs else "none"
             for gv, func in mod.functions_items() if isinstance(func, tirx.PrimFunc)}

@@ -1,0 +1,198 @@
+"""`rlx compile`: checkpoint -> artifact directory, per target, in named phases.
+
+Phases (each timed, shown on stderr, recorded in report.json): load, graphs (HIR + passes),
+lower, build, export (library), weights (materialised in the kernels' layout), write. The whole
+artifact is written by `targets.artifact.write_atomic`: a failed or interrupted compile leaves
+nothing at the destination.
+
+A compile cache (`$RLX_CACHE_DIR`, default `~/.cache/rlx/artifacts`) is keyed by model hash,
+profile, pass pipeline, target, max-seq and tool versions: a repeated compile copies the cached
+artifact instead of building again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rlx.errors import RlxError
+
+LIBRARY = {"cpu": "lib.so", "cuda": "lib.so", "metal": "lib.tar"}
+WEIGHTS = "weights.safetensors"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("RLX_CACHE_DIR", Path.home() / ".cache" / "rlx")) / "artifacts"
+
+
+@dataclass
+class Phases:
+    """Phase timings, printed as they finish."""
+
+    target: str
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        print(f"[rlx] {self.target}: {name} ...", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        yield
+        self.seconds[name] = round(time.perf_counter() - t0, 3)
+        print(f"[rlx] {self.target}: {name} done in {self.seconds[name]:.2f} s", file=sys.stderr, flush=True)
+
+
+def _signature_dict(sig: Any) -> dict[str, Any]:
+    return {"function": sig.function, "inputs": [[n, str(t)] for n, t in sig.inputs],
+            "params": [[p.key, str(p.type)] for p in sig.params], "outputs": list(sig.outputs)}
+
+
+def _cache_key(model_hash: str, profile: Any, passes: str | None, target: dict[str, Any], max_seq: int) -> str:
+    from rlx.targets.artifact import tool_versions
+
+    blob = json.dumps({"model": model_hash, "profile": repr(profile), "passes": passes, "target": target,
+                       "max_seq": max_seq, "versions": tool_versions()}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def _kernels(scheduled: Any) -> list[dict[str, str]]:
+    from tvm import tirx
+
+    from rlx.targets.schedules import schedule_report
+
+    rules = schedule_report(scheduled)
+    return [{"name": gv.name_hint, "schedule": rules.get(gv.name_hint, "none")}
+            for gv, f in scheduled.functions_items() if isinstance(f, tirx.PrimFunc)]
+
+
+def _populate(tmp: Path, checkpoint: Any, target: str, profile: Any, passes: str | None, max_seq: int,
+              phases: Phases) -> dict[str, Any]:
+    from safetensors.numpy import save_file
+
+    from rlx.compiler.text import print_hir
+    from rlx.runtime.reference import WeightCache, reference_pipelines
+    from rlx.targets.artifact import tool_versions
+    from rlx.targets.build import build, build_isolated, optimize
+    from rlx.targets.lower import lower, param_keys
+    from rlx.targets.presets import resolve_target
+
+    resolved = resolve_target(target)
+    with phases("graphs"):
+        unoptimized = reference_pipelines(checkpoint, passes="", profile=profile)
+        graphs = reference_pipelines(checkpoint, passes=passes, profile=profile)
+        (tmp / "hir").mkdir()
+        for mode, (hir, _) in graphs.items():
+            (tmp / "hir" / f"{mode}.before.hir").write_text(print_hir(unoptimized[mode][0]))
+            (tmp / "hir" / f"{mode}.after.hir").write_text(print_hir(hir))
+    with phases("lower"):
+        lowered = lower({mode: hir for mode, (hir, _) in graphs.items()})
+    library = LIBRARY[resolved.device]
+    with phases("build"):
+        if resolved.device == "metal":
+            build_isolated({mode: hir for mode, (hir, _) in graphs.items()}, resolved.name, tmp / library)
+            scheduled = optimize(lowered.mod, resolved)
+        else:
+            built = build(lowered.mod, resolved)
+            scheduled = built.scheduled
+    if resolved.device != "metal":
+        with phases("export"):
+            built.executable.export_library(str(tmp / library))
+            if resolved.device == "cuda":
+                (tmp / "kernels.cu").write_text(_cuda_source(built.executable.mod))
+    with phases("weights"):
+        cache = WeightCache(checkpoint)
+        specs = param_keys(list(lowered.signatures.values()))
+        save_file({key: spec.materialize(cache) for key, spec in specs.items()}, str(tmp / WEIGHTS))
+    report = {
+        "target": resolved.name,
+        "passes": {mode: rep.to_dict() for mode, (_, rep) in graphs.items()},
+        "kernels": _kernels(scheduled),
+        "phases": phases.seconds,
+    }
+    (tmp / "report.json").write_text(json.dumps(report, indent=1))
+    _save_tokenizer(checkpoint, tmp)
+    return {
+        "versions": tool_versions(),
+        "model_hash": checkpoint.model_hash(),
+        "checkpoint": str(checkpoint.path),
+        "config": checkpoint.config.to_dict(),
+        "profile": repr(profile) if profile is not None else None,
+        "passes": passes,
+        "target": {"name": resolved.name, "device": resolved.device, "json": str(resolved.target.export())},
+        "entries": {name: _signature_dict(sig) for name, sig in lowered.signatures.items()},
+        "bounds": {"SEQ": max_seq, "PAST_SEQ": max_seq},
+        "max_seq": max_seq,
+        "library": library,
+        "weights": WEIGHTS,
+    }
+
+
+def _save_tokenizer(checkpoint: Any, out: Path) -> None:
+    """The artifact carries the tokenizer (a GGUF's is rebuilt into tokenizer.json), so it runs alone."""
+    from rlx.runtime.tokenizer import Tokenizer
+
+    try:
+        Tokenizer.from_checkpoint(checkpoint).save(out)
+    except RlxError:
+        print("[rlx] no tokenizer in the checkpoint: the artifact runs with --prompt-ids", file=sys.stderr)
+
+
+def _cuda_source(module: Any) -> str:
+    stack = [module]
+    while stack:
+        m = stack.pop()
+        if m.kind == "cuda":
+            return m.inspect_source()
+        stack.extend(m.imports)
+    raise RlxError("the CUDA build holds no CUDA module")
+
+
+def compile_checkpoint(checkpoint_path: str | Path, targets: list[str], out: str | Path | None = None, *,
+                       profile: str | None = None, passes: str | None = None, max_seq: int | None = None,
+                       use_cache: bool = True) -> list[Path]:
+    """Compile for each target; returns the artifact directories (out/<target> when several)."""
+    from rlx.compiler.profile import resolve_profile
+    from rlx.frontends.checkpoint import open_checkpoint
+    from rlx.targets.artifact import write_atomic
+    from rlx.targets.presets import resolve_target
+
+    resolved = [resolve_target(t) for t in targets]  # unknown targets fail before any work
+    prof = resolve_profile(profile, checkpoint_path)  # so does a bad profile
+    checkpoint = open_checkpoint(checkpoint_path)
+    limit = checkpoint.config.max_position_embeddings
+    seq = max_seq or limit
+    if not 1 <= seq <= limit:
+        raise RlxError(f"--max-seq {seq} must be in 1..{limit} (the model's context)")
+    base = Path(out) if out is not None else Path("artifacts") / Path(checkpoint_path).stem
+    written = []
+    for r in resolved:
+        dest = base / r.name if len(resolved) > 1 else base
+        key = _cache_key(checkpoint.model_hash(), prof, passes, r.target.export(), seq)
+        cached = cache_root() / key
+        phases = Phases(r.name)
+        if use_cache and (cached / "manifest.json").is_file():
+            print(f"[rlx] {r.name}: compile cache hit ({cached})", file=sys.stderr)
+            written.append(write_atomic(dest, lambda tmp, src=cached: _copy_artifact(src, tmp)))
+            continue
+        populate: Callable[[Path], dict[str, Any]] = (
+            lambda tmp, r=r, phases=phases: _populate(tmp, checkpoint, r.name, prof, passes, seq, phases))
+        written.append(write_atomic(dest, populate))
+        if use_cache:
+            write_atomic(cached, lambda tmp, src=dest: _copy_artifact(src, tmp))
+        print(f"[rlx] {r.name}: artifact {dest}", file=sys.stderr)
+    return written
+
+
+def _copy_artifact(src: Path, tmp: Path) -> dict[str, Any]:
+    """Copy a finished artifact into a temp dir; its manifest (less the format keys write_atomic adds)."""
+    shutil.copytree(src, tmp, dirs_exist_ok=True)
+    return {k: v for k, v in json.loads((src / "manifest.json").read_text()).items()
+            if k not in ("format", "format_version")}

@@ -1,0 +1,70 @@
+"""Run a compiled artifact directory (what `rlx compile` wrote): no checkpoint, no compiler.
+
+The manifest gives each entry's calling convention (inputs, then weight params by key, then
+outputs); the weights file holds every param already in the kernels' layout. The run loop is
+`CompiledEngine`'s, so an artifact computes exactly what an in-process compile does.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import tvm
+from safetensors.numpy import load_file
+from tvm import relax
+
+from rlx.compiler.pipeline import PassReport
+from rlx.compiler.tensor_type import TensorType
+from rlx.frontends.config import GemmaConfig
+from rlx.runtime.compiled import DEVICES, CompiledEngine
+from rlx.targets.artifact import check_compatible, read_manifest
+
+
+@dataclass(frozen=True)
+class _Param:
+    key: str
+
+
+@dataclass(frozen=True)
+class EntrySignature:
+    """`Signature` as the manifest records it (param programs are not needed at run time)."""
+
+    function: str
+    inputs: tuple[tuple[str, TensorType], ...]
+    params: tuple[_Param, ...]
+    outputs: tuple[str, ...]
+
+    @staticmethod
+    def from_manifest(entry: dict) -> EntrySignature:
+        return EntrySignature(entry["function"], tuple((n, TensorType.parse(t)) for n, t in entry["inputs"]),
+                              tuple(_Param(k) for k, _ in entry["params"]), tuple(entry["outputs"]))
+
+
+def runnable_targets() -> tuple[str, ...]:
+    """Artifact targets this machine can execute."""
+    out = ["cpu"]
+    if tvm.cuda(0).exist:
+        out += ["cuda", "cuda-sm90"]
+    return tuple(out)
+
+
+class ArtifactEngine(CompiledEngine):
+    def __init__(self, artifact: str | Path) -> None:  # noqa: D107 (CompiledEngine's compile path is skipped)
+        root = Path(artifact)
+        manifest = read_manifest(root)
+        check_compatible(manifest, root, runnable_targets=runnable_targets())
+        self.manifest = manifest
+        self.name = manifest["target"]["name"]
+        self.device = DEVICES[manifest["target"]["device"]](0)
+        self.config = GemmaConfig.from_dict(manifest["config"])
+        self.max_seq = int(manifest["max_seq"])
+        self.signatures = {name: EntrySignature.from_manifest(e) for name, e in manifest["entries"].items()}
+        self._vm = relax.VirtualMachine(tvm.runtime.load_module(str(root / manifest["library"])), self.device)
+        stored = load_file(root / manifest["weights"])
+        self._weights = {k: tvm.runtime.tensor(v, self.device) for k, v in stored.items()}
+        self.reports: dict[str, PassReport] = {}  # the passes ran at compile time: see report.json
+        self.report = json.loads((root / "report.json").read_text())
+        self._kv = {}
+        self._pos = 0

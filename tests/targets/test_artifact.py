@@ -1,0 +1,145 @@
+"""`rlx compile` artifacts: contents, atomicity, the compile cache, loading and refusing them.
+
+Numerics: the artifact runs the same TVM module as the in-process CPU engine; against the
+reference interpreter both are float32 with a different summation order, so logits agree to
+~1e-6; we assert rtol 1e-4 with a floor of 1e-4 x max|logit| (as the other target tests).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import rlx
+from rlx.cli import main
+from rlx.compiler.text import parse_hir
+from rlx.compiler.verify import verify
+from rlx.frontends.checkpoint import open_checkpoint
+
+Ckpt = Callable[[str], Path]
+PROMPT = "2,17,99,5,42,200,7,63,128,11"
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RLX_CACHE_DIR", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def gemma3_artifact(tiny_ckpt: Ckpt, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("art") / "gemma3"
+    assert main(["compile", str(tiny_ckpt("gemma3")), "--target", "cpu", "--out", str(out), "--no-cache"]) == 0
+    return out
+
+
+def test_artifact_contents_match_the_checkpoint(gemma3_artifact: Path, tiny_ckpt: Ckpt) -> None:
+    names = {p.name for p in gemma3_artifact.iterdir()}
+    assert {"manifest.json", "lib.so", "weights.safetensors", "report.json", "hir"} <= names
+    manifest = json.loads((gemma3_artifact / "manifest.json").read_text())
+    ckpt = open_checkpoint(tiny_ckpt("gemma3"))
+    assert manifest["model_hash"] == ckpt.model_hash()
+    assert manifest["config"] == ckpt.config.to_dict()
+    assert manifest["target"]["name"] == "cpu" and manifest["versions"]["rlx"] == rlx.__version__
+    assert set(manifest["entries"]) == {"prefill", "decode"}
+    assert manifest["bounds"] == {"SEQ": ckpt.config.max_position_embeddings,
+                                  "PAST_SEQ": ckpt.config.max_position_embeddings}
+    report = json.loads((gemma3_artifact / "report.json").read_text())
+    assert report["kernels"] and all(k["schedule"] for k in report["kernels"])
+    assert {"graphs", "lower", "build", "export", "weights"} <= set(report["phases"])
+    hits = {k: v for r in report["passes"]["prefill"]["passes"] for k, v in r["stats"].items()}
+    assert hits["hits.attention"] == ckpt.config.num_layers
+    for mode in ("prefill", "decode"):
+        before = verify(parse_hir((gemma3_artifact / "hir" / f"{mode}.before.hir").read_text()))
+        after = verify(parse_hir((gemma3_artifact / "hir" / f"{mode}.after.hir").read_text()))
+        assert len(after) < len(before)
+
+
+def test_artifact_runs_like_the_reference(gemma3_artifact: Path, tiny_ckpt: Ckpt, tmp_path: Path) -> None:
+    a, b = tmp_path / "artifact.npy", tmp_path / "reference.npy"
+    assert main(["run", str(gemma3_artifact), "--prompt-ids", PROMPT, "--max-new-tokens", "9",
+                 "--logits-out", str(a)]) == 0
+    assert main(["run", str(tiny_ckpt("gemma3")), "--prompt-ids", PROMPT, "--max-new-tokens", "9",
+                 "--logits-out", str(b)]) == 0
+    ours, ref = np.load(a), np.load(b)
+    assert ours.shape == ref.shape == (9, 256)
+    np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4 * float(np.abs(ref).max()))
+
+
+def test_python_api_compile_and_load(tiny_ckpt: Ckpt, tmp_path: Path) -> None:
+    [art] = rlx.compile(tiny_ckpt("gemma1-gqa"), "cpu", tmp_path / "g1")
+    gen = rlx.load(art).generate([2, 17, 99, 5], 4)
+    ref = rlx.load(tiny_ckpt("gemma1-gqa")).generate([2, 17, 99, 5], 4)
+    assert gen.tokens == ref.tokens
+
+
+def test_compile_cache_makes_a_repeat_instant(tiny_ckpt: Ckpt, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    ck = str(tiny_ckpt("gemma1-mqa"))
+    assert main(["compile", ck, "--out", str(tmp_path / "a")]) == 0
+    assert "compile cache hit" not in capsys.readouterr().err
+    assert main(["compile", ck, "--out", str(tmp_path / "b")]) == 0
+    assert "compile cache hit" in capsys.readouterr().err
+    assert (tmp_path / "a" / "manifest.json").read_text() == (tmp_path / "b" / "manifest.json").read_text()
+    assert (tmp_path / "b" / "lib.so").stat().st_size == (tmp_path / "a" / "lib.so").stat().st_size
+
+
+def test_unknown_target_fails_before_any_compile(tiny_ckpt: Ckpt, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "x"
+    assert main(["compile", str(tiny_ckpt("gemma1-mqa")), "--target", "cpu,tpu", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "tpu" in err and "cpu-aarch64" in err and "metal" in err  # the presets are listed
+    assert not out.exists() and "[rlx] cpu:" not in err
+
+
+def test_interrupted_compile_leaves_nothing(tiny_ckpt: Ckpt, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import rlx.targets.lower as lower
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lower, "lower", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        main(["compile", str(tiny_ckpt("gemma1-mqa")), "--out", str(tmp_path / "art")])
+    assert list(tmp_path.iterdir()) == [tmp_path / "cache"] or not list(tmp_path.iterdir())
+    assert not (tmp_path / "art").exists()
+
+
+def _tampered(src: Path, dst: Path, **changes: object) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    manifest = json.loads((dst / "manifest.json").read_text())
+    for key, value in changes.items():
+        section, _, field = key.partition("__")
+        manifest[section][field] = value
+    (dst / "manifest.json").write_text(json.dumps(manifest))
+    return dst
+
+
+def test_artifacts_from_another_version_or_target_are_refused(gemma3_artifact: Path, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    old = _tampered(gemma3_artifact, tmp_path / "old", versions__tvm="0.19.0")
+    assert main(["run", str(old), "--prompt-ids", "2,3"]) == 2
+    assert "compiled with tvm 0.19.0" in capsys.readouterr().err
+    gpu = _tampered(gemma3_artifact, tmp_path / "gpu", target__name="cuda", target__device="cuda")
+    assert main(["run", str(gpu), "--prompt-ids", "2,3"]) == 2
+    assert "compiled for target 'cuda', which cannot run here" in capsys.readouterr().err
+    assert main(["run", str(gemma3_artifact), "--target", "cuda", "--prompt-ids", "2,3"]) == 2
+    assert "is compiled for cpu, not cuda" in capsys.readouterr().err
+    assert main(["run", str(tmp_path), "--prompt-ids", "2,3"]) == 2  # neither artifact nor checkpoint
+
+
+def test_prompt_longer_than_the_compiled_max_seq(tiny_ckpt: Ckpt, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "short"
+    assert main(["compile", str(tiny_ckpt("gemma1-mqa")), "--max-seq", "8", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["run", str(out), "--prompt-ids", PROMPT, "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "10 tokens" in err and "supports 8" in err
+    assert main(["compile", str(tiny_ckpt("gemma1-mqa")), "--max-seq", "100000", "--out", str(tmp_path / "y")]) == 2

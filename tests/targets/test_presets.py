@@ -1,0 +1,53 @@
+"""Target presets: every preset resolves to a TVM target, JSON dicts work, bad names say what exists."""
+
+from __future__ import annotations
+
+import pytest
+
+from rlx.errors import RlxError
+from rlx.targets.presets import PRESETS, resolve_target
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_resolves(name: str) -> None:
+    t = resolve_target(name)
+    assert t.name == name and t.device == PRESETS[name].device
+    assert t.local == (name == "cpu")
+
+
+def test_preset_details() -> None:
+    cpu = resolve_target("cpu").target
+    assert cpu.kind.name == "llvm" and cpu.attrs["mcpu"] and int(cpu.attrs["num-cores"]) >= 1
+    assert resolve_target("cpu-aarch64").target.attrs["mtriple"] == "aarch64-linux-gnu"
+    assert resolve_target("cuda").target.attrs["arch"] == "sm_80"
+    assert resolve_target("cuda-sm90").target.attrs["arch"] == "sm_90"
+    metal = resolve_target("metal").target
+    assert metal.kind.name == "metal" and metal.host.attrs["mtriple"] == "arm64-apple-macos"
+
+
+def test_json_target_dict() -> None:
+    t = resolve_target('{"kind": "llvm", "mcpu": "znver4", "num-cores": 2}')
+    assert (t.device, t.local, t.target.attrs["mcpu"]) == ("cpu", True, "znver4")
+    cross = resolve_target('{"kind": "llvm", "mtriple": "aarch64-linux-gnu"}')
+    assert not cross.local
+    gpu = resolve_target('{"kind": "cuda", "arch": "sm_89", "host": {"kind": "llvm"}}')
+    assert gpu.device == "cuda" and gpu.target.host.kind.name == "llvm"
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ("tpu", "unknown target 'tpu'"),
+    ("{not json", "is not valid JSON"),
+    ('{"mcpu": "znver4"}', 'must be an object with a "kind"'),
+    ('{"kind": "vulkan"}', "target kind 'vulkan' is not supported"),
+    ('{"kind": "llvm", "no-such-flag": 1}', "TVM rejects target"),
+])
+def test_bad_targets(spec: str, message: str) -> None:
+    with pytest.raises(RlxError) as info:
+        resolve_target(spec)
+    assert message in info.value.message
+
+
+def test_unknown_target_lists_presets() -> None:
+    with pytest.raises(RlxError) as info:
+        resolve_target("gpu")
+    assert all(name in str(info.value.hint) for name in PRESETS)
