@@ -35,7 +35,7 @@ from rlx.frontends.flow import NAMED_STAGES, GemmaFlow, LayerOverrides, Mode, St
 from rlx.passes.specialize import SYMBOLS
 
 PROFILE_FILE = "gemma.rlx.toml"
-TARGETS = ("cpu", "cpu-aarch64", "cuda", "metal")
+TARGETS = ("cpu", "cpu-aarch64", "cuda", "cuda-sm90", "metal")  # = targets.presets.PRESETS (tested)
 FLOAT_DTYPES = tuple(d.value for d in DType if d.is_float)
 BUCKETED = (SEQ,)  # specialize_buckets pads at the end, which only SEQ allows; other dims bind to one size
 

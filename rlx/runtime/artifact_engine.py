@@ -8,11 +8,12 @@ outputs); the weights file holds every param already in the kernels' layout. The
 from __future__ import annotations
 
 import json
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import tvm
-from safetensors.numpy import load_file
 from tvm import relax
 
 from rlx.compiler.pipeline import PassReport
@@ -42,6 +43,33 @@ class EntrySignature:
                               tuple(_Param(k) for k, _ in entry["params"]), tuple(entry["outputs"]))
 
 
+_ST_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32"}
+
+
+def load_weights(path: Path, device: tvm.runtime.Device) -> dict[str, tvm.runtime.Tensor]:
+    """A safetensors file straight into device tensors, one at a time and never mmapped. On the
+    CPU the file is read directly into the tensor's memory (a DLPack view), so the weights are
+    held once; elsewhere through one host tensor at a time."""
+    out: dict[str, tvm.runtime.Tensor] = {}
+    with open(path, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+        base = 8 + size
+        for key, info in sorted(header.items()):
+            if key == "__metadata__":
+                continue
+            start, end = info["data_offsets"]
+            f.seek(base + start)
+            tensor = tvm.runtime.empty(info["shape"], _ST_DTYPES[info["dtype"]], device)
+            if device.dlpack_device_type() == tvm.cpu().dlpack_device_type():
+                view = np.from_dlpack(tensor)
+                f.readinto(memoryview(view.reshape(-1).view(np.uint8)))
+            else:
+                tensor.copyfrom(np.frombuffer(f.read(end - start), dtype=tensor.dtype).reshape(info["shape"]))
+            out[key] = tensor
+    return out
+
+
 def runnable_targets() -> tuple[str, ...]:
     """Artifact targets this machine can execute."""
     out = ["cpu"]
@@ -62,8 +90,7 @@ class ArtifactEngine(CompiledEngine):
         self.max_seq = int(manifest["max_seq"])
         self.signatures = {name: EntrySignature.from_manifest(e) for name, e in manifest["entries"].items()}
         self._vm = relax.VirtualMachine(tvm.runtime.load_module(str(root / manifest["library"])), self.device)
-        stored = load_file(root / manifest["weights"])
-        self._weights = {k: tvm.runtime.tensor(v, self.device) for k, v in stored.items()}
+        self._weights = load_weights(root / manifest["weights"], self.device)
         self.reports: dict[str, PassReport] = {}  # the passes ran at compile time: see report.json
         self.report = json.loads((root / "report.json").read_text())
         self._kv = {}

@@ -88,8 +88,7 @@ def _schedule_nt(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV,
     row = sch.fuse(*rows) if len(rows) > 1 else (rows[0] if rows else None)
     n = _static(_extent(sch, col))
     tile, inner = sch.split(col, [None, min(TILE_N, n) if n else TILE_N])
-    order = [tile, *( [row] if row is not None else []), inner]
-    sch.reorder(*order)
+    sch.reorder(tile, *([row] if row is not None else []), inner)
     sch.parallel(tile)
     if lanes > 1:
         # preserve_unit_loops: one new loop per block var (lane, rows..., col, k_outer), so the lane
@@ -206,16 +205,6 @@ class ParallelOuter(ScheduleRule):
             outer = sch.fuse(*loops) if lead > 1 else loops[0]
             sch.parallel(outer)
         return sch
-
-
-class _Named(ScheduleRule):
-    """A dlight rule under our name, so the report says which one scheduled a function."""
-
-    def __init__(self, name: str, rule: ScheduleRule) -> None:
-        self.name, self.rule = name, rule
-
-    def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool) -> s_tir.Schedule | None:
-        return self.rule.apply(func, target, tunable)
 
 
 def cpu_rules() -> list[tuple[str, ScheduleRule]]:

