@@ -105,7 +105,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if (args.prompt is None) == (args.prompt_ids is None):
         raise RlxError("give exactly one of --prompt TEXT or --prompt-ids 2,818,...")
     sampler = Sampler(args.temperature, args.top_k, args.top_p, args.seed)
-    _progress(f"loading {args.model} for target {args.target}")
+    _progress(f"loading {args.model}")
     model = rlx.load(args.model, target=args.target, profile=args.profile, passes=args.passes)
     _progress(f"running on {model.engine.name}")
     if model.profile is not None and model.profile.passes.verbose:

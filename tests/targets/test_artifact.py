@@ -143,3 +143,22 @@ def test_prompt_longer_than_the_compiled_max_seq(tiny_ckpt: Ckpt, tmp_path: Path
     err = capsys.readouterr().err
     assert "10 tokens" in err and "supports 8" in err
     assert main(["compile", str(tiny_ckpt("gemma1-mqa")), "--max-seq", "100000", "--out", str(tmp_path / "y")]) == 2
+
+
+def test_one_call_compiles_cpu_cuda_and_metal(tiny_ckpt: Ckpt, tmp_path: Path) -> None:
+    """CUDA (nvcc, no GPU needed) and Metal (MSL + arm64 macOS objects) artifacts build here."""
+    import tarfile
+
+    out = tmp_path / "all"
+    assert main(["compile", str(tiny_ckpt("gemma3")), "--target", "cpu,cuda,metal", "--out", str(out)]) == 0
+    for target, lib in (("cpu", "lib.so"), ("cuda", "lib.so"), ("metal", "lib.tar")):
+        manifest = json.loads((out / target / "manifest.json").read_text())
+        assert manifest["target"]["name"] == target and manifest["library"] == lib
+        assert (out / target / lib).stat().st_size > 0
+    kernels = {k["name"] for k in json.loads((out / "cuda" / "report.json").read_text())["kernels"]}
+    cuda = (out / "cuda" / "kernels.cu").read_text()
+    assert kernels and all(f"{k}_kernel" in cuda for k in kernels)  # every kernel has CUDA source
+    with tarfile.open(out / "metal" / "lib.tar") as tar:
+        msl = tar.extractfile("devc.o").read().decode("latin-1")  # type: ignore[union-attr]
+    metal_kernels = {k["name"] for k in json.loads((out / "metal" / "report.json").read_text())["kernels"]}
+    assert metal_kernels and all(f"kernel void {k}" in msl for k in metal_kernels)
