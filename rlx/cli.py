@@ -1,4 +1,4 @@
-"""`rlx` command line: inspect a checkpoint's HIR, run a model.
+"""`rlx` command line: inspect a checkpoint's HIR, compile it, run a model, compare targets.
 
 Errors caused by the input (`RlxError`) print one message with its fix and exit 2; nothing
 half-written is left behind (outputs are written to a temp file and renamed).
@@ -22,6 +22,7 @@ from rlx.errors import RlxError
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
+    from rlx.api import Model
     from rlx.compiler.pipeline import PassReport
     from rlx.frontends.checkpoint import Checkpoint
     from rlx.frontends.flow import GemmaFlow
@@ -112,30 +113,31 @@ def cmd_run(args: argparse.Namespace) -> int:
         for line in _report_lines(model.profile.source, model.engine.reports):
             _progress(line)
     ids = _parse_ids(args.prompt_ids) if args.prompt_ids is not None else model.tokenizer.encode(args.prompt)
-    streamed: list[int] = []
+    detok = _detokenizer(model)
 
     def on_token(token: int) -> None:
-        streamed.append(token)
         if args.stream:
-            sys.stdout.write(model.tokenizer.decode([token]))
+            sys.stdout.write(detok([token]))
             sys.stdout.flush()
 
     gen = model.generate(ids, args.max_new_tokens, sampler=sampler, on_token=on_token)
     if args.logits_out:
         _save_npy_atomic(Path(args.logits_out), gen.logits_array())
-    if args.stream:
-        sys.stdout.write("\n")
-    else:
-        try:
-            text = model.tokenizer.decode(gen.tokens)
-        except RlxError:
-            text = ",".join(map(str, gen.tokens))
-        sys.stdout.write(text + "\n")
+    sys.stdout.write("\n" if args.stream else detok(gen.tokens) + "\n")
     _progress(f"prompt {len(ids)} tokens, generated {len(gen.tokens)}"
               f"{' (stopped at EOS)' if gen.stopped_at_eos else ''}: "
               f"prefill {gen.prefill_tok_s:.1f} tok/s, decode {gen.decode_tok_s:.2f} tok/s")
     _progress("token ids: " + ",".join(map(str, gen.tokens)))
     return 0
+
+
+def _detokenizer(model: Model) -> Callable[[list[int]], str]:
+    """Token text, or the ids themselves when the model has no tokenizer (--prompt-ids runs)."""
+    try:
+        tokenizer = model.tokenizer
+    except RlxError:
+        return lambda ids: "".join(f" [{i}]" for i in ids)
+    return lambda ids: tokenizer.decode(ids)
 
 
 def _progress(message: str) -> None:
@@ -153,6 +155,19 @@ def cmd_compile(args: argparse.Namespace) -> int:
     for path in compile_checkpoint(args.checkpoint, _targets(args.target), args.out, profile=args.profile,
                                    passes=args.passes, max_seq=args.max_seq, use_cache=not args.no_cache):
         print(path)
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from rlx.report import compare
+
+    if args.prompt is not None and args.prompt_ids is not None:
+        raise RlxError("give at most one of --prompt TEXT or --prompt-ids 2,818,...")
+    ids = _parse_ids(args.prompt_ids) if args.prompt_ids is not None else None
+    out = compare(args.checkpoint, _targets(args.targets), args.out, profile=args.profile, passes=args.passes,
+                  prompt=args.prompt, prompt_ids=ids, bench=args.bench)
+    _progress(f"report: {out / 'report.html'} (also report.md, report.json)")
+    print(out)
     return 0
 
 
@@ -196,6 +211,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     _compile_flags(p)
     p.set_defaults(fn=cmd_run)
+
+    p = sub.add_parser("compare", help="compile for several targets and write a side-by-side report")
+    p.add_argument("checkpoint", help="HF directory (config.json + safetensors) or .gguf file")
+    p.add_argument("--targets", default="cpu,cuda,metal", help="presets, comma-separated (default cpu,cuda,metal)")
+    p.add_argument("--out", help="report directory; default reports/<checkpoint name>")
+    p.add_argument("--prompt", help="prompt text for the numerics / speed walk (default: "
+                                    "'The capital of France is')")
+    p.add_argument("--prompt-ids", help="comma-separated token ids instead of --prompt")
+    p.add_argument("--bench", help="bench/bench_cpu.py --json output, to plot the cpu speed against")
+    _compile_flags(p)
+    p.set_defaults(fn=cmd_compare)
     return parser
 
 

@@ -85,6 +85,8 @@ def _populate(tmp: Path, checkpoint: Any, target: str, profile: Any, passes: str
     from rlx.targets.presets import resolve_target
 
     resolved = resolve_target(target)
+    if passes is None and profile is not None:  # [backend.<target>] passes, as CompiledEngine does
+        passes = profile.backend_for(resolved.name).passes
     with phases("graphs"):
         unoptimized = reference_pipelines(checkpoint, passes="", profile=profile)
         graphs = reference_pipelines(checkpoint, passes=passes, profile=profile)

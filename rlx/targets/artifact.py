@@ -62,14 +62,22 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 
 def write_atomic(dest: Path, populate: Callable[[Path], dict[str, Any]]) -> Path:
     """`populate(tmp)` fills a temp dir and returns the manifest; then it becomes `dest`."""
+    def fill(tmp: Path) -> None:
+        manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, **populate(tmp)}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+
+    return replace_dir_atomic(dest, fill)
+
+
+def replace_dir_atomic(dest: Path, fill: Callable[[Path], None]) -> Path:
+    """`fill(tmp)` fills a hidden temp dir next to `dest`, which then replaces `dest` by renames:
+    an exception (or SIGTERM) on the way leaves `dest` as it was and no temp dir behind."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
     try:
         with _sigterm_as_interrupt():
-            manifest = populate(tmp)
-            manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, **manifest}
-            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+            fill(tmp)
             if dest.exists():
                 old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
                 dest.rename(old)

@@ -1,0 +1,183 @@
+"""`rlx compare`: every number in the report is the artifacts' own, read back here independently.
+
+One compare run (tiny gemma3, cpu,cuda,metal) is shared by the module; the failure and
+bad-input tests run their own, small ones.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from rlx.cli import main
+from rlx.frontends.config import GemmaConfig
+from rlx.report.compare import op_mix, op_vocabulary, read_bench
+from rlx.targets.build import BuildError
+
+Ckpt = Callable[[str], Path]
+TARGETS = ("cpu", "cuda", "metal")
+PROMPT = "2,17,99,5,42,200,7,63"
+
+
+@pytest.fixture(scope="module")
+def report_dir(tiny_ckpt: Ckpt, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    root = tmp_path_factory.mktemp("compare")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RLX_CACHE_DIR", str(root / "cache"))
+        out = root / "report"
+        assert main(["compare", str(tiny_ckpt("gemma3")), "--targets", ",".join(TARGETS),
+                     "--prompt-ids", PROMPT, "--out", str(out)]) == 0
+        yield out
+
+
+@pytest.fixture(scope="module")
+def data(report_dir: Path) -> dict[str, Any]:
+    return json.loads((report_dir / "report.json").read_text())
+
+
+def _artifact(report_dir: Path, target: str) -> tuple[dict[str, Any], dict[str, Any], Path]:
+    art = report_dir / "artifacts" / target
+    return json.loads((art / "manifest.json").read_text()), json.loads((art / "report.json").read_text()), art
+
+
+def test_report_files_and_columns(report_dir: Path, data: dict[str, Any]) -> None:
+    assert {p.name for p in report_dir.iterdir()} == {"report.json", "report.md", "report.html", "artifacts"}
+    assert list(data["targets"]) == list(TARGETS)
+    assert not [p for p in report_dir.parent.iterdir() if p.name.startswith(".")]  # no temp dir left
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_compile_kernels_code_and_passes_match_the_artifact(report_dir: Path, data: dict[str, Any],
+                                                            target: str) -> None:
+    manifest, report, art = _artifact(report_dir, target)
+    t = data["targets"][target]
+    assert t["compile"]["phases"] == report["phases"]
+    assert t["kernels"]["count"] == len(report["kernels"])
+    assert [(k["name"], k["schedule"]) for k in t["kernels"]["list"]] == [
+        (k["name"], k["schedule"]) for k in report["kernels"]]
+    assert t["library_bytes"] == (art / manifest["library"]).stat().st_size
+    for mode, rep in report["passes"].items():
+        assert t["passes"][mode]["pipeline"] == [r["spec"] for r in rep["passes"]]
+        stats = {k: v for r in rep["passes"] for k, v in r["stats"].items()}
+        assert t["passes"][mode]["hits"] == {k[5:]: v for k, v in stats.items() if k.startswith("hits.")}
+        assert t["passes"][mode]["misses"] == {k[7:]: v for k, v in stats.items() if k.startswith("misses.")}
+    md = (report_dir / "report.md").read_text()
+    assert f"{t['code']['bytes']:,} B ({t['code']['kind']})" in md
+    assert str(t["kernels"]["count"]) in md and str(report["phases"]["build"]) in md
+
+
+def test_code_sizes(report_dir: Path, data: dict[str, Any]) -> None:
+    code = {name: t["code"] for name, t in data["targets"].items()}
+    assert code["cuda"] == {"kind": "CUDA source", "bytes": (report_dir / "artifacts/cuda/kernels.cu").stat().st_size}
+    assert code["cpu"] == {"kind": "library", "bytes": (report_dir / "artifacts/cpu/lib.so").stat().st_size}
+    import tarfile
+
+    with tarfile.open(report_dir / "artifacts/metal/lib.tar") as tar:
+        devc = tar.extractfile("devc.o").read()  # type: ignore[union-attr]
+    kernels = devc.count(b"#include <metal_stdlib>")
+    assert code["metal"]["kind"] == "MSL" and kernels > 0
+    assert kernels * len(b"#include <metal_stdlib>") < code["metal"]["bytes"] < len(devc)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_memory_plan(report_dir: Path, data: dict[str, Any], target: str) -> None:
+    manifest, _, art = _artifact(report_dir, target)
+    mem = data["targets"][target]["memory"]
+    assert mem["weight_bytes"] == sum(a.nbytes for a in load_file(str(art / "weights.safetensors")).values())
+    cfg = GemmaConfig.from_dict(manifest["config"])
+    seq = manifest["max_seq"]
+    assert mem["kv_cache_bytes"] == sum(2 * cfg.layer_kv_heads(i) * cfg.layer_head_dim(i) * seq * 4
+                                        for i in range(cfg.num_layers) if not cfg.is_kv_shared(i))
+    act = mem["activation"]
+    assert seq in act["shape"] and act["bytes"] == int(np.prod(act["shape"])) * 4
+    assert f"%{act['node']} = " in (art / "hir" / "prefill.after.hir").read_text()
+
+
+def test_numerics_and_status(report_dir: Path, data: dict[str, Any]) -> None:
+    cpu = data["targets"]["cpu"]
+    assert cpu["status"] == "executed"
+    assert cpu["numerics"]["max_abs_diff"] < 1e-4 and cpu["numerics"]["top1_agreement"] == 1.0
+    assert cpu["numerics"]["rows"] == 17 and cpu["speed"]["prefill_tok_s"] > 0 and cpu["speed"]["decode_tok_s"] > 0
+    expected = {"cuda": "compiled, not executed: no GPU", "metal": "compiled, not executed: needs an Apple GPU"}
+    md, page = (report_dir / "report.md").read_text(), (report_dir / "report.html").read_text()
+    for target, status in expected.items():
+        assert data["targets"][target]["status"] == status and "numerics" not in data["targets"][target]
+        assert status in md and status in page
+
+
+def test_html_is_self_contained(report_dir: Path) -> None:
+    page = (report_dir / "report.html").read_text()
+    assert page.count("<svg") >= 2  # compile time per phase, kernels by op kind
+    assert not re.search(r"https?://|src=|<link|@import", page)
+
+
+def test_op_mix_splits_fused_names() -> None:
+    vocab = op_vocabulary()
+    assert op_mix("fused_rms_norm3_add1", vocab) == ["rms_norm", "add"]
+    assert op_mix("fused_attention_scores1_multiply1_causal_mask2", vocab) == [
+        "attention_scores", "multiply", "causal_mask"]
+    assert op_mix("linear7", vocab) == ["linear"]
+
+
+def test_bench_file_read_defensively(tmp_path: Path) -> None:
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps({"engines": [{"name": "llama.cpp", "prefill_tok_s": 900.0, "decode_tok_s": 40}]}))
+    assert read_bench(good)["engines"] == [{"name": "llama.cpp", "prefill_tok_s": 900.0, "decode_tok_s": 40.0}]
+    odd = tmp_path / "odd.json"
+    odd.write_text(json.dumps({"results": {"torch": {"decode_tok_s": 12.5}}}))
+    got = read_bench(odd)
+    assert got["engines"] == [] and got["found"] == [{"key": "results.torch.decode_tok_s", "value": 12.5}]
+    assert "not found" in got["note"]
+
+
+def test_unknown_target_exits_2_with_no_output(tiny_ckpt: Ckpt, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "rep"
+    assert main(["compare", str(tiny_ckpt("gemma3")), "--targets", "cpu,tpu", "--out", str(out),
+                 "--prompt-ids", PROMPT]) == 2
+    err = capsys.readouterr().err
+    assert "tpu" in err and "[rlx] cpu:" not in err and not out.exists()
+
+
+def test_a_failed_target_is_reported_and_the_others_complete(tiny_ckpt: Ckpt, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    import rlx.targets.build as build
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise BuildError("metal build failed in its child process (test)")
+
+    monkeypatch.setenv("RLX_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(build, "build_isolated", broken)
+    out = tmp_path / "rep"
+    assert main(["compare", str(tiny_ckpt("gemma3")), "--targets", "cpu,metal", "--out", str(out),
+                 "--prompt-ids", PROMPT]) == 0
+    data = json.loads((out / "report.json").read_text())
+    metal, cpu = data["targets"]["metal"], data["targets"]["cpu"]
+    assert metal == {"status": "failed", "error": "metal build failed in its child process (test)"}
+    assert cpu["status"] == "executed" and cpu["numerics"]["top1_agreement"] == 1.0
+    assert "compile failed: metal build failed" in (out / "report.md").read_text()
+    assert not (out / "artifacts" / "metal").exists()
+
+
+def test_per_target_pipelines_are_shown_as_differences(tiny_ckpt: Ckpt, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RLX_CACHE_DIR", str(tmp_path / "cache"))
+    profile = tmp_path / "p.rlx.toml"
+    profile.write_text('[backend.cuda]\npasses = "fold-constants,dce"\n')
+    out = tmp_path / "rep"
+    assert main(["compare", str(tiny_ckpt("gemma3")), "--targets", "cpu,cuda", "--profile", str(profile),
+                 "--out", str(out), "--prompt-ids", PROMPT]) == 0
+    data = json.loads((out / "report.json").read_text())
+    for mode in ("prefill", "decode"):
+        diff = data["pipeline_differences"][mode]
+        assert data["targets"]["cuda"]["passes"][mode]["pipeline"] == ["fold-constants", "dce"]
+        assert not diff["same"] and "fuse-attention" in diff["only_some"]["cpu"] and "cuda" not in diff["only_some"]
+    assert "pipelines differ; passes not run by every target: cpu: " in (out / "report.md").read_text()
+    assert data["targets"]["cpu"]["numerics"]["top1_agreement"] == 1.0
