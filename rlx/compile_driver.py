@@ -193,8 +193,17 @@ def compile_checkpoint(checkpoint_path: str | Path, targets: list[str], out: str
     return written
 
 
+def _link_or_copy(src: str, dst: str) -> None:
+    """Artifacts are never modified in place, so copies (cache, reports) can share the file:
+    a hard link where the filesystem allows, a real copy elsewhere."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
 def _copy_artifact(src: Path, tmp: Path) -> dict[str, Any]:
     """Copy a finished artifact into a temp dir; its manifest (less the format keys write_atomic adds)."""
-    shutil.copytree(src, tmp, dirs_exist_ok=True)
+    shutil.copytree(src, tmp, dirs_exist_ok=True, copy_function=_link_or_copy)
     return {k: v for k, v in json.loads((src / "manifest.json").read_text()).items()
             if k not in ("format", "format_version")}

