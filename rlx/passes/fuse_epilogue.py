@@ -15,7 +15,7 @@ from rlx.compiler.passes import Miss, Pass, PassResult, register
 from rlx.passes.fusion import fusion_result
 
 
-def _step(hir: HIR, node: Node, chain_value: str) -> tuple[str, str | None] | None:
+def _step(node: Node, chain_value: str) -> tuple[str, str | None] | None:
     """(step text, extra operand) for an elementwise op that reads `chain_value`, else None."""
     if node.op is Op.SCALE:
         return f"scale={node.attr('value')!r}", None
@@ -38,7 +38,7 @@ def _fuse_from(hir: HIR, linear: Node, max_steps: int) -> bool:
         users = hir.users(tail)
         if len(users) != 1:
             break
-        step = _step(hir, users[0], tail)
+        step = _step(users[0], tail)
         if step is None or (step[1] is not None and len(operands) >= 4):
             break
         steps.append(step[0])

@@ -149,5 +149,7 @@ def test_compiled_cpu_artifact_greedy_32_tokens_equal_transformers(hf_run: HFRun
     assert tokens == hf_run.tokens
     np.testing.assert_allclose(logits[0], hf_run.first_logits, rtol=1e-3, atol=1e-3 * np.abs(hf_run.first_logits).max())
     # weights are read straight into the device tensors (held once, 1.07 GB); TVM's runtime is
-    # ~0.4 GB and the 262k-token tokenizer ~0.35 GB on top: measured ~1.72x the f32 weight bytes
-    assert rss < 1.8 * 4 * 268_098_176, f"peak RSS {rss / 2**30:.2f} GiB"
+    # ~0.4 GB and the 262k-token tokenizer ~0.35 GB on top: measured 1.72x-1.89x the f32 weight
+    # bytes across runs; a second copy of the weights would be > 2.7x, so 2.2x separates the two
+    # (the 1.5x bar is not met yet: see README status)
+    assert rss < 2.2 * 4 * 268_098_176, f"peak RSS {rss / 2**30:.2f} GiB"
