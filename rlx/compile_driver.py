@@ -75,8 +75,6 @@ def _kernels(scheduled: Any) -> list[dict[str, str]]:
 
 def _populate(tmp: Path, checkpoint: Any, target: str, profile: Any, passes: str | None, max_seq: int,
               phases: Phases) -> dict[str, Any]:
-    from safetensors.numpy import save_file
-
     from rlx.compiler.text import print_hir
     from rlx.runtime.reference import WeightCache, reference_pipelines
     from rlx.targets.artifact import tool_versions
@@ -110,9 +108,8 @@ def _populate(tmp: Path, checkpoint: Any, target: str, profile: Any, passes: str
             if resolved.device == "cuda":
                 (tmp / "kernels.cu").write_text(_cuda_source(built.executable.mod))
     with phases("weights"):
-        cache = WeightCache(checkpoint)
         specs = param_keys(list(lowered.signatures.values()))
-        save_file({key: spec.materialize(cache) for key, spec in specs.items()}, str(tmp / WEIGHTS))
+        save_weights_streaming(tmp / WEIGHTS, specs, WeightCache(checkpoint))
     report = {
         "target": resolved.name,
         "passes": {mode: rep.to_dict() for mode, (_, rep) in graphs.items()},
@@ -135,6 +132,44 @@ def _populate(tmp: Path, checkpoint: Any, target: str, profile: Any, passes: str
         "library": library,
         "weights": WEIGHTS,
     }
+
+
+_ST_DTYPE = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64", "int32": "I32"}
+
+
+def save_weights_streaming(path: Path, specs: dict[str, Any], cache: Any) -> None:
+    """Write a safetensors file one param at a time: the header is known from the param types up
+    front, each tensor is materialised, written and dropped, and every stored tensor leaves the
+    cache after its last use, so compile never holds the weights twice."""
+    import numpy as np
+
+    keys = sorted(specs)
+    header: dict[str, Any] = {}
+    offset = 0
+    for key in keys:
+        t = specs[key].type
+        shape = [int(d) for d in t.shape]
+        size = int(np.prod(shape, dtype=np.int64)) * t.dtype.itemsize
+        header[key] = {"dtype": _ST_DTYPE[str(t.dtype.numpy)], "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the format pads the header to 8 bytes
+    uses: dict[str, int] = {}
+    for key in keys:
+        for name in specs[key].stored:
+            uses[name] = uses.get(name, 0) + 1
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little") + blob)
+        for key in keys:
+            value = specs[key].materialize(cache)
+            if list(value.shape) != header[key]["shape"]:
+                raise RlxError(f"weight {key}: materialised {list(value.shape)}, declared {header[key]['shape']}")
+            f.write(np.ascontiguousarray(value).tobytes())
+            del value
+            for name in specs[key].stored:
+                uses[name] -= 1
+                if not uses[name]:
+                    cache.release(name)
 
 
 def _save_tokenizer(checkpoint: Any, out: Path) -> None:

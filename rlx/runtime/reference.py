@@ -28,6 +28,10 @@ class WeightCache:
             self._cache[name] = np.ascontiguousarray(self._store.get(name), dtype=np.float32)
         return self._cache[name]
 
+    def release(self, name: str) -> None:
+        """Drop a tensor nobody needs any more (it would be loaded again if asked for)."""
+        self._cache.pop(name, None)
+
     def preload(self, names: list[str]) -> None:
         """Load (dequantize) every tensor up front, with progress, so timings measure compute."""
         for name in track(sorted(set(names)), "loading weights"):

@@ -47,6 +47,13 @@ def test_artifact_contents_match_the_checkpoint(gemma3_artifact: Path, tiny_ckpt
     assert set(manifest["entries"]) == {"prefill", "decode"}
     assert manifest["bounds"] == {"SEQ": ckpt.config.max_position_embeddings,
                                   "PAST_SEQ": ckpt.config.max_position_embeddings}
+    from safetensors.numpy import load_file  # our streaming writer must produce a standard file
+
+    weights = load_file(gemma3_artifact / "weights.safetensors")
+    params = {key: typ for e in manifest["entries"].values() for key, typ in e["params"]}
+    assert set(weights) == set(params)
+    embed = weights["embed_tokens.weight"]
+    np.testing.assert_array_equal(embed, ckpt.weights.get("embed_tokens.weight"))
     report = json.loads((gemma3_artifact / "report.json").read_text())
     assert report["kernels"] and all(k["schedule"] for k in report["kernels"])
     assert {"graphs", "lower", "build", "export", "weights"} <= set(report["phases"])
