@@ -134,42 +134,30 @@ def _populate(tmp: Path, checkpoint: Any, target: str, profile: Any, passes: str
     }
 
 
-_ST_DTYPE = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64", "int32": "I32"}
-
-
 def save_weights_streaming(path: Path, specs: dict[str, Any], cache: Any) -> None:
-    """Write a safetensors file one param at a time: the header is known from the param types up
-    front, each tensor is materialised, written and dropped, and every stored tensor leaves the
-    cache after its last use, so compile never holds the weights twice."""
-    import numpy as np
+    """The artifact's weights file, one param at a time; every stored tensor leaves the cache
+    after its last use, so compile never holds the weights twice."""
+    from rlx.frontends.safetensors_file import write_streaming
 
     keys = sorted(specs)
-    header: dict[str, Any] = {}
-    offset = 0
-    for key in keys:
-        t = specs[key].type
-        shape = [int(d) for d in t.shape]
-        size = int(np.prod(shape, dtype=np.int64)) * t.dtype.itemsize
-        header[key] = {"dtype": _ST_DTYPE[str(t.dtype.numpy)], "shape": shape, "data_offsets": [offset, offset + size]}
-        offset += size
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # the format pads the header to 8 bytes
     uses: dict[str, int] = {}
     for key in keys:
         for name in specs[key].stored:
             uses[name] = uses.get(name, 0) + 1
-    with open(path, "wb") as f:
-        f.write(len(blob).to_bytes(8, "little") + blob)
-        for key in keys:
-            value = specs[key].materialize(cache)
-            if list(value.shape) != header[key]["shape"]:
-                raise RlxError(f"weight {key}: materialised {list(value.shape)}, declared {header[key]['shape']}")
-            f.write(np.ascontiguousarray(value).tobytes())
-            del value
-            for name in specs[key].stored:
-                uses[name] -= 1
-                if not uses[name]:
-                    cache.release(name)
+
+    def produce(key: str) -> Any:
+        value = specs[key].materialize(cache)
+        for name in specs[key].stored:
+            uses[name] -= 1
+            if not uses[name]:
+                cache.release(name)
+        return value
+
+    entries = [(k, str(specs[k].type.dtype.numpy), [int(d) for d in specs[k].type.shape]) for k in keys]
+    try:
+        write_streaming(path, entries, produce)
+    except ValueError as e:
+        raise RlxError(f"weights file {path.name}: {e}") from None
 
 
 def _save_tokenizer(checkpoint: Any, out: Path) -> None:

@@ -10,6 +10,7 @@ one at a time from memory maps and returned as fresh float32 arrays in HF layout
 from __future__ import annotations
 
 import difflib
+import io
 import json
 import mmap
 import re
@@ -25,6 +26,7 @@ import numpy as np
 from rlx.errors import WeightError
 from rlx.frontends.config import GemmaConfig
 from rlx.frontends.gguf_file import GGUFFile
+from rlx.frontends.safetensors_file import read_header
 
 LM_HEAD, EMBED = "lm_head.weight", "embed_tokens.weight"
 
@@ -144,11 +146,9 @@ class _SafetensorsFile:
             (n,) = struct.unpack_from("<Q", self.mm, 0)
             if 8 + n > size:
                 raise ValueError(f"header of {n} bytes in a {size}-byte file")
-            header = json.loads(bytes(self.mm[8:8 + n]))
+            header, self.data_start = read_header(io.BytesIO(self.mm[: 8 + n]))
         except (struct.error, ValueError) as err:
             raise WeightError(f"{path} is truncated or not a safetensors file ({err})", hint=hint) from err
-        header.pop("__metadata__", None)
-        self.data_start = 8 + n
         self.header: dict[str, dict[str, Any]] = header
         end = max((int(h["data_offsets"][1]) for h in header.values()), default=0)
         if self.data_start + end > size:

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from rlx.errors import RlxError
+from rlx.frontends.safetensors_file import tensor_bytes
 
 REPORT_FORMAT = "rlx-compare"
 REPORT_VERSION = 1
@@ -85,15 +86,6 @@ def op_mix(kernel: str, vocabulary: frozenset[str]) -> list[str]:
                 i = j
                 break
     return ops
-
-
-def safetensors_bytes(path: Path) -> int:
-    """Tensor bytes of a safetensors file, from its header alone."""
-    with open(path, "rb") as f:
-        (size,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(size))
-    return sum(end - start for key, info in header.items() if key != "__metadata__"
-               for start, end in [info["data_offsets"]])
 
 
 def msl_bytes(lib_tar: Path) -> int:
@@ -174,7 +166,7 @@ def collect_artifact(art: Path, vocabulary: frozenset[str]) -> dict[str, Any]:
         "code": {"kind": kind, "bytes": code_size(art, manifest)},
         "library_bytes": (art / manifest["library"]).stat().st_size,
         "passes": _passes(report),
-        "memory": {"weight_bytes": safetensors_bytes(art / manifest["weights"]),
+        "memory": {"weight_bytes": tensor_bytes(art / manifest["weights"]),
                    "kv_cache_bytes": kv_cache_bytes(manifest),
                    "activation": largest_activation((art / "hir" / "prefill.after.hir").read_text(),
                                                     int(manifest["max_seq"]))},

@@ -8,7 +8,6 @@ outputs); the weights file holds every param already in the kernels' layout. The
 from __future__ import annotations
 
 import json
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from tvm import relax
 from rlx.compiler.pipeline import PassReport
 from rlx.compiler.tensor_type import TensorType
 from rlx.frontends.config import GemmaConfig
+from rlx.frontends.safetensors_file import DTYPE_NAMES, read_header
 from rlx.runtime.compiled import DEVICES, CompiledEngine
 from rlx.targets.artifact import check_compatible, read_manifest
 
@@ -43,24 +43,17 @@ class EntrySignature:
                               tuple(_Param(k) for k, _ in entry["params"]), tuple(entry["outputs"]))
 
 
-_ST_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32"}
-
-
 def load_weights(path: Path, device: tvm.runtime.Device) -> dict[str, tvm.runtime.Tensor]:
     """A safetensors file straight into device tensors, one at a time and never mmapped. On the
     CPU the file is read directly into the tensor's memory (a DLPack view), so the weights are
     held once; elsewhere through one host tensor at a time."""
     out: dict[str, tvm.runtime.Tensor] = {}
     with open(path, "rb") as f:
-        (size,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(size))
-        base = 8 + size
+        header, base = read_header(f)
         for key, info in sorted(header.items()):
-            if key == "__metadata__":
-                continue
             start, end = info["data_offsets"]
             f.seek(base + start)
-            tensor = tvm.runtime.empty(info["shape"], _ST_DTYPES[info["dtype"]], device)
+            tensor = tvm.runtime.empty(info["shape"], DTYPE_NAMES[info["dtype"]], device)
             if device.dlpack_device_type() == tvm.cpu().dlpack_device_type():
                 view = np.from_dlpack(tensor)
                 f.readinto(memoryview(view.reshape(-1).view(np.uint8)))
