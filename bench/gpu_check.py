@@ -57,8 +57,8 @@ def cuda_problem() -> str | None:
         return None
     why = "no CUDA device: run this on a GPU machine"
     if not tvm.runtime.enabled("cuda"):
-        why += (" (this TVM build has no CUDA runtime either: on the GPU machine install a CUDA-enabled "
-                "TVM 0.27, else tvm.cuda(0) never exists)")
+        why += (" (TVM's CUDA runtime is not loaded: the wheel's libtvm_runtime_cuda.so loads only where "
+                "the driver's libcuda.so.1 exists)")
     return why
 
 

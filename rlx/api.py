@@ -9,6 +9,8 @@ from pathlib import Path
 from rlx.compiler.profile import Profile, resolve_profile
 from rlx.errors import RlxError
 from rlx.frontends.checkpoint import Checkpoint, open_checkpoint
+from rlx.runtime.detokenizer import FILE as DETOKENIZER_FILE
+from rlx.runtime.detokenizer import Detokenizer
 from rlx.runtime.engine import Engine
 from rlx.runtime.generate import Generation, generate
 from rlx.runtime.reference import ReferenceEngine
@@ -37,13 +39,23 @@ class Model:
     eos_ids: tuple[int, ...]
     tokenizer_from: Callable[[], Tokenizer]
     profile: Profile | None = None
+    detokenizer_from: Callable[[], Detokenizer] | None = None  # a decode-only table, when there is one
     _tokenizer: Tokenizer | None = None
+    _decoder: Detokenizer | Tokenizer | None = None
 
     @property
     def tokenizer(self) -> Tokenizer:
         if self._tokenizer is None:
             self._tokenizer = self.tokenizer_from()
         return self._tokenizer
+
+    @property
+    def decoder(self) -> Detokenizer | Tokenizer:
+        """What turns generated ids into text: the small detokenizer if the artifact has one,
+        else the tokenizer (either has `decode(ids)`, with identical results)."""
+        if self._decoder is None:
+            self._decoder = self.detokenizer_from() if self.detokenizer_from is not None else self.tokenizer
+        return self._decoder
 
     def generate(self, prompt: str | list[int], max_new_tokens: int = 32, *, sampler: Sampler | None = None,
                  on_token: Callable[[int], None] | None = None) -> Generation:
@@ -81,7 +93,17 @@ def _load_artifact(path: Path, target: str) -> Model:
     if target not in ("reference", engine.name):  # "reference" is the flag's default: not a choice
         raise RlxError(f"{path} is compiled for {engine.name}, not {target}",
                        hint=f"drop --target, or compile for it: rlx compile CHECKPOINT --target {target}")
-    return Model(engine, engine.config.eos_token_ids, lambda: Tokenizer.from_hf_dir(path))
+    detokenizer = (lambda: Detokenizer.load(path)) if (path / DETOKENIZER_FILE).is_file() else None
+    return Model(engine, engine.config.eos_token_ids, lambda: Tokenizer.from_hf_dir(path),
+                 detokenizer_from=detokenizer)
+
+
+def tokenizer_for(path: str | Path) -> Tokenizer:
+    """The tokenizer of a checkpoint or artifact, without loading any weights (so a prompt can be
+    encoded, and the tokenizer dropped, before the model takes its memory)."""
+    if _is_artifact(path):
+        return Tokenizer.from_hf_dir(Path(path))
+    return Tokenizer.from_checkpoint(open_checkpoint(path))
 
 
 def compile(checkpoint: str | Path, target: str | list[str] = "cpu", out: str | Path | None = None, *,

@@ -7,6 +7,7 @@ half-written is left behind (outputs are written to a temp file and renamed).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -62,7 +63,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     profile = resolve_profile(args.profile, args.checkpoint)
     ckpt = open_checkpoint(args.checkpoint)
-    hir, report = optimize(_flow(ckpt, args).profile(profile).build(), args.mode, profile, args.passes)
+    hir, report = optimize(_flow(ckpt, args).profile(profile).build(), args.mode, profile, args.passes, ckpt.config)
     summary = summarize(hir, ckpt.config)
     passes = _report_lines(profile.source, {args.mode: report})
     if profile.passes.verbose:
@@ -101,18 +102,27 @@ def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     import rlx
+    import rlx.api
     from rlx.runtime.sampler import Sampler
 
     if (args.prompt is None) == (args.prompt_ids is None):
         raise RlxError("give exactly one of --prompt TEXT or --prompt-ids 2,818,...")
     sampler = Sampler(args.temperature, args.top_k, args.top_p, args.seed)
+    if _cpu_artifact(Path(args.model)):  # TVM's runtime is all it needs
+        from rlx.runtime.tvm_runtime import import_runtime_only
+
+        import_runtime_only()
+    if args.prompt_ids is not None:
+        ids = _parse_ids(args.prompt_ids)
+    else:  # encode first: the tokenizer (350 MB for Gemma 3's) is gone before the weights load
+        ids = rlx.api.tokenizer_for(args.model).encode(args.prompt)
+        gc.collect()
     _progress(f"loading {args.model}")
     model = rlx.load(args.model, target=args.target, profile=args.profile, passes=args.passes)
     _progress(f"running on {model.engine.name}")
     if model.profile is not None and model.profile.passes.verbose:
         for line in _report_lines(model.profile.source, model.engine.reports):
             _progress(line)
-    ids = _parse_ids(args.prompt_ids) if args.prompt_ids is not None else model.tokenizer.encode(args.prompt)
     detok = _detokenizer(model)
 
     def on_token(token: int) -> None:
@@ -131,13 +141,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cpu_artifact(path: Path) -> bool:
+    """A CPU artifact (the runtime-only TVM import has no GPU backends: those keep the full one)."""
+    try:
+        return json.loads((path / "manifest.json").read_text())["target"]["device"] == "cpu"
+    except (OSError, ValueError, KeyError, TypeError):
+        return False  # not an artifact, or a broken one: rlx.load reports it
+
+
 def _detokenizer(model: Model) -> Callable[[list[int]], str]:
     """Token text, or the ids themselves when the model has no tokenizer (--prompt-ids runs)."""
     try:
-        tokenizer = model.tokenizer
+        decoder = model.decoder
     except RlxError:
         return lambda ids: "".join(f" [{i}]" for i in ids)
-    return lambda ids: tokenizer.decode(ids)
+    return lambda ids: decoder.decode(ids)
 
 
 def _progress(message: str) -> None:

@@ -52,14 +52,16 @@ class Phases:
 
 def _signature_dict(sig: Any) -> dict[str, Any]:
     return {"function": sig.function, "inputs": [[n, str(t)] for n, t in sig.inputs],
+            "caches": [[n, str(t)] for n, t in sig.caches], "dims": list(sig.dims),
             "params": [[p.key, str(p.type)] for p in sig.params], "outputs": list(sig.outputs)}
 
 
 def _cache_key(model_hash: str, profile: Any, passes: str | None, target: dict[str, Any], max_seq: int) -> str:
-    from rlx.targets.artifact import tool_versions
+    from rlx.targets.artifact import FORMAT_VERSION, tool_versions
 
     blob = json.dumps({"model": model_hash, "profile": repr(profile), "passes": passes, "target": target,
-                       "max_seq": max_seq, "versions": tool_versions()}, sort_keys=True, default=str)
+                       "max_seq": max_seq, "versions": tool_versions(), "format": FORMAT_VERSION},
+                      sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
@@ -76,7 +78,8 @@ def _kernels(scheduled: Any) -> list[dict[str, str]]:
 def _populate(tmp: Path, checkpoint: Any, target: str, profile: Any, passes: str | None, max_seq: int,
               phases: Phases) -> dict[str, Any]:
     from rlx.compiler.text import print_hir
-    from rlx.runtime.reference import WeightCache, reference_pipelines
+    from rlx.runtime.prefill_buckets import engine_graphs, profile_buckets
+    from rlx.runtime.reference import WeightCache, context_bounds, reference_pipelines
     from rlx.targets.artifact import tool_versions
     from rlx.targets.build import build, build_isolated, optimize
     from rlx.targets.lower import lower, param_keys
@@ -86,18 +89,21 @@ def _populate(tmp: Path, checkpoint: Any, target: str, profile: Any, passes: str
     if passes is None and profile is not None:  # [backend.<target>] passes, as CompiledEngine does
         passes = profile.backend_for(resolved.name).passes
     with phases("graphs"):
-        unoptimized = reference_pipelines(checkpoint, passes="", profile=profile)
-        graphs = reference_pipelines(checkpoint, passes=passes, profile=profile)
+        bounds = context_bounds(max_seq)
+        unoptimized = reference_pipelines(checkpoint, passes="", profile=profile, bounds=bounds)
+        graphs = reference_pipelines(checkpoint, passes=passes, profile=profile, bounds=bounds)
         (tmp / "hir").mkdir()
         for mode, (hir, _) in graphs.items():
             (tmp / "hir" / f"{mode}.before.hir").write_text(print_hir(unoptimized[mode][0]))
             (tmp / "hir" / f"{mode}.after.hir").write_text(print_hir(hir))
+    buckets = profile_buckets(profile, max_seq)
+    entries = engine_graphs({mode: hir for mode, (hir, _) in graphs.items()}, buckets)
     with phases("lower"):
-        lowered = lower({mode: hir for mode, (hir, _) in graphs.items()})
+        lowered = lower(entries)
     library = LIBRARY[resolved.device]
     with phases("build"):
         if resolved.device == "metal":
-            build_isolated({mode: hir for mode, (hir, _) in graphs.items()}, resolved.name, tmp / library)
+            build_isolated(entries, resolved.name, tmp / library)
             scheduled = optimize(lowered.mod, resolved)
         else:
             built = build(lowered.mod, resolved)
@@ -127,7 +133,8 @@ def _populate(tmp: Path, checkpoint: Any, target: str, profile: Any, passes: str
         "passes": passes,
         "target": {"name": resolved.name, "device": resolved.device, "json": str(resolved.target.export())},
         "entries": {name: _signature_dict(sig) for name, sig in lowered.signatures.items()},
-        "bounds": {"SEQ": max_seq, "PAST_SEQ": max_seq},
+        "bounds": {**bounds, "KV_CAP": max_seq},
+        "prefill_buckets": list(buckets),
         "max_seq": max_seq,
         "library": library,
         "weights": WEIGHTS,

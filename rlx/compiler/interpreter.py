@@ -1,8 +1,17 @@
 """Reference interpreter: runs any HIR with numpy, one implementation per op.
 
 It is the ground truth for pass tests (numbers before and after a rewrite must agree) and the
-`reference` pseudo-target of `rlx run`. Floats are computed in float32 (softmax, norms and
-RoPE exactly as transformers does in eager float32), whatever the node dtype says.
+`reference` pseudo-target of `rlx run`.
+
+Dtypes: every value is held in its node's dtype (float16 as numpy's own, bfloat16 as
+`ml_dtypes.bfloat16`, see `DType.numpy`), so a graph the `precision` pass rewrote shows the
+roundings its types say, and only those. Each op reads its inputs as they are and rounds its
+result once to the node's dtype (`Interpreter.run`); in between, contractions (linear, matmul,
+the epilogue's linear, attention's two products, the MoE experts) accumulate in float32, as GPU
+tensor cores and the TVM lowering (`kernels.py`) do, and composite ops (norms, softmax, softcap,
+RoPE, gelu, attention, MoE) compute in float32 (softmax, norms and RoPE exactly as transformers
+does in eager float32). Single elementwise ops (add, mul, concat) run natively in the dtype. A
+float32 graph computes exactly what it did before dtypes were honoured.
 """
 
 from __future__ import annotations
@@ -10,15 +19,30 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
+from rlx.compiler.dtypes import DType
 from rlx.compiler.graph import HIR, Node, param_key
 from rlx.compiler.ops import EPILOGUE_STEPS, Op, attr_dim, parse_step
 from rlx.compiler.shapes import bind_shape, eval_dim
 from rlx.errors import HIRError
 
 F32 = np.float32
-MASKED = np.finfo(np.float32).min  # transformers fills masked scores with dtype-min, not -inf
+
+
+def masked_value(dtype: np.dtype | str) -> float:
+    """What masked scores become: transformers fills them with dtype-min, not -inf."""
+    return float(ml_dtypes.finfo(dtype).min)
+
+
+def _f32(x: np.ndarray) -> np.ndarray:
+    return x.astype(F32, copy=False)
+
+
+def _mm(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """`a @ b` accumulated in float32 whatever the operand dtypes (the caller rounds the result)."""
+    return np.matmul(_f32(a), _f32(b))
 
 Impl = Callable[[list[np.ndarray], dict[str, Any], dict[str, int]], np.ndarray]
 
@@ -30,17 +54,45 @@ def _rmsnorm(x: np.ndarray, w: np.ndarray | None, eps: float, offset: float) -> 
 
 
 def _gelu_tanh(x: np.ndarray) -> np.ndarray:
+    x = _f32(x)
     c = F32(np.sqrt(2.0 / np.pi))
     return (F32(0.5) * x * (F32(1.0) + np.tanh(c * (x + F32(0.044715) * x * x * x)))).astype(F32)
 
 
-def _rope(x: np.ndarray, pos: np.ndarray, inv_freq: np.ndarray) -> np.ndarray:
-    freqs = pos.astype(F32)[:, None, :, None] * inv_freq.astype(F32)[None, None, None, :]  # [B,1,S,D/2]
-    emb = np.concatenate([freqs, freqs], axis=-1)
-    cos, sin = np.cos(emb), np.sin(emb)
+def _rope_angles(pos: np.ndarray, inv_freq: np.ndarray) -> np.ndarray:
+    """`pos * inv_freq` in float32 (one rounding, as transformers' rotary embedding): [*pos.shape, D/2]."""
+    return pos.astype(F32)[..., None] * inv_freq.astype(F32)
+
+
+def _rotate(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """`x * cos + rotate_half(x) * sin` (transformers' apply_rotary_pos_emb); cos / sin are
+    [B, S, D/2], repeated over both halves of the head dim."""
+    cos, sin = (np.concatenate([c, c], axis=-1)[:, None] for c in (cos, sin))  # [B,1,S,D]
     half = x.shape[-1] // 2
+    x = _f32(x)
     rotated = np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
     return (x * cos + rotated * sin).astype(F32)
+
+
+def _rope(x: np.ndarray, pos: np.ndarray, inv_freq: np.ndarray) -> np.ndarray:
+    freqs = _rope_angles(pos, inv_freq)
+    return _rotate(x, np.cos(freqs), np.sin(freqs))
+
+
+def rope_table(inv_freq: np.ndarray, positions: int) -> np.ndarray:
+    """The `rope_table` op's table, [positions, D]: row p is cos(p f) | sin(p f), computed by the
+    same float32 operations as `rope`, so folding the table changes no bit of the result."""
+    freqs = _rope_angles(np.arange(positions), inv_freq)
+    return np.concatenate([np.cos(freqs), np.sin(freqs)], axis=-1)
+
+
+def _rope_from_table(x: np.ndarray, pos: np.ndarray, table: np.ndarray) -> np.ndarray:
+    if pos.size and not 0 <= int(pos.min()) <= int(pos.max()) < len(table):
+        raise HIRError(f"rope_table: positions {int(pos.min())}..{int(pos.max())} are outside the table's "
+                       f"0..{len(table) - 1} (the graph's position bound)")
+    rows = table[pos]  # [B, S, D]
+    half = table.shape[-1] // 2
+    return _rotate(x, rows[..., :half], rows[..., half:])
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
@@ -55,7 +107,7 @@ def _causal_mask(scores: np.ndarray, qpos: np.ndarray, window: int, bidirectiona
     visible = np.ones(np.broadcast_shapes(q.shape, k.shape), dtype=bool) if bidirectional else k <= q
     if window:
         visible &= (np.abs(q - k) < window) if bidirectional else (q - window < k)
-    return np.where(visible, scores, MASKED).astype(scores.dtype)
+    return np.where(visible, scores, masked_value(scores.dtype)).astype(scores.dtype)
 
 
 def _moe(ins: list[np.ndarray], top_k: int) -> np.ndarray:
@@ -78,11 +130,14 @@ def _moe(ins: list[np.ndarray], top_k: int) -> np.ndarray:
 
 
 def _attention(ins: list[np.ndarray], at: dict[str, Any]) -> np.ndarray:
-    """The fused op, computed exactly as the unfused chain the frontend emits."""
+    """The fused op, computed as the unfused chain the frontend emits. In a f16 / bf16 graph it is
+    one kernel's worth of rounding: the scores stay float32 through scale, softcap, mask, bias and
+    softmax, the probabilities are rounded to v's dtype for the value product (as flash attention
+    and transformers' `softmax(..., dtype=float32).to(v.dtype)` do), which accumulates in f32."""
     q, k, v, pos, *bias = ins
     rep = q.shape[1] // k.shape[1]
     k, v = np.repeat(k, rep, axis=1), np.repeat(v, rep, axis=1)
-    s = np.matmul(q, np.swapaxes(k, -1, -2))
+    s = _mm(q, np.swapaxes(k, -1, -2))
     if at["scale"] != 1.0:
         s = (s * F32(at["scale"])).astype(F32)
     if at["softcap"]:
@@ -90,8 +145,8 @@ def _attention(ins: list[np.ndarray], at: dict[str, Any]) -> np.ndarray:
     if at["mask"] != "none":
         s = _causal_mask(s, pos, at["window"], at["mask"] == "bidirectional")
     for b in bias:
-        s = s + b
-    return np.matmul(_softmax(s), v)
+        s = s + _f32(b)
+    return _mm(_softmax(s).astype(v.dtype), v)
 
 
 def _add_rmsnorm(ins: list[np.ndarray], at: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
@@ -116,7 +171,7 @@ _STEPS: dict[str, Callable[[np.ndarray, np.ndarray | None, float | None], np.nda
 
 
 def _linear_epilogue(ins: list[np.ndarray], at: dict[str, Any]) -> np.ndarray:
-    y = ins[0] @ ins[1].T
+    y = _mm(ins[0], ins[1].T)
     operands = list(ins[2:])
     for step in at["steps"]:
         kind, value = parse_step(step)
@@ -140,19 +195,20 @@ IMPLS: dict[Op, Impl] = {
     Op.ADD: lambda a, at, env: a[0] + a[1],
     Op.MUL: lambda a, at, env: a[0] * a[1],
     Op.RMSNORM: lambda a, at, env: _rmsnorm(a[0], a[1] if len(a) > 1 else None, at["eps"], at["offset"]),
-    Op.LINEAR: lambda a, at, env: a[0] @ a[1].T,
+    Op.LINEAR: lambda a, at, env: _mm(a[0], a[1].T),
     Op.GELU_TANH: lambda a, at, env: _gelu_tanh(a[0]),
     Op.SOFTCAP: lambda a, at, env: (np.tanh(a[0] / F32(at["cap"])) * F32(at["cap"])).astype(F32),
     Op.RESHAPE: lambda a, at, env: _reshape(a[0], at, env),
     Op.TRANSPOSE: lambda a, at, env: np.ascontiguousarray(np.transpose(a[0], at["perm"])),
     Op.REPEAT_KV: lambda a, at, env: np.repeat(a[0], at["repeats"], axis=1),
     Op.ROPE: lambda a, at, env: _rope(a[0], a[1], a[2]),
-    Op.MATMUL: lambda a, at, env: np.matmul(a[0], a[1]),
+    Op.ROPE_TABLE: lambda a, at, env: _rope_from_table(a[0], a[1], a[2]),
+    Op.MATMUL: lambda a, at, env: _mm(a[0], a[1]),
     Op.CAUSAL_MASK: lambda a, at, env: _causal_mask(a[0], a[1], at["window"], at["bidirectional"]),
     Op.SOFTMAX: lambda a, at, env: _softmax(a[0]),
     Op.CONCAT: lambda a, at, env: np.concatenate(a, axis=at["axis"]),
     Op.SLICE: lambda a, at, env: _slice(a[0], at),
-    Op.CAST: lambda a, at, env: a[0],  # the reference computes in f32 throughout
+    Op.CAST: lambda a, at, env: a[0].astype(DType.parse(at["dtype"]).numpy),
     Op.MOE: lambda a, at, env: _moe(a, at["top_k"]),
     Op.ATTENTION: lambda a, at, env: _attention(a, at),
     Op.ADD_RMSNORM: lambda a, at, env: _add_rmsnorm(a, at),  # type: ignore[dict-item]
@@ -163,8 +219,16 @@ IMPLS: dict[Op, Impl] = {
 WeightSource = Mapping[str, np.ndarray] | Callable[[str], np.ndarray]
 
 
+def _rounded(value: np.ndarray, dtype: DType) -> np.ndarray:
+    """An op's result in its node's dtype: the one rounding a kernel storing it would do."""
+    want = dtype.numpy
+    return value if value.dtype == want else value.astype(want)
+
+
 class Interpreter:
-    """Runs an HIR; weights come from a mapping or a loader and are cached as float32 once."""
+    """Runs an HIR; weights come from a mapping or a loader and are cached as float32 once (a
+    param typed f16 / bf16 is converted from that copy; the `precision` pass instead keeps params
+    f32 and casts them in the graph, which this interpreter recomputes on every run)."""
 
     def __init__(self, hir: HIR, weights: WeightSource | None = None) -> None:
         self.hir = hir
@@ -187,11 +251,13 @@ class Interpreter:
     def param(self, node: Node) -> np.ndarray:
         name, scale, shift = param_key(node)
         if (scale, shift) == (1.0, 0.0):
-            return self.weight(name)
-        key = f"{name}*{scale!r}+{shift!r}"
-        if key not in self._cache:
-            self._cache[key] = (self.weight(name) * F32(scale) + F32(shift)).astype(F32)
-        return self._cache[key]
+            value = self.weight(name)
+        else:
+            key = f"{name}*{scale!r}+{shift!r}"
+            if key not in self._cache:
+                self._cache[key] = (self.weight(name) * F32(scale) + F32(shift)).astype(F32)
+            value = self._cache[key]
+        return _rounded(value, node.type.dtype)
 
     def _leaf(self, node: Node, feeds: Mapping[str, np.ndarray], env: dict[str, int]) -> np.ndarray:
         if node.op is Op.PARAM:
@@ -207,7 +273,7 @@ class Interpreter:
             bind_shape(node.type.shape, value.shape, env, f"input {name}")
         except ValueError as e:
             raise HIRError(str(e)) from None
-        return value.astype(node.type.dtype.numpy) if not node.type.dtype.is_float else value.astype(F32)
+        return value.astype(node.type.dtype.numpy)
 
     def run(self, feeds: Mapping[str, np.ndarray], *, env: dict[str, int] | None = None) -> dict[str, np.ndarray]:
         env = dict(env or {})
@@ -221,13 +287,13 @@ class Interpreter:
             if node.op in (Op.INPUT, Op.PARAM, Op.CONST):
                 values[node.id] = self._leaf(node, feeds, env)
             elif node.op is Op.RESULT:
-                values[node.id] = extra[node.inputs[0]][node.attr("index") - 1]
+                values[node.id] = _rounded(extra[node.inputs[0]][node.attr("index") - 1], node.type.dtype)
             else:
                 out = IMPLS[node.op]([values[i] for i in node.inputs], node.attr_dict, env)
                 if isinstance(out, tuple):
-                    values[node.id], extra[node.id] = out[0], out[1:]
+                    values[node.id], extra[node.id] = _rounded(out[0], node.type.dtype), out[1:]
                 else:
-                    values[node.id] = out
+                    values[node.id] = _rounded(out, node.type.dtype)
             for i in set(node.inputs):
                 if self._last_use[i] == step and i not in keep:
                     del values[i]

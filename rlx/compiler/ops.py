@@ -33,6 +33,7 @@ class Op(enum.Enum):
     TRANSPOSE = "transpose"
     REPEAT_KV = "repeat_kv"
     ROPE = "rope"
+    ROPE_TABLE = "rope_table"  # rope reading a folded cos | sin table (fold-rope, never the frontend)
     MATMUL = "matmul"
     CAUSAL_MASK = "causal_mask"
     SOFTMAX = "softmax"
@@ -158,12 +159,26 @@ def _repeat_kv(ins: Sequence[TensorType], attrs: Mapping[str, Any]) -> TensorTyp
     return x.with_shape((x.shape[0], heads * attrs["repeats"], *x.shape[2:]))
 
 
-def _rope(ins: Sequence[TensorType], attrs: Mapping[str, Any]) -> TensorType:
-    x, pos, inv_freq = ins
+def _rope_operands(x: TensorType, pos: TensorType) -> None:
     _need(x.rank == 4, f"expects [batch, heads, seq, head_dim], got {x}")
     _need(pos.dtype.is_int and pos.rank == 2, f"positions must be int [batch, seq], got {pos}")
+
+
+def _rope(ins: Sequence[TensorType], attrs: Mapping[str, Any]) -> TensorType:
+    x, pos, inv_freq = ins
+    _rope_operands(x, pos)
     _need(inv_freq.rank == 1 and x.shape[-1] == add_dims(inv_freq.shape[0], inv_freq.shape[0]),
           f"inv_freq {inv_freq} must hold head_dim/2 = {x.shape[-1]}/2 values")
+    return x
+
+
+def _rope_table(ins: Sequence[TensorType], attrs: Mapping[str, Any]) -> TensorType:
+    """The table is [positions, head_dim]: row p holds cos(p f) then sin(p f) (f: head_dim/2 values)."""
+    x, pos, table = ins
+    _rope_operands(x, pos)
+    _need(table.dtype.is_float and table.rank == 2 and isinstance(table.shape[0], int)
+          and table.shape[1] == x.shape[-1],
+          f"table {table} must be float [positions, head_dim = {x.shape[-1]}] with a static position count")
     return x
 
 
@@ -322,6 +337,8 @@ OPS: dict[Op, OpSpec] = {
     Op.TRANSPOSE: OpSpec((1, 1), _transpose, {"perm": ((tuple,), REQUIRED)}),
     Op.REPEAT_KV: OpSpec((1, 1), _repeat_kv, {"repeats": ((int,), REQUIRED)}),
     Op.ROPE: OpSpec((3, 3), _rope),
+    # x, positions, a [positions, head_dim] table of cos | sin per position (see passes/fold_rope.py)
+    Op.ROPE_TABLE: OpSpec((3, 3), _rope_table),
     Op.MATMUL: OpSpec((2, 2), _matmul),
     Op.CAUSAL_MASK: OpSpec((2, 2), _mask, {"window": ((int,), 0), "bidirectional": ((bool,), False)}),
     Op.SOFTMAX: OpSpec((1, 1), _same_as_first),

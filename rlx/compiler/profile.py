@@ -8,8 +8,9 @@ finds the line by scanning the text for the table header and the key.
 
 A profile touches a build in two places: `Profile.apply(flow)` maps `[[layers]]` onto the
 `GemmaFlow` builder (the same calls a Python user would make), and `Profile.pipeline(mode)` is
-the pass pipeline text `PassManager` runs on the built HIR. `[precision]`, `[specialize]` and
-`[backend.*]` opt_level / threads are recorded for the TVM backend.
+the pass pipeline text `PassManager` runs on the built HIR, ending with the `precision` pass
+when `[precision]` or a `[[layers]] dtype` asks for anything but f32 (`Profile.precision_pass`).
+`[specialize]` and `[backend.*]` opt_level / threads are recorded for the TVM backend.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from rlx.compiler.shapes import SEQ
 from rlx.errors import ProfileError
 from rlx.frontends.config import LAYER_TYPES, GemmaConfig
 from rlx.frontends.flow import NAMED_STAGES, GemmaFlow, LayerOverrides, Mode, Stage
+from rlx.passes.precision import Precision
 from rlx.passes.specialize import SYMBOLS
 
 PROFILE_FILE = "gemma.rlx.toml"
@@ -48,8 +50,9 @@ Policy = Literal["direct", "fusable"]
 _DIRECT = ("fuse-qkv", "fuse-gate-up", "fuse-geglu", "fuse-attention", "fuse-add-norm", "fuse-lm-head-softcap")
 FUSION_PASSES: dict[str, tuple[str, ...]] = {"direct": _DIRECT, "fusable": (*_DIRECT, "fuse-epilogue")}
 MODE_POLICY: dict[str, Policy] = {"prefill": "direct", "decode": "fusable"}  # when [fusion] policy is unset
-# [passes] flag -> pass, before fusion; dce runs last (it also sweeps what fusion replaced)
-CLEANUP = (("constant_folding", "fold-constants"), ("cse", "cse"))
+# [passes] flag -> pass, before fusion; dce runs last (it also sweeps what fusion replaced).
+# Constant folding includes the RoPE tables (a no-op on graphs without a position bound).
+CLEANUP = (("constant_folding", "fold-constants"), ("constant_folding", "fold-rope"), ("cse", "cse"))
 
 
 # ---- value checks: each takes the TOML value and returns the stored one, or raises _Bad ----
@@ -166,7 +169,8 @@ class PassOptions:
 
 @dataclass(frozen=True)
 class PrecisionOptions:
-    """[precision]: recorded for the TVM backend; "auto" keeps norms, softmax and softcaps in f32."""
+    """[precision]: the dtype matmul-class work runs in (`passes/precision.py`); "auto" keeps norms,
+    softmax, softcaps, RoPE, masks and the logits in f32, "off" casts those too."""
 
     compute: str = _key(choice(*FLOAT_DTYPES), "f32")
     mixed: str = _key(choice("auto", "off"), "auto")
@@ -214,7 +218,7 @@ class LayerPatch:
     score_scale: float | None = _key(number(zero_ok=False))
     softcap: float | None = _key(number(zero_ok=True))  # 0: no attention softcap
     rope_theta: float | None = _key(number(zero_ok=False))
-    dtype: str | None = _key(choice(*FLOAT_DTYPES))     # recorded for the backend (layer_dtypes)
+    dtype: str | None = _key(choice(*FLOAT_DTYPES))     # this layer's compute dtype (layer_dtypes)
     where: str = field(default="[[layers]] (python)", compare=False)  # "file:line: [[layers]] #k"
 
     def __post_init__(self) -> None:
@@ -299,17 +303,44 @@ class Profile:
     def policy(self, mode: Mode) -> Policy:
         return self.fusion.policy or MODE_POLICY[mode]
 
-    def pipeline(self, mode: Mode = "prefill", target: str | None = None) -> str:
+    def pipeline(self, mode: Mode = "prefill", target: str | None = None, config: GemmaConfig | None = None) -> str:
         """Pipeline text: [backend.<target>] passes, else [passes] pipeline, else derived from
-        [passes] flags and the [fusion] policy (fusion passes only once they are registered)."""
+        [passes] flags and the [fusion] policy (fusion passes only once they are registered);
+        then the `precision` pass [precision] / [[layers]] dtype ask for (`with_precision`)."""
         explicit = self.backend_for(target).passes if target else None
         if explicit is None:
             explicit = self.passes.pipeline
-        if explicit is not None:
-            return explicit
-        cleanup = [name for flag, name in CLEANUP if getattr(self.passes, flag)]
-        fusion = [] if self.fusion.skip else [p for p in FUSION_PASSES[self.policy(mode)] if p in REGISTRY]
-        return ",".join([*cleanup, *fusion, *(["dce"] if self.passes.dce else [])])
+        if explicit is None:
+            cleanup = [name for flag, name in CLEANUP if getattr(self.passes, flag)]
+            fusion = [] if self.fusion.skip else [p for p in FUSION_PASSES[self.policy(mode)] if p in REGISTRY]
+            explicit = ",".join([*cleanup, *fusion, *(["dce"] if self.passes.dce else [])])
+        return self.with_precision(explicit, config)
+
+    def precision_pass(self, config: GemmaConfig | None = None) -> str:
+        """The `precision` pass text for [precision] and [[layers]] dtype; "" when everything is
+        f32 (the graphs stay as built). Per-layer dtypes need the model's config: a `type`
+        selector reads its layer types, and the pass takes one dtype per layer."""
+        compute = self.precision.compute
+        if config is not None:
+            layers = self.layer_dtypes(config)
+        elif any(p.dtype is not None for p in self.layers):
+            raise ProfileError(f"{self.source}: [[layers]] dtype needs the model's config to resolve",
+                               hint="pass config= (the checkpoint's GemmaConfig) where the pipeline is built")
+        else:
+            layers = ()
+        if compute == "f32" and all(d == "f32" for d in layers):
+            return ""
+        per_layer = layers if any(d != compute for d in layers) else ()
+        return str(Precision(compute=compute, mixed=self.precision.mixed, layers=per_layer))
+
+    def with_precision(self, pipeline: str, config: GemmaConfig | None = None) -> str:
+        """`pipeline` with `precision_pass` appended, last: the casts it inserts would hide the
+        patterns the fusion passes look for, and it knows the fused ops. A pipeline that names a
+        `precision` pass itself is left as it is."""
+        extra = self.precision_pass(config)
+        if not extra or any(p.name == Precision.name for p in parse_pipeline(pipeline)):
+            return pipeline
+        return ",".join(filter(None, (pipeline, extra)))
 
     def apply(self, flow: GemmaFlow) -> GemmaFlow:
         """Map [[layers]] onto the builder, in file order (later patches win, as in Python)."""
@@ -336,11 +367,19 @@ PRESETS: dict[str, Profile] = {
 DEFAULT_PROFILE = Profile(source="default (gemma_prefill / gemma_decode by mode)")
 
 
-def optimize(hir: HIR, mode: Mode, profile: Profile | None = None,
-             passes: str | None = None) -> tuple[HIR, PassReport]:
+def optimize(hir: HIR, mode: Mode, profile: Profile | None = None, passes: str | None = None,
+             config: GemmaConfig | None = None) -> tuple[HIR, PassReport]:
     """Run `passes` (default: the profile's pipeline for mode; no profile: nothing) through
-    PassManager. With [fusion] assert_clean, a fusion pattern that matched half-way is an error."""
-    text = passes if passes is not None else (profile.pipeline(mode) if profile else "")
+    PassManager. With [fusion] assert_clean, a fusion pattern that matched half-way is an error.
+
+    The profile's precision is part of the model it asks for, not a pass choice: explicit
+    `passes` get its `precision` pass appended too, except the empty pipeline, which asks for
+    the graph as built (`rlx inspect --passes ""`, compile's `before.hir`). `config` resolves
+    `[[layers]] dtype` patches (required when the profile has any)."""
+    if passes is None:
+        text = profile.pipeline(mode, config=config) if profile else ""
+    else:
+        text = profile.with_precision(passes, config) if profile and passes.strip() else passes
     clean = profile is not None and profile.fusion.assert_clean
     return PassManager(parse_pipeline(text), assert_clean=clean).run(hir)
 

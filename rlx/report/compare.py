@@ -37,8 +37,8 @@ NOT_EXECUTED = {
 }
 
 METHODS = {
-    "kv_cache_bytes": "sum of the decode entry's past_* inputs (manifest entry signature) at "
-                      "PAST_SEQ = max_seq; equals sum over non-shared-KV layers of "
+    "kv_cache_bytes": "sum of the decode entry's cache_* buffers (manifest entry signature) at "
+                      "KV_CAP = max_seq; equals sum over non-shared-KV layers of "
                       "2 * kv_heads * head_dim * max_seq * itemsize",
     "activation_bytes": "the largest single intermediate of hir/prefill.after.hir (every node but "
                         "input / param / const) with its HIR type evaluated at SEQ = max_seq; a lower "
@@ -117,9 +117,8 @@ def _tensor_bytes(text: str, env: dict[str, int]) -> tuple[int, tuple[int, ...]]
 
 
 def kv_cache_bytes(manifest: dict[str, Any]) -> int:
-    env = {"PAST_SEQ": int(manifest["max_seq"]), "BATCH": 1, "SEQ": 1}
-    return sum(_tensor_bytes(t, env)[0] for name, t in manifest["entries"]["decode"]["inputs"]
-               if name.startswith("past_"))
+    env = {"KV_CAP": int(manifest["max_seq"]), "BATCH": 1}
+    return sum(_tensor_bytes(t, env)[0] for _, t in manifest["entries"]["decode"]["caches"])
 
 
 def largest_activation(hir_text: str, max_seq: int) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 The manifest gives each entry's calling convention (inputs, then weight params by key, then
 outputs); the weights file holds every param already in the kernels' layout. The run loop is
-`CompiledEngine`'s, so an artifact computes exactly what an in-process compile does.
+`VMEngine`'s, shared with the in-process compile, and like it imports only TVM's runtime.
 """
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import tvm
-from tvm import relax
+from tvm.runtime.vm import VirtualMachine
 
 from rlx.compiler.pipeline import PassReport
 from rlx.compiler.tensor_type import TensorType
 from rlx.frontends.config import GemmaConfig
 from rlx.frontends.safetensors_file import DTYPE_NAMES, read_header
-from rlx.runtime.compiled import DEVICES, CompiledEngine
+from rlx.runtime.vm_engine import DEVICES, VMEngine
 from rlx.targets.artifact import check_compatible, read_manifest
 
 
@@ -36,11 +36,16 @@ class EntrySignature:
     inputs: tuple[tuple[str, TensorType], ...]
     params: tuple[_Param, ...]
     outputs: tuple[str, ...]
+    caches: tuple[tuple[str, TensorType], ...]
+    dims: tuple[str, ...]
 
     @staticmethod
     def from_manifest(entry: dict) -> EntrySignature:
-        return EntrySignature(entry["function"], tuple((n, TensorType.parse(t)) for n, t in entry["inputs"]),
-                              tuple(_Param(k) for k, _ in entry["params"]), tuple(entry["outputs"]))
+        def typed(pairs: list[list[str]]) -> tuple[tuple[str, TensorType], ...]:
+            return tuple((n, TensorType.parse(t)) for n, t in pairs)
+
+        return EntrySignature(entry["function"], typed(entry["inputs"]), tuple(_Param(k) for k, _ in entry["params"]),
+                              tuple(entry["outputs"]), typed(entry["caches"]), tuple(entry["dims"]))
 
 
 def load_weights(path: Path, device: tvm.runtime.Device) -> dict[str, tvm.runtime.Tensor]:
@@ -71,8 +76,8 @@ def runnable_targets() -> tuple[str, ...]:
     return tuple(out)
 
 
-class ArtifactEngine(CompiledEngine):
-    def __init__(self, artifact: str | Path) -> None:  # noqa: D107 (CompiledEngine's compile path is skipped)
+class ArtifactEngine(VMEngine):
+    def __init__(self, artifact: str | Path) -> None:
         root = Path(artifact)
         manifest = read_manifest(root)
         check_compatible(manifest, root, runnable_targets=runnable_targets())
@@ -81,10 +86,10 @@ class ArtifactEngine(CompiledEngine):
         self.device = DEVICES[manifest["target"]["device"]](0)
         self.config = GemmaConfig.from_dict(manifest["config"])
         self.max_seq = int(manifest["max_seq"])
+        self.buckets = tuple(manifest["prefill_buckets"])
         self.signatures = {name: EntrySignature.from_manifest(e) for name, e in manifest["entries"].items()}
-        self._vm = relax.VirtualMachine(tvm.runtime.load_module(str(root / manifest["library"])), self.device)
+        self._vm = VirtualMachine(tvm.runtime.load_module(str(root / manifest["library"])), self.device)
         self._weights = load_weights(root / manifest["weights"], self.device)
         self.reports: dict[str, PassReport] = {}  # the passes ran at compile time: see report.json
         self.report = json.loads((root / "report.json").read_text())
-        self._kv = {}
-        self._pos = 0
+        self._reset()

@@ -43,7 +43,8 @@ def _coefficient(d: Dim, symbol: str) -> int:
     return dict(d.terms).get(symbol, 0) if isinstance(d, SymDim) else 0
 
 
-def _pad(value: np.ndarray, axis: int, extra: int, continued: bool) -> np.ndarray:
+def pad_seq(value: np.ndarray, axis: int, extra: int, continued: bool) -> np.ndarray:
+    """`extra` entries more at the end of `axis`: zeros, or (`continued`) last + 1, last + 2, ..."""
     widths = [(0, 0)] * value.ndim
     widths[axis] = (0, extra)
     padded = np.pad(value, widths)
@@ -96,7 +97,7 @@ class Dispatcher:
         for name, node in source.inputs.items():
             for axis, d in enumerate(node.type.shape):
                 if name in padded and (c := _coefficient(d, self.dim)):
-                    padded[name] = _pad(padded[name], axis, c * extra, name in CONTINUED_INPUTS)
+                    padded[name] = pad_seq(padded[name], axis, c * extra, name in CONTINUED_INPUTS)
         if (select := self.graphs.select_input) is not None:  # one-hot on the last real position
             one_hot = np.zeros(eval_shape(self.graphs.variants[bucket].inputs[select].type.shape, env), np.float32)
             one_hot[..., n - 1] = 1.0

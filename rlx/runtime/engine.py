@@ -19,8 +19,9 @@ class Engine(Protocol):
     max_seq: int
     reports: Mapping[str, PassReport]  # per graph (e.g. "prefill", "decode"): the passes that built it
 
-    def prefill(self, ids: list[int]) -> np.ndarray:
-        """Reset the KV cache, run the prompt, return the last position's logits [vocab]."""
+    def prefill(self, ids: list[int], capacity: int | None = None) -> np.ndarray:
+        """Reset the KV cache (room for `capacity` positions, a hint), run the prompt, return the
+        last position's logits [vocab]."""
         ...
 
     def step(self, token: int) -> np.ndarray:

@@ -58,7 +58,7 @@ def generate(
     sampler = sampler or Sampler()
     gen = Generation(list(prompt_ids))
     t0 = time.perf_counter()
-    logits = engine.prefill(list(prompt_ids))
+    logits = engine.prefill(list(prompt_ids), capacity=total)
     gen.prefill_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     while True:

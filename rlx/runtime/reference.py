@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
@@ -10,10 +10,14 @@ from rlx.compiler.graph import HIR
 from rlx.compiler.interpreter import Interpreter
 from rlx.compiler.pipeline import PassReport
 from rlx.compiler.profile import Profile, optimize
+from rlx.compiler.shapes import PAST_SEQ, SEQ
 from rlx.errors import RunError
 from rlx.frontends.checkpoint import Checkpoint
 from rlx.frontends.flow import GemmaFlow, Mode
+from rlx.passes.specialize import graph_symbols, record_bounds, specialize_buckets
 from rlx.progress import track
+from rlx.runtime.dispatch import Dispatcher, Runner
+from rlx.runtime.prefill_buckets import choose, profile_buckets
 
 
 class WeightCache:
@@ -44,15 +48,31 @@ _MODE_FLOWS: dict[Mode, Callable[[GemmaFlow], GemmaFlow]] = {
 }
 
 
+def context_bounds(max_seq: int) -> dict[str, int]:
+    """Upper bounds of a generation engine's dims at a context of `max_seq` positions: a prefill
+    of up to max_seq tokens, a decode step after up to max_seq - 1 (what `fold-rope` sizes its
+    tables by, and memory planning reads)."""
+    return {SEQ: max_seq, PAST_SEQ: max_seq - 1}
+
+
 def reference_pipelines(ckpt: Checkpoint, flow: GemmaFlow | None = None, *, passes: str | None = None,
-                        profile: Profile | None = None) -> dict[Mode, tuple[HIR, PassReport]]:
+                        profile: Profile | None = None,
+                        bounds: Mapping[str, int] | None = None) -> dict[Mode, tuple[HIR, PassReport]]:
     """Per mode, the batch-1 generation graph (last-token logits plus the KV cache) and its pass
-    report: the profile's [[layers]] applied, then `passes` or else the profile's pipeline for that
-    mode (with neither, no pass runs and the graphs are the builder's)."""
+    report: the profile's [[layers]] applied, `bounds` recorded (see `context_bounds`), then
+    `passes` or else the profile's pipeline for that mode, either followed by the profile's
+    `precision` pass when it asks for one (with neither, no pass runs and the graphs are the
+    builder's)."""
     base = (flow or GemmaFlow(ckpt.config, ckpt.weights.shape)).batch(1).last_token_logits().export_kv()
     if profile is not None:
         base = base.profile(profile)
-    return {mode: optimize(make(base).build(), mode, profile, passes) for mode, make in _MODE_FLOWS.items()}
+    out = {}
+    for mode, make in _MODE_FLOWS.items():
+        hir = make(base).build()
+        if bounds:
+            record_bounds(hir, {k: v for k, v in bounds.items() if k in graph_symbols(hir)})
+        out[mode] = optimize(hir, mode, profile, passes, ckpt.config)
+    return out
 
 
 def reference_graphs(ckpt: Checkpoint, flow: GemmaFlow | None = None, *, passes: str | None = None,
@@ -75,10 +95,13 @@ class ReferenceEngine:
         prefill, decode = graphs["prefill"][0], graphs["decode"][0]
         weights.preload([n.attr("name") for g in (prefill, decode) for n in g.params.values()])
         self._prefill, self._decode = Interpreter(prefill, weights), Interpreter(decode, weights)
+        self._buckets = profile_buckets(profile, self.max_seq)  # [specialize] SEQ: as the compiled engines
+        self._bucketed = (Dispatcher(specialize_buckets(prefill, SEQ, self._buckets), lambda g: Interpreter(g, weights))
+                          if self._buckets else None)
         self._kv: dict[str, np.ndarray] = {}
         self._pos = 0
 
-    def _run(self, interp: Interpreter, ids: list[int]) -> np.ndarray:
+    def _run(self, interp: Runner, ids: list[int]) -> np.ndarray:
         n = len(ids)
         feeds: dict[str, np.ndarray] = {
             "input_ids": np.asarray([ids], dtype=np.int64),
@@ -90,11 +113,13 @@ class ReferenceEngine:
         self._pos += n
         return out["logits"][0, -1]
 
-    def prefill(self, ids: list[int]) -> np.ndarray:
+    def prefill(self, ids: list[int], capacity: int | None = None) -> np.ndarray:
+        """`capacity` is unused: the reference cache is the HIR's own, grown by concatenation."""
         if not ids:
             raise RunError("empty prompt", hint="pass --prompt TEXT or --prompt-ids 2,818,...")
         self._kv, self._pos = {}, 0
-        return self._run(self._prefill, ids)
+        bucketed = self._bucketed is not None and choose(len(ids), self._buckets) is not None
+        return self._run(self._bucketed if bucketed else self._prefill, ids)  # type: ignore[arg-type]
 
     def step(self, token: int) -> np.ndarray:
         if not self._kv:

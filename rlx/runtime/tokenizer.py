@@ -18,6 +18,7 @@ from tokenizers import Tokenizer as Backend
 
 from rlx.errors import RlxError
 from rlx.frontends.checkpoint import Checkpoint
+from rlx.runtime.detokenizer import Detokenizer
 
 _SPACE = "\u2581"  # SentencePiece's visible space
 _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
@@ -142,10 +143,19 @@ class Tokenizer:
         return cls(backend, bos_id=bos_id, eos_ids=[*eos_ids, *(e for e in extra if e is not None)],
                    source=str(path))
 
+    def detokenizer(self) -> Detokenizer:
+        """The decode-only table (raises RlxError if the decoder has a step it cannot mirror)."""
+        return Detokenizer.from_tokenizer(self.backend)
+
     def save(self, directory: Path) -> None:
-        """Write what `from_hf_dir` reads back: tokenizer.json, the BOS token, the EOS ids."""
+        """Write what `from_hf_dir` reads back: tokenizer.json, the BOS token, the EOS ids; and
+        the decode-only `detokenizer.json` when the decoder allows one."""
         directory = Path(directory)
         self.backend.save(str(directory / "tokenizer.json"))
+        try:
+            self.detokenizer().save(directory)
+        except RlxError:
+            pass  # decoding then loads the full tokenizer
         bos = self.backend.id_to_token(self.bos_id) if self.bos_id is not None else None
         (directory / "tokenizer_config.json").write_text(json.dumps({"bos_token": bos}))
         (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": list(self.eos_ids)}))

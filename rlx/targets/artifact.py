@@ -27,7 +27,7 @@ from typing import Any
 from rlx.errors import RlxError
 
 FORMAT = "rlx-artifact"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: in-place KV cache buffers (caches, dims in entries)
 MANIFEST = "manifest.json"
 
 

@@ -3,17 +3,19 @@
 Each is one TE stage, so Relax's FuseOps can fuse elementwise epilogues into it, and the
 contractions carry a known block name so that `schedules.py` finds them after fusion (the
 contraction kind decides the schedule, see `CONTRACTIONS`). Every compute mirrors the numpy
-reference in `rlx/compiler/interpreter.py`: float32, same operation order where it matters.
+reference in `rlx/compiler/interpreter.py`, same operation order where it matters. Dtypes follow
+the operands: contractions of f16 / bf16 operands accumulate in float32 and return float32 (the
+lowering rounds to the node's dtype after any fused epilogue, as the interpreter does), RoPE
+computes in float32 and rounds back, and masks fill with the scores' dtype-min.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
 from tvm import te, tirx
 
-MASKED = float(np.finfo(np.float32).min)  # what the reference (and transformers) fills masked scores with
+from rlx.compiler.interpreter import masked_value
 
 # contraction block names -> operand layout: "nt" reduces over the last axis of both operands
 # (x @ w.T: both rows contiguous), "nn" over the last axis of a and the second-to-last of b
@@ -29,11 +31,26 @@ CONTRACTIONS: dict[str, str] = {
 }
 
 
+ACCUMULATE = "float32"
+
+
+def _f32(e: tirx.PrimExpr) -> tirx.PrimExpr:
+    return e if e.dtype == ACCUMULATE else e.astype(ACCUMULATE)
+
+
+def _product(a: tirx.PrimExpr, b: tirx.PrimExpr) -> tirx.PrimExpr:
+    """One term of a contraction. Same-dtype float32 operands multiply as they are (the f32
+    kernels are unchanged); anything else is widened to float32 first, so the sum accumulates in
+    f32 whatever the storage dtype. The casts sit inside the reduction's expression, so each
+    contraction stays one block that `schedules.py` finds by name."""
+    return a * b if a.dtype == b.dtype == ACCUMULATE else _f32(a) * _f32(b)
+
+
 def linear(x: te.Tensor, w: te.Tensor) -> te.Tensor:
     """`y[..., n] = sum_k x[..., k] * w[n, k]` (weights stay [out, in], as stored)."""
     k = te.reduce_axis((0, x.shape[-1]), name="k")
     return te.compute((*x.shape[:-1], w.shape[0]),
-                      lambda *i: te.sum(x[(*i[:-1], k)] * w[i[-1], k], axis=k), name=LINEAR)
+                      lambda *i: te.sum(_product(x[(*i[:-1], k)], w[i[-1], k]), axis=k), name=LINEAR)
 
 
 def _broadcast_index(index: Sequence[tirx.PrimExpr], shape: Sequence[tirx.PrimExpr],
@@ -54,26 +71,28 @@ def matmul(a: te.Tensor, b: te.Tensor, out_batch: Sequence[tirx.PrimExpr]) -> te
         batch = i[:-2]
         ia = _broadcast_index(batch, a.shape[:-2], out_batch)
         ib = _broadcast_index(batch, b.shape[:-2], out_batch)
-        return te.sum(a[(*ia, i[-2], k)] * b[(*ib, k, i[-1])], axis=k)
+        return te.sum(_product(a[(*ia, i[-2], k)], b[(*ib, k, i[-1])]), axis=k)
 
     return te.compute(shape, body, name=MATMUL)
 
 
-def attention_scores(q: te.Tensor, k: te.Tensor) -> te.Tensor:
-    """`q @ k^T` per head; query head h reads KV head h // (Hq / Hk), so K is never repeated."""
+def attention_scores(q: te.Tensor, k: te.Tensor, length: tirx.PrimExpr | None = None) -> te.Tensor:
+    """`q @ k^T` per head; query head h reads KV head h // (Hq / Hk), so K is never repeated.
+    With `length`, k is a cache buffer and only its first `length` rows are keys."""
     group = int(q.shape[1]) // int(k.shape[1])
     d = te.reduce_axis((0, q.shape[-1]), name="d")
-    return te.compute((q.shape[0], q.shape[1], q.shape[2], k.shape[2]),
-                      lambda b, h, s, t: te.sum(q[b, h, s, d] * k[b, h // group, t, d], axis=d),
+    return te.compute((q.shape[0], q.shape[1], q.shape[2], k.shape[2] if length is None else length),
+                      lambda b, h, s, t: te.sum(_product(q[b, h, s, d], k[b, h // group, t, d]), axis=d),
                       name=ATTN_SCORES)
 
 
 def attention_values(p: te.Tensor, v: te.Tensor) -> te.Tensor:
-    """`probs @ v` per head, with the same head grouping as `attention_scores`."""
+    """`probs @ v` per head, with the same head grouping as `attention_scores`; v may be a
+    cache buffer longer than the probabilities' key axis (rows past it are never read)."""
     group = int(p.shape[1]) // int(v.shape[1])
     t = te.reduce_axis((0, p.shape[-1]), name="t")
     return te.compute((p.shape[0], p.shape[1], p.shape[2], v.shape[3]),
-                      lambda b, h, s, e: te.sum(p[b, h, s, t] * v[b, h // group, t, e], axis=t),
+                      lambda b, h, s, e: te.sum(_product(p[b, h, s, t], v[b, h // group, t, e]), axis=t),
                       name=ATTN_VALUES)
 
 
@@ -83,18 +102,46 @@ def rope(x: te.Tensor, pos: te.Tensor, inv_freq: te.Tensor) -> te.Tensor:
     half = dim // 2
 
     def body(b: tirx.PrimExpr, h: tirx.PrimExpr, s: tirx.PrimExpr, d: tirx.PrimExpr) -> tirx.PrimExpr:
-        angle = pos[b, s].astype("float32") * inv_freq[tirx.floormod(d, half)]
-        partner = x[b, h, s, tirx.floormod(d + half, dim)]
+        angle = pos[b, s].astype("float32") * _f32(inv_freq[tirx.floormod(d, half)])
+        partner = _f32(x[b, h, s, tirx.floormod(d + half, dim)])
         rotated = tirx.Select(d < half, -partner, partner)
-        return x[b, h, s, d] * tirx.cos(angle) + rotated * tirx.sin(angle)
+        out = _f32(x[b, h, s, d]) * tirx.cos(angle) + rotated * tirx.sin(angle)
+        return out if x.dtype == ACCUMULATE else out.astype(x.dtype)
 
     return te.compute(x.shape, body, name="rlx_rope")
+
+
+def _rotate_half_at(x: te.Tensor, b: tirx.PrimExpr, h: tirx.PrimExpr, s: tirx.PrimExpr,
+                    d: tirx.PrimExpr) -> tirx.PrimExpr:
+    """Element d of `rotate_half(x[b, h, s])`: `-x[d + D/2]` in the first half, `x[d - D/2]` in the second."""
+    dim = x.shape[-1]
+    partner = x[b, h, s, tirx.floormod(d + dim // 2, dim)]
+    return tirx.Select(d < dim // 2, -partner, partner)
+
+
+def rope_table(x: te.Tensor, pos: te.Tensor, table: te.Tensor) -> te.Tensor:
+    """RoPE from a folded table (`passes/fold_rope.py`): row p of `table [P, D]` is cos(p f) | sin(p f).
+
+    The row index is clamped into 0..P-1: positions past the graph's bound break its contract,
+    and this way they read a wrong row instead of memory past the table. Computed in float32 (the
+    table's dtype) and cast back to x's."""
+    half = x.shape[-1] // 2
+    last = table.shape[0] - 1
+
+    def body(b: tirx.PrimExpr, h: tirx.PrimExpr, s: tirx.PrimExpr, d: tirx.PrimExpr) -> tirx.PrimExpr:
+        p = tirx.max(tirx.min(pos[b, s].astype("int64"), last.astype("int64")), tirx.const(0, "int64"))
+        j = tirx.floormod(d, half)
+        out = (x[b, h, s, d].astype("float32") * table[p, j]
+               + _rotate_half_at(x, b, h, s, d).astype("float32") * table[p, j + half])
+        return out.astype(x.dtype)
+
+    return te.compute(x.shape, body, name="rlx_rope_table")
 
 
 def causal_mask(scores: te.Tensor, qpos: te.Tensor, window: int, bidirectional: bool) -> te.Tensor:
     """Keys sit at positions 0..T-1; a query at q sees k <= q (and q - W < k with a window W);
     bidirectional: every key, or |q - k| < W with a window."""
-    masked = tirx.const(MASKED, "float32")
+    masked = tirx.const(masked_value(str(scores.dtype)), scores.dtype)
 
     def body(b: tirx.PrimExpr, h: tirx.PrimExpr, s: tirx.PrimExpr, t: tirx.PrimExpr) -> tirx.PrimExpr:
         q = qpos[b, s].astype("int64")
@@ -113,11 +160,39 @@ def moe_gate_up(x: te.Tensor, gate_up: te.Tensor, experts: te.Tensor) -> te.Tens
     weights of its k chosen experts (the gather happens inside the contraction)."""
     c = te.reduce_axis((0, x.shape[-1]), name="c")
     return te.compute((x.shape[0], experts.shape[1], gate_up.shape[1]),
-                      lambda n, j, i: te.sum(x[n, c] * gate_up[experts[n, j], i, c], axis=c), name=MOE_GATE_UP)
+                      lambda n, j, i: te.sum(_product(x[n, c], gate_up[experts[n, j], i, c]), axis=c),
+                      name=MOE_GATE_UP)
 
 
 def moe_down(act: te.Tensor, down: te.Tensor, experts: te.Tensor) -> te.Tensor:
     """`y[n, j, c] = sum_i act[n, j, i] * down[experts[n, j], c, i]` (per chosen expert slot)."""
     i = te.reduce_axis((0, act.shape[-1]), name="i")
     return te.compute((act.shape[0], act.shape[1], down.shape[1]),
-                      lambda n, j, c: te.sum(act[n, j, i] * down[experts[n, j], c, i], axis=i), name=MOE_DOWN)
+                      lambda n, j, c: te.sum(_product(act[n, j, i], down[experts[n, j], c, i]), axis=i),
+                      name=MOE_DOWN)
+
+
+KV_WRITE = "rlx_kv_write"
+
+
+def kv_write(dtype: str) -> tirx.PrimFunc:
+    """`cache[b, h, offset + s, d] = new[b, h, s, d]`, in place (called with `call_tir_inplace`):
+    the cache buffer [B, H, CAP, D] is the caller's, so a step costs its new rows, not the cache.
+    TE cannot express a write into an input, hence TVMScript."""
+    from tvm.script import tirx as T
+
+    @T.prim_func(private=True, check_well_formed=False)
+    def write(var_cache: T.handle, var_new: T.handle, offset: T.int64) -> None:
+        T.func_attr({"tir.noalias": True})
+        b, h, cap, d, s = T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
+        cache = T.match_buffer(var_cache, (b, h, cap, d), dtype)
+        new = T.match_buffer(var_new, (b, h, s, d), dtype)
+        with T.sblock("root"):
+            for i, j, k, m in T.grid(b, h, s, d):
+                with T.sblock(KV_WRITE):
+                    vi, vj, vk, vm = T.axis.remap("SSSS", [i, j, k, m])
+                    T.reads(new[vi, vj, vk, vm])
+                    T.writes(cache[vi, vj, offset + vk, vm])
+                    cache[vi, vj, offset + vk, vm] = new[vi, vj, vk, vm]
+
+    return write

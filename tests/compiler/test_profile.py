@@ -157,14 +157,14 @@ def test_presets_and_default() -> None:
 
 
 def test_derived_pipeline_follows_the_flags(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert parse_profile("[fusion]\nskip = true").pipeline() == "fold-constants,cse,dce"
+    assert parse_profile("[fusion]\nskip = true").pipeline() == "fold-constants,fold-rope,cse,dce"
     off = parse_profile("[passes]\ndce = false\ncse = false\nconstant_folding = false\n[fusion]\nskip = true")
     assert off.pipeline() == ""
     p = parse_profile('[passes]\npipeline = "cse"\n[backend.cuda]\npasses = "dce"')
     assert (p.pipeline("prefill"), p.pipeline("decode", "cuda"), p.pipeline("decode", "cpu")) == ("cse", "dce", "cse")
     # before the fusion passes are registered, the derived pipeline leaves them out
     monkeypatch.setattr(profile_mod, "REGISTRY", {k: v for k, v in REGISTRY.items() if not k.startswith("fuse-")})
-    assert PRESETS["gemma_decode"].pipeline("decode") == "fold-constants,cse,dce"
+    assert PRESETS["gemma_decode"].pipeline("decode") == "fold-constants,fold-rope,cse,dce"
 
 
 def test_presets_and_flow_profile_names(tiny_ckpt: Ckpt) -> None:
@@ -376,3 +376,61 @@ def test_readme_example_profile_parses() -> None:
     example = section[section.index("```toml\n") + 8:section.index("```\n", section.index("```toml\n") + 8)]
     p = parse_profile(example, "README.md")
     assert p.fusion.policy == "fusable" and p.buckets("SEQ") == (1, 32, 128, 512) and len(p.layers) == 3
+
+
+# ---- [precision] and [[layers]] dtype: the precision pass ends the pipeline ----
+
+def test_precision_pass_ends_every_pipeline(tiny_ckpt: Ckpt) -> None:
+    cfg = open_checkpoint(tiny_ckpt("gemma3")).config  # sliding, full, sliding, full
+    assert DEFAULT_PROFILE.precision_pass(cfg) == "" and "precision" not in DEFAULT_PROFILE.pipeline(config=cfg)
+    f16 = parse_profile('[precision]\ncompute = "f16"\n')
+    assert f16.precision_pass() == "precision{compute=f16}"
+    assert f16.pipeline("decode") == DEFAULT_PIPELINE + ",precision{compute=f16}"
+    text = '[precision]\ncompute = "bf16"\nmixed = "off"\n[[layers]]\ntype = "full_attention"\ndtype = "f32"\n'
+    mixed = parse_profile(text)
+    assert mixed.pipeline("prefill", config=cfg).endswith(",precision{compute=bf16,mixed=off,layers=bf16|f32|bf16|f32}")
+    with pytest.raises(ProfileError, match="needs the model's config"):  # a `type` selector needs the layer types
+        mixed.pipeline("prefill")
+    assert parse_profile('[[layers]]\nindex = 2\ndtype = "f16"\n').precision_pass(cfg) == \
+        "precision{layers=f32|f32|f16|f32}"
+    named = parse_profile('[precision]\ncompute = "f16"\n[passes]\npipeline = "cse,precision{compute=bf16}"\n')
+    assert named.pipeline() == "cse,precision{compute=bf16}"  # a pipeline that names one is left as it is
+    assert parse_profile('[precision]\ncompute = "f16"\n[passes]\ndce = false\ncse = false\n'
+                         'constant_folding = false\n[fusion]\nskip = true').pipeline() == "precision{compute=f16}"
+
+
+def test_optimize_appends_precision_to_explicit_passes_but_not_to_none(tiny_ckpt: Ckpt) -> None:
+    d = tiny_ckpt("gemma3")
+    hir, cfg = _flow(d).build(), open_checkpoint(d).config
+    f16 = parse_profile('[precision]\ncompute = "f16"\n')
+    _, report = optimize(hir, "prefill", f16, passes="cse", config=cfg)
+    assert [r.spec for r in report.records] == ["cse", "precision{compute=f16}"]
+    out, report = optimize(hir, "prefill", f16, passes="", config=cfg)  # "": the graph as built
+    assert out == hir and not report.records
+
+
+def test_precision_profile_file_gives_f16_linears(tiny_ckpt: Ckpt, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """A gemma.rlx.toml with `[precision] compute = "f16"`: the graphs the reference engine runs
+    (and the compiled engine and `rlx compile`, which build theirs with reference_pipelines) and
+    `rlx inspect` shows have f16 linears, f32 norms and f32 logits."""
+    from rlx.cli import main
+    from rlx.compiler.dtypes import DType
+    from rlx.compiler.text import parse_hir
+    from rlx.runtime.reference import reference_graphs
+
+    d = tiny_ckpt("gemma3")
+    path = _write(tmp_path, '[precision]\ncompute = "f16"\n')
+    profile = resolve_profile(path, d)
+    for hir in reference_graphs(open_checkpoint(d), profile=profile):
+        assert {n.type.dtype for n in hir.nodes() if n.op in (Op.LINEAR, Op.LINEAR_EPILOGUE)} == {DType.F16}
+        assert {n.type.dtype for n in hir.nodes() if n.op in (Op.RMSNORM, Op.ADD_RMSNORM)} == {DType.F32}
+        assert hir.node(hir.outputs["logits"]).type.dtype is DType.F32
+    engine = ReferenceEngine(open_checkpoint(d), profile=profile)
+    assert engine.reports["decode"].records[-1].spec == "precision{compute=f16}"
+    ref = ReferenceEngine(open_checkpoint(d)).prefill(PROMPT)
+    ours = engine.prefill(PROMPT)
+    assert 0 < np.abs(ours - ref).max() <= 4 * 2.0 ** -11 * 6 * np.abs(ref).max()  # test_precision.py's bound
+    assert main(["inspect", str(d), "--profile", str(path)]) == 0
+    shown = parse_hir(capsys.readouterr().out)
+    assert {n.type.dtype for n in shown.nodes_of(Op.LINEAR)} == {DType.F16}

@@ -8,6 +8,8 @@ reference interpreter both are float32 with a different summation order, so logi
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -45,8 +47,10 @@ def test_artifact_contents_match_the_checkpoint(gemma3_artifact: Path, tiny_ckpt
     assert manifest["config"] == ckpt.config.to_dict()
     assert manifest["target"]["name"] == "cpu" and manifest["versions"]["rlx"] == rlx.__version__
     assert set(manifest["entries"]) == {"prefill", "decode"}
-    assert manifest["bounds"] == {"SEQ": ckpt.config.max_position_embeddings,
-                                  "PAST_SEQ": ckpt.config.max_position_embeddings}
+    ctx = ckpt.config.max_position_embeddings
+    assert manifest["bounds"] == {"SEQ": ctx, "PAST_SEQ": ctx - 1, "KV_CAP": ctx} and manifest["prefill_buckets"] == []
+    decode = manifest["entries"]["decode"]
+    assert decode["dims"] == ["PAST_SEQ"] and len(decode["caches"]) == 2 * ckpt.config.num_layers
     from safetensors.numpy import load_file  # our streaming writer must produce a standard file
 
     weights = load_file(gemma3_artifact / "weights.safetensors")
@@ -59,6 +63,8 @@ def test_artifact_contents_match_the_checkpoint(gemma3_artifact: Path, tiny_ckpt
     assert {"graphs", "lower", "build", "export", "weights"} <= set(report["phases"])
     hits = {k: v for r in report["passes"]["prefill"]["passes"] for k, v in r["stats"].items()}
     assert hits["hits.attention"] == ckpt.config.num_layers
+    # the compiled context bounds the positions, so fold-rope built its cos|sin tables (q and k per layer)
+    assert hits["rope-table"] == 2 * ckpt.config.num_layers and hits["tables"] == 2  # local + global theta
     for mode in ("prefill", "decode"):
         before = verify(parse_hir((gemma3_artifact / "hir" / f"{mode}.before.hir").read_text()))
         after = verify(parse_hir((gemma3_artifact / "hir" / f"{mode}.after.hir").read_text()))
@@ -74,6 +80,19 @@ def test_artifact_runs_like_the_reference(gemma3_artifact: Path, tiny_ckpt: Ckpt
     ours, ref = np.load(a), np.load(b)
     assert ours.shape == ref.shape == (9, 256)
     np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4 * float(np.abs(ref).max()))
+
+
+def test_running_an_artifact_loads_only_the_tvm_runtime(gemma3_artifact: Path) -> None:
+    """`rlx run ARTIFACT` needs the VM, not TVM's 260 MB compiler library, nor torch (which
+    tvm_ffi imports when installed): a fresh process checks what got loaded."""
+    probe = ("import sys; from rlx.cli import main\n"
+             f"assert main(['run', {str(gemma3_artifact)!r}, '--prompt-ids', {PROMPT!r}, '--max-new-tokens', '2']) == 0\n"
+             "import tvm.base\n"
+             "maps = open('/proc/self/maps').read()\n"
+             "print(tvm.base._RUNTIME_ONLY, 'torch' in sys.modules, 'libtvm_compiler' in maps, 'libtvm_runtime' in maps)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[-4:] == ["True", "False", "False", "True"]
 
 
 def test_python_api_compile_and_load(tiny_ckpt: Ckpt, tmp_path: Path) -> None:

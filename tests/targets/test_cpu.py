@@ -98,6 +98,34 @@ def test_every_kernel_is_scheduled(variant: str, compiled: Callable[[str, str], 
                 assert "T.vectorized(T.int64(16))" in script, name.name_hint
 
 
+def test_kv_cache_buffers_are_written_in_place(compiled: Callable[[str, str], CompiledEngine],
+                                               tiny_ckpt: Ckpt) -> None:
+    """With room reserved, every step writes into the same buffers (no reallocation, no copy);
+    their valid rows are exactly the reference's concatenated present_k/v. Without room, the
+    buffers grow by doubling (test_prefill_and_decode_match_reference runs that path: prefill
+    reserves only the prompt) and keep their rows."""
+    engine = compiled("gemma3", "fused")
+    ref = ReferenceEngine(open_checkpoint(tiny_ckpt("gemma3")), passes=DEFAULT_PIPELINE)
+    total = len(PROMPT) + N_DECODE
+    engine.prefill(PROMPT, capacity=total)
+    ref.prefill(PROMPT)
+    buffers = dict(engine._caches)
+    assert {b.shape[2] for b in buffers.values()} == {total}
+    for token in range(3, 3 + N_DECODE):
+        engine.step(token)
+        ref.step(token)
+    assert all(engine._caches[name] is buf for name, buf in buffers.items())
+    for name, buf in buffers.items():
+        assert_close(buf.numpy(), ref._kv["present_" + name.removeprefix("cache_")])
+    engine.prefill(PROMPT)  # capacity = the prompt: the first step doubles it
+    engine.step(3)
+    assert {b.shape[2] for b in engine._caches.values()} == {2 * len(PROMPT)}
+    ref.prefill(PROMPT)
+    ref.step(3)
+    for name, buf in engine._caches.items():
+        assert_close(buf.numpy()[:, :, :len(PROMPT) + 1], ref._kv["present_" + name.removeprefix("cache_")])
+
+
 def test_engine_state_errors(compiled: Callable[[str, str], CompiledEngine], tiny_ckpt: Ckpt) -> None:
     engine = compiled("gemma3", "fused")
     with pytest.raises(RunError):

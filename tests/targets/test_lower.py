@@ -30,20 +30,63 @@ def test_calling_convention_and_symbolic_dims(tiny_ckpt: Ckpt) -> None:
     prefill, decode = reference_graphs(ckpt)
     low = lower({"prefill": prefill, "decode": decode})
     sig = low.signatures["decode"]
-    names = [n for n, _ in sig.inputs]
-    assert names[:2] == ["input_ids", "past_k.0"] and names[-1] == "positions"  # sorted, natural order
+    assert [n for n, _ in sig.inputs] == ["input_ids", "positions"]  # the past_* inputs became caches
+    layers = range(ckpt.config.num_layers)
+    assert [n for n, _ in sig.caches] == [f"cache_{kv}.{i}" for kv in "kv" for i in layers]  # natural order
+    assert sig.dims == ("PAST_SEQ",)
     assert [p.key for p in sig.params] == sorted(p.key for p in sig.params)
     assert sig.outputs == tuple(decode.outputs)
     fn = low.mod["decode"]
-    assert len(fn.params) == len(sig.inputs) + len(sig.params)
-    past = {str(fn.params[i].ty.shape.values[2]) for i, n in enumerate(names) if n.startswith("past_")}
-    assert past == {"PAST_SEQ"}  # one var shared by every cache input
+    assert len(fn.params) == len(sig.inputs) + len(sig.caches) + 1 + len(sig.params)
+    caps = {str(fn.params[len(sig.inputs) + i].ty.shape.values[2]) for i in range(len(sig.caches))}
+    assert caps == {"KV_CAP"}  # one capacity var shared by every cache buffer
+    dims = fn.params[len(sig.inputs) + len(sig.caches)]
+    assert isinstance(dims.ty, relax.ShapeType) and [str(v) for v in dims.ty.values] == ["PAST_SEQ"]
     out = fn.ret_ty.fields[list(sig.outputs).index("present_k.0")]
-    assert str(out.shape.values[2]).replace("T.int64(1)", "1") == "PAST_SEQ + 1"
-    seq = low.mod["prefill"].params[names.index("input_ids")].ty.shape.values[1]
+    assert str(out.shape.values[2]) == "KV_CAP"  # the present output is the buffer itself
+    pre = low.signatures["prefill"]
+    assert pre.caches == sig.caches and pre.dims == ()  # a prefill writes at offset 0
+    seq = low.mod["prefill"].params[0].ty.shape.values[1]
     assert isinstance(seq, tirx.Var) and seq.name == "SEQ"
     assert {gv.name_hint for gv, f in low.mod.functions_items() if isinstance(f, relax.Function)} == \
         {"prefill", "decode"}
+
+
+def _calls(text: str, op: str, *also: str) -> list[str]:
+    return [ln for ln in text.splitlines() if op in ln and all(a in ln for a in also)]
+
+
+def test_kv_cache_is_written_in_place_and_never_copied(tiny_ckpt: Ckpt) -> None:
+    """Fused decode: each layer's new K and V rows go into the caller's buffer with one
+    call_tir_inplace; no concat and no slice of a cache anywhere. Unfused graphs read the cache
+    through a materialized prefix (their transpose/matmul cannot take a buffer + length)."""
+    ckpt = open_checkpoint(tiny_ckpt("gemma3"))
+    fused = lower({"decode": reference_graphs(ckpt, passes=DEFAULT_PIPELINE)[1]}).mod["decode"].script(
+        show_meta=False)
+    writes = _calls(fused, "R.call_tir_inplace(")
+    assert len(writes) == 2 * ckpt.config.num_layers and all("kv_write_float32" in w for w in writes)
+    assert not _calls(fused, "R.concat(") and not _calls(fused, "R.strided_slice(", "PAST_SEQ")
+    plain = lower({"decode": reference_graphs(ckpt)[1]}).mod["decode"].script(show_meta=False)
+    assert len(_calls(plain, "R.call_tir_inplace(")) == 2 * ckpt.config.num_layers
+    prefixes = _calls(plain, "R.strided_slice(", "PAST_SEQ + 1")
+    assert not _calls(plain, "R.concat(") and len(prefixes) == 2 * ckpt.config.num_layers
+
+
+def test_kv_cache_plan_rejects_a_past_input_read_elsewhere() -> None:
+    from rlx.compiler.dtypes import DType
+    from rlx.compiler.graph import HIR
+    from rlx.compiler.shapes import PAST_SEQ, sym
+    from rlx.compiler.tensor_type import TensorType
+    from rlx.errors import HIRError
+    from rlx.targets.kv_cache import plan
+
+    hir = HIR("bad")
+    past = hir.input("past_k.0", TensorType(DType.F32, (1, 1, sym(PAST_SEQ), 4)))
+    new = hir.input("k", TensorType(DType.F32, (1, 1, 1, 4)))
+    hir.set_output("present_k.0", hir.add(Op.CONCAT, (past, new), {"axis": 2}))
+    hir.set_output("other", hir.add(Op.SCALE, (past,), {"value": 2.0}))
+    with pytest.raises(HIRError, match=r"past_k.0.*read by"):
+        plan(hir)
 
 
 def test_weight_only_work_is_hoisted_to_load_time(tiny_ckpt: Ckpt) -> None:
@@ -52,8 +95,7 @@ def test_weight_only_work_is_hoisted_to_load_time(tiny_ckpt: Ckpt) -> None:
     ckpt = open_checkpoint(tiny_ckpt("gemma3"))
     prefill, decode = reference_graphs(ckpt, passes=DEFAULT_PIPELINE)
     low = lower({"prefill": prefill, "decode": decode})
-    concats = [ln for ln in low.mod["decode"].script(show_meta=False).splitlines() if "R.concat(" in ln]
-    assert concats and all("past_" in ln for ln in concats)  # only the KV cache is concatenated per call
+    assert not _calls(low.mod["decode"].script(show_meta=False), "R.concat(")  # q|k|v concat: load time
     specs = param_keys(list(low.signatures.values()))
     qkv = [s for s in specs.values() if s.key.startswith("concat") and "q_proj" in s.key]
     derived = [s for s in specs.values() if "*1.0+1.0" in s.key]

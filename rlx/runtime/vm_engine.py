@@ -1,0 +1,124 @@
+"""The run loop over a compiled module: one VM, uploaded weights, engine-owned KV cache buffers.
+
+Shared by the in-process compile (`CompiledEngine`) and the artifact loader (`ArtifactEngine`);
+it imports only TVM's runtime, so running an artifact never loads the compiler library.
+
+KV cache: the functions take `cache_*` buffers [B, H, KV_CAP, D] (see `rlx/targets/kv_cache.py`)
+and write each call's new rows into them in place at offset PAST_SEQ, which arrives as a shape
+argument. The engine allocates the buffers at prefill with the capacity the caller reserved
+(`generate` reserves prompt + new tokens) and, if a step runs past it, grows them by doubling
+(one copy, amortised O(1) per token; never beyond the compiled max seq).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
+
+import numpy as np
+import tvm
+from tvm.runtime.vm import VirtualMachine
+
+from rlx.compiler.pipeline import PassReport
+from rlx.compiler.shapes import BATCH, PAST_SEQ, eval_shape
+from rlx.compiler.tensor_type import TensorType
+from rlx.errors import RunError
+from rlx.runtime.prefill_buckets import PREFILL, choose, entry, padded_feeds
+
+KV_CAP = "KV_CAP"  # = rlx.targets.kv_cache.KV_CAP (not imported: that module is compiler-side)
+
+# device kind of a target -> the TVM device its module runs on
+DEVICES: dict[str, Callable[[int], tvm.runtime.Device]] = {"cpu": tvm.cpu, "cuda": tvm.cuda, "metal": tvm.metal}
+
+
+class EntryLike(Protocol):
+    """What the run loop reads of a function's calling convention (`lower.Signature` or the
+    manifest's `EntrySignature`)."""
+
+    function: str
+    inputs: tuple[tuple[str, TensorType], ...]
+    caches: tuple[tuple[str, TensorType], ...]
+    dims: tuple[str, ...]
+    outputs: tuple[str, ...]
+
+    @property
+    def params(self) -> Sequence[Any]: ...  # each has `.key`
+
+
+class VMEngine:
+    """The Engine protocol (`prefill`, `step`) given a VM, weights by key and signatures; the
+    subclasses only say where those come from."""
+
+    name: str
+    max_seq: int
+    reports: Mapping[str, PassReport]
+    device: tvm.runtime.Device
+    signatures: Mapping[str, EntryLike]
+    buckets: tuple[int, ...] = ()  # static prefill entries (`prefill_buckets`)
+    _vm: VirtualMachine
+    _weights: dict[str, tvm.runtime.Tensor]
+
+    def _reset(self) -> None:
+        self._caches: dict[str, tvm.runtime.Tensor] = {}
+        self._capacity = 0
+        self._pos = 0
+
+    def _cache_types(self) -> dict[str, TensorType]:
+        return {name: t for sig in self.signatures.values() for name, t in sig.caches}
+
+    def _allocate(self, capacity: int) -> None:
+        """Fresh cache buffers of `capacity` positions, the first `self._pos` rows copied over."""
+        old, kept = self._caches, self._pos
+        self._caches = {}
+        for name, t in self._cache_types().items():
+            shape = eval_shape(t.shape, {BATCH: 1, KV_CAP: capacity})
+            buf = tvm.runtime.empty(shape, str(t.dtype.numpy), self.device)
+            if kept and name in old:
+                host = np.zeros(shape, dtype=buf.dtype)
+                host[:, :, :kept] = old[name].numpy()[:, :, :kept]
+                buf.copyfrom(host)
+            self._caches[name] = buf
+        self._capacity = capacity
+
+    def _call(self, sig: EntryLike, feeds: Mapping[str, np.ndarray]) -> dict[str, tvm.runtime.Tensor]:
+        args: list[Any] = [tvm.runtime.tensor(feeds[name], self.device) for name, _ in sig.inputs]
+        args.extend(self._caches[name] for name, _ in sig.caches)
+        if sig.dims:
+            known = {PAST_SEQ: self._pos}
+            missing = [d for d in sig.dims if d not in known]
+            if missing:
+                raise RunError(f"{sig.function}: the engine cannot supply dims {missing}")
+            args.append(tvm.runtime.ShapeTuple([known[d] for d in sig.dims]))
+        args.extend(self._weights[p.key] for p in sig.params)
+        return dict(zip(sig.outputs, self._vm[sig.function](*args), strict=True))
+
+    def _run(self, function: str, ids: list[int], bucket: int | None = None) -> np.ndarray:
+        n = len(ids)
+        if self._pos + n > self.max_seq:
+            raise RunError(f"{self._pos + n} positions exceed the context of {self.max_seq}",
+                           hint="shorten the prompt or lower --max-new-tokens")
+        if self._pos + n > self._capacity:
+            self._allocate(min(self.max_seq, max(self._pos + n, 2 * self._capacity)))
+        feeds = {
+            "input_ids": np.asarray([ids], dtype=np.int64),
+            "positions": np.arange(self._pos, self._pos + n, dtype=np.int64)[None, :],
+        }
+        out = self._call(self.signatures[function], padded_feeds(feeds, bucket) if bucket else feeds)
+        self._pos += n
+        return out["logits"].numpy()[0, -1]
+
+    def prefill(self, ids: list[int], capacity: int | None = None) -> np.ndarray:
+        """Run the prompt into fresh cache buffers with room for `capacity` positions, in the
+        smallest prefill bucket that holds it (its pad rows land in the buffers too), else in
+        the dynamic prefill."""
+        if not ids:
+            raise RunError("empty prompt", hint="pass --prompt TEXT or --prompt-ids 2,818,...")
+        bucket = choose(len(ids), self.buckets)
+        self._reset()
+        self._allocate(min(self.max_seq, max(len(ids), capacity or 0, bucket or 0)))
+        return self._run(entry(bucket) if bucket else PREFILL, ids, bucket)
+
+    def step(self, token: int) -> np.ndarray:
+        if not getattr(self, "_caches", None):
+            raise RunError("step() before prefill()")
+        return self._run("decode", [token])

@@ -1,0 +1,66 @@
+"""Where each layer's K/V lives in a compiled module: preallocated cache buffers written in place.
+
+The HIR states the cache functionally: a decode graph takes `past_k.i` [B, H, PAST_SEQ, D] and
+outputs `present_k.i = concat(past_k.i, k_new)`; a prefill graph outputs `present_k.i = k`. That
+is what the reference interpreter runs, and what transformers computes. Lowered literally it
+allocates and copies the whole cache every step (O(T) per token, O(T^2) per generation).
+
+The lowering turns it into the calling convention a runtime wants: each `present_*` output gets
+an engine-owned buffer `cache_k.i` [B, H, KV_CAP, D] (KV_CAP: the capacity the engine allocated)
+that the function writes the new rows into in place, at offset PAST_SEQ (`kernels.kv_write`, a
+`call_tir_inplace`); the `past_*` inputs disappear, and PAST_SEQ arrives as a shape argument.
+Readers of the concatenated K/V get a `CacheView`: the buffer plus its valid length
+PAST_SEQ + SEQ. The fused attention reads the view directly (its reduction stops at the valid
+length); any other reader (an unfused graph's transpose / matmul) gets a materialized prefix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rlx.compiler.graph import HIR
+from rlx.compiler.ops import Op
+from rlx.compiler.shapes import Dim, sym
+from rlx.compiler.tensor_type import TensorType
+from rlx.errors import HIRError
+
+KV_CAP = "KV_CAP"  # symbolic capacity of every cache buffer (allocated by the engine)
+PRESENT, CACHE = "present_", "cache_"
+
+
+@dataclass(frozen=True)
+class CacheSlot:
+    """One exported K or V: the graph output, the buffer that replaces it, what gets written."""
+
+    output: str             # present_k.3
+    node: str               # the node whose value the output is (the concat, or the new K/V itself)
+    new: str                # the node holding the rows this call appends
+    offset: Dim             # where they go: the replaced past input's length, or 0
+    past_input: str | None  # past_k.3, the graph input the buffer replaces (None in a prefill)
+    type: TensorType        # the buffer: [B, H, KV_CAP, D]
+
+    @property
+    def cache(self) -> str:
+        return CACHE + self.output.removeprefix(PRESENT)
+
+
+def plan(hir: HIR) -> tuple[CacheSlot, ...]:
+    """The cache slots of a graph, in output order; raises on a cache shape the convention
+    cannot express (a past input read by something other than its concat)."""
+    slots = []
+    for output, nid in hir.outputs.items():
+        if not output.startswith(PRESENT):
+            continue
+        node = hir.node(nid)
+        b, h, _, d = node.type.shape
+        past, new, offset = None, nid, 0
+        first = hir.node(node.inputs[0]) if node.inputs else None
+        if node.op is Op.CONCAT and first is not None and first.op is Op.INPUT:
+            if node.attr("axis") % node.type.rank != 2:
+                raise HIRError(f"%{nid}: a KV cache concat must be along the sequence axis 2")
+            past, new, offset = first.attr("name"), node.inputs[1], first.type.shape[2]
+            readers = [n.id for n in hir.users(first.id)]
+            if readers != [nid]:
+                raise HIRError(f"KV cache input {past!r} is read by {readers}, not only by its concat %{nid}")
+        slots.append(CacheSlot(output, nid, new, offset, past, TensorType(node.type.dtype, (b, h, sym(KV_CAP), d))))
+    return tuple(slots)
