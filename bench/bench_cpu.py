@@ -5,8 +5,8 @@
 What it measures, in this order (one engine in memory at a time, so they do not compete):
 
 1. `rlx compile GGUF --target cpu --no-cache` in a child process: wall time and peak RSS.
-2. `rlx run ARTIFACT --prompt-ids ...` in a child process: peak RSS (the CLI loads the
-   262k-token tokenizer either way, to print the generated text). Peak RSS is the child's own
+2. `rlx run ARTIFACT --prompt-ids ...` in a child process: peak RSS (the CLI prints the text
+   through the artifact's small detokenizer and loads TVM's runtime library only). Peak RSS is the child's own
    `VmHWM` from /proc/self/status, read just before it exits: a forked child's getrusage
    `ru_maxrss` starts from the parent's high-water mark, so it would measure this script (and
    transformers' model) instead of rlx.
@@ -20,9 +20,10 @@ What it measures, in this order (one engine in memory at a time, so they do not 
 Every engine gets the same deterministic prompt ids (BOS + repeated English text, trimmed) and a
 short warm-up first. Prefill is the median of `--repeats` runs; decode tok/s is (new tokens - 1)
 over the summed step times (the first new token comes from the prefill's logits), as `rlx run`
-reports it. The decode step time at a short vs a long KV cache is the median of
-`--scaling-steps` steps after a prefill of that length, in two alternating rounds, best round
-kept. Memory bars are multiples of the model's float32 weight bytes. The brief's transformers
+reports it. The decode step time at a short vs a long KV cache comes from interleaved pairs of
+steps on two caches (one prefilled short, one long; `paired_step_times`): the ratio is the median
+of the per-pair ratios, so other users' load, which comes in bursts, hits both sides alike.
+Memory bars are multiples of the model's float32 weight bytes. The brief's transformers
 setting uses every usable core; a one-thread run is added on multi-core machines because
 two-thread OpenMP collapsed on this shared 2-core box whenever another user held a core.
 """
@@ -30,6 +31,7 @@ two-thread OpenMP collapsed on this shared 2-core box whenever another user held
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import gc
 import json
@@ -60,7 +62,7 @@ PROMPT_TEXT = ("The quick brown fox jumps over the lazy dog while the patient ga
 STEP_SCALING_BAR = 1.3
 COMPILE_MEM_BAR = 2.5
 RUN_MEM_BAR = 1.5
-SCALING_ROUNDS = 2  # (short, long) step-time measurements; each length keeps its best round's median
+SCALING_ROUNDS = 2  # the step scaling runs SCALING_ROUNDS * --scaling-steps interleaved (short, long) pairs
 
 # `rlx` CLI in a child, printing its own peak RSS (VmHWM, kB) on the way out; see the module doc.
 _CLI_WITH_HWM = ("import re, sys\n"
@@ -175,38 +177,53 @@ def result(name: str, n_prompt: int, prefill_s: float, steps: list[float], token
                         load_s, tokens, notes)
 
 
-def step_time_at(engine: Any, ids: list[int], past: int, steps: int) -> float:
-    """Median seconds of `steps` decode steps right after a prefill of `past` tokens."""
-    logits = engine.prefill(ids[:past], capacity=past + steps + 1)
-    token = int(np.argmax(logits))
-    times = []
+def paired_step_times(engine: Any, ids: list[int], short_past: int, long_past: int,
+                      steps: int) -> tuple[list[float], list[float]]:
+    """Decode step seconds at a short and a long KV cache, measured in interleaved pairs: two
+    engines share the weights and the module (a shallow copy; each owns its cache buffers), one
+    prefilled with `short_past` tokens, one with `long_past`, and each pair steps one then the
+    other, so a burst of other users' load lands on both lengths alike."""
+    short, long = engine, copy.copy(engine)
+    short.prefill(ids[:short_past], capacity=short_past + steps + 1)
+    long.prefill(ids[:long_past], capacity=long_past + steps + 1)
+    token_s, token_l = 5, 5
+    times_s, times_l = [], []
     for _ in range(steps):
         t0 = time.perf_counter()
-        logits = engine.step(token)
-        times.append(time.perf_counter() - t0)
-        token = int(np.argmax(logits))
-    return statistics.median(times)
+        token_s = int(np.argmax(short.step(token_s)))
+        t1 = time.perf_counter()
+        token_l = int(np.argmax(long.step(token_l)))
+        times_s.append(t1 - t0)
+        times_l.append(time.perf_counter() - t1)
+    return times_s, times_l
 
 
 def bench_rlx(artifact: Path, ids: list[int], long_ids: list[int], short_past: int, new_tokens: int,
-              repeats: int, scaling_steps: int) -> tuple[EngineResult, dict[str, float]]:
+              repeats: int, scaling_steps: int) -> tuple[list[EngineResult], dict[str, float]]:
+    """rlx at every usable core (TVM_NUM_THREADS, set by main before TVM loads), the step
+    scaling at that setting, then rlx at one thread (the pool shrinks in place)."""
+    import tvm
+
     from rlx.runtime.artifact_engine import ArtifactEngine
 
     t0 = time.perf_counter()
     engine = ArtifactEngine(artifact)
     load_s = time.perf_counter() - t0
+    threads = int(tvm.get_global_func("runtime.NumThreads")())
     engine.prefill(ids[:8])  # warm-up: first-call allocations, page faults in the weights
     engine.step(ids[8])
     prefill_s, steps, tokens = greedy_decode(engine.prefill, engine.step, ids, new_tokens, repeats)
-    res = result("rlx cpu", len(ids), prefill_s, steps, tokens, load_s, f"artifact {artifact}")
+    res = [result("rlx cpu", len(ids), prefill_s, steps, tokens, load_s, f"{threads} threads, artifact {artifact}")]
     long_past = len(long_ids)
-    # rounds alternate short / long, and each length keeps its best round: other users' load only
-    # ever adds time, and alternating keeps a burst of it from landing on one length only
-    rounds = [(step_time_at(engine, long_ids, short_past, scaling_steps),
-               step_time_at(engine, long_ids, long_past, scaling_steps)) for _ in range(SCALING_ROUNDS)]
-    short, long = min(r[0] for r in rounds), min(r[1] for r in rounds)
+    times_s, times_l = paired_step_times(engine, long_ids, short_past, long_past, SCALING_ROUNDS * scaling_steps)
+    short, long = statistics.median(times_s), statistics.median(times_l)
     scaling = {"short_past": short_past, "long_past": long_past, "short_ms": 1e3 * short, "long_ms": 1e3 * long,
-               "ratio": long / short, "rounds_ms": [[1e3 * a, 1e3 * b] for a, b in rounds]}
+               "ratio": statistics.median(b / a for a, b in zip(times_s, times_l, strict=True)),
+               "pairs_ms": [[1e3 * a, 1e3 * b] for a, b in zip(times_s, times_l, strict=True)]}
+    if threads > 1:
+        tvm.get_global_func("runtime.config_threadpool")(1, 1)
+        prefill_s, steps, tokens = greedy_decode(engine.prefill, engine.step, ids, new_tokens, repeats)
+        res.append(result("rlx cpu 1t", len(ids), prefill_s, steps, tokens, load_s, "1 thread"))
     del engine
     gc.collect()
     return res, scaling
@@ -260,20 +277,26 @@ def bench_llama_cpp(gguf: Path, ids: list[int], new_tokens: int, repeats: int) -
                 n_threads=cores(), n_threads_batch=cores(), verbose=False)
     load_s = time.perf_counter() - t0
 
+    import llama_cpp
+
+    def last_logits() -> np.ndarray:
+        # llama-cpp-python >= 0.3 fills `Llama.scores` only with logits_all=True (which would run
+        # the LM head on every prompt token): read the context's last row instead
+        row = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
+        return np.ctypeslib.as_array(row, shape=(llm.n_vocab(),)).copy()
+
     def prefill(prompt: list[int]) -> np.ndarray:
         llm.reset()
         llm.eval(prompt)
-        return np.array(llm.scores[llm.n_tokens - 1])
+        return last_logits()
 
     def step(token: int) -> np.ndarray:
         llm.eval([token])
-        return np.array(llm.scores[llm.n_tokens - 1])
+        return last_logits()
 
     prefill(ids[:8])
     step(ids[8])
     prefill_s, steps, tokens = greedy_decode(prefill, step, ids, new_tokens, repeats)
-    import llama_cpp
-
     notes = f"llama-cpp-python {llama_cpp.__version__}, {cores()} threads, Q4_K_M weights"
     return result("llama.cpp", len(ids), prefill_s, steps, tokens, load_s, notes)
 
@@ -294,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--short-past", type=int, default=16, help="KV length of the short decode-step measurement")
     p.add_argument("--long-past", type=int, default=1024, help="KV length of the long decode-step measurement")
-    p.add_argument("--scaling-steps", type=int, default=8, help="decode steps per KV length per round (median)")
+    p.add_argument("--scaling-steps", type=int, default=8, help="interleaved (short, long) step pairs per round")
     p.add_argument("--repeats", type=int, default=3, help="prefill runs per engine (median)")
     p.add_argument("--quick", action="store_true", help="smoke run: 32-token prompt, 8 new tokens, long past 256")
     p.add_argument("--json", type=Path, help="also write the results here")
@@ -302,6 +325,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-torch-1t", action="store_true", help="skip the extra one-thread transformers run")
     p.add_argument("--strict", action="store_true", help="exit 1 when a bar fails")
     args = p.parse_args(argv)
+    # every usable core for rlx too (TVM's own default is half the logical cores: 1 on 2); read
+    # when TVM's thread pool starts, so before anything runs a kernel (children inherit it)
+    os.environ.setdefault("TVM_NUM_THREADS", str(cores()))
     if args.quick:
         args.prompt_tokens, args.new_tokens, args.long_past = 32, 8, 256
         args.scaling_steps, args.repeats = 4, 1
@@ -339,8 +365,9 @@ def main(argv: list[str] | None = None) -> int:
         cli_speed = next((ln.split(": ", 1)[1] for ln in run_err.splitlines() if "prefill" in ln and "tok/s" in ln), "")
 
         print("[bench] rlx in-process ...", flush=True)
-        rlx_res, scaling = bench_rlx(artifact, ids, long_ids, args.short_past, args.new_tokens, args.repeats,
+        rlx_all, scaling = bench_rlx(artifact, ids, long_ids, args.short_past, args.new_tokens, args.repeats,
                                      args.scaling_steps)
+        rlx_res = rlx_all[0]
     print("[bench] transformers ...", flush=True)
     # the brief's setting is every usable core; one thread as well, since 2-thread OpenMP collapses
     # here when other users hold a core (measured 0.19 s vs 1.4 s for a 32-token prefill)
@@ -350,9 +377,9 @@ def main(argv: list[str] | None = None) -> int:
     print("[bench] llama.cpp ...", flush=True)
     llama_res = bench_llama_cpp(gguf, ids, args.new_tokens, args.repeats)
 
-    engines = [rlx_res, *hf_res, *([llama_res] if llama_res is not None else [])]
+    engines = [*rlx_all, *hf_res, *([llama_res] if llama_res is not None else [])]
     ratios = {f"rlx/{r.name}": {"prefill": rlx_res.prefill_tok_s / r.prefill_tok_s,
-                                "decode": rlx_res.decode_tok_s / r.decode_tok_s} for r in engines[1:]}
+                                "decode": rlx_res.decode_tok_s / r.decode_tok_s} for r in engines[len(rlx_all):]}
     bars = [
         Bar(f"decode step at {scaling['long_past']} vs {scaling['short_past']} past tokens", scaling["ratio"],
             STEP_SCALING_BAR, scaling["ratio"] <= STEP_SCALING_BAR,
@@ -373,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"rlx run CLI (cold, child process): {cli_speed}")
     for name, ratio in ratios.items():
         print(f"{name}: prefill {ratio['prefill']:.2f}x, decode {ratio['decode']:.2f}x")
-    for r in engines[1:]:
+    for r in engines[len(rlx_all):]:
         print(f"greedy tokens: rlx and {r.name} agree on the first {agreement(rlx_res.tokens, r.tokens)} "
               f"of {len(rlx_res.tokens)}")
     print()

@@ -77,6 +77,7 @@ def _kernels(scheduled: Any) -> list[dict[str, str]]:
 
 def _populate(tmp: Path, checkpoint: Any, target: str, profile: Any, passes: str | None, max_seq: int,
               phases: Phases) -> dict[str, Any]:
+    from rlx.compiler.profile import BackendOptions
     from rlx.compiler.text import print_hir
     from rlx.runtime.prefill_buckets import engine_graphs, profile_buckets
     from rlx.runtime.reference import WeightCache, context_bounds, reference_pipelines
@@ -86,8 +87,9 @@ def _populate(tmp: Path, checkpoint: Any, target: str, profile: Any, passes: str
     from rlx.targets.presets import resolve_target
 
     resolved = resolve_target(target)
-    if passes is None and profile is not None:  # [backend.<target>] passes, as CompiledEngine does
-        passes = profile.backend_for(resolved.name).passes
+    backend = profile.backend_for(resolved.name) if profile is not None else BackendOptions()
+    if passes is None:  # [backend.<target>] passes, as CompiledEngine does
+        passes = backend.passes
     with phases("graphs"):
         bounds = context_bounds(max_seq)
         unoptimized = reference_pipelines(checkpoint, passes="", profile=profile, bounds=bounds)
@@ -103,10 +105,10 @@ def _populate(tmp: Path, checkpoint: Any, target: str, profile: Any, passes: str
     library = LIBRARY[resolved.device]
     with phases("build"):
         if resolved.device == "metal":
-            build_isolated(entries, resolved.name, tmp / library)
+            build_isolated(entries, resolved.name, tmp / library, opt_level=backend.opt_level)
             scheduled = optimize(lowered.mod, resolved)
         else:
-            built = build(lowered.mod, resolved)
+            built = build(lowered.mod, resolved, opt_level=backend.opt_level)
             scheduled = built.scheduled
     if resolved.device != "metal":
         with phases("export"):
@@ -135,6 +137,7 @@ def _populate(tmp: Path, checkpoint: Any, target: str, profile: Any, passes: str
         "entries": {name: _signature_dict(sig) for name, sig in lowered.signatures.items()},
         "bounds": {**bounds, "KV_CAP": max_seq},
         "prefill_buckets": list(buckets),
+        "backend": {"opt_level": backend.opt_level, "threads": backend.threads},
         "max_seq": max_seq,
         "library": library,
         "weights": WEIGHTS,

@@ -10,7 +10,8 @@ A profile touches a build in two places: `Profile.apply(flow)` maps `[[layers]]`
 `GemmaFlow` builder (the same calls a Python user would make), and `Profile.pipeline(mode)` is
 the pass pipeline text `PassManager` runs on the built HIR, ending with the `precision` pass
 when `[precision]` or a `[[layers]] dtype` asks for anything but f32 (`Profile.precision_pass`).
-`[specialize]` and `[backend.*]` opt_level / threads are recorded for the TVM backend.
+The engines read the rest: `[specialize] SEQ` buckets (`rlx/runtime/prefill_buckets.py`) and
+`[backend.<target>]` opt_level (the build's PassContext) and threads (TVM's thread pool).
 """
 
 from __future__ import annotations
@@ -181,7 +182,7 @@ class BackendOptions:
     """[backend.<target>]: per-target overrides; `passes` replaces the pipeline for that target."""
 
     opt_level: int | None = _key(integer(0, 3))
-    threads: int | None = _key(integer(0))  # 0: all cores
+    threads: int | None = _key(integer(0))  # 0: every usable core (the engines' default)
     passes: str | None = _key(pipeline_text)
 
 

@@ -86,10 +86,11 @@ class ArtifactEngine(VMEngine):
         self.device = DEVICES[manifest["target"]["device"]](0)
         self.config = GemmaConfig.from_dict(manifest["config"])
         self.max_seq = int(manifest["max_seq"])
-        self.buckets = tuple(manifest["prefill_buckets"])
+        self.buckets = tuple(manifest.get("prefill_buckets", ()))
         self.signatures = {name: EntrySignature.from_manifest(e) for name, e in manifest["entries"].items()}
         self._vm = VirtualMachine(tvm.runtime.load_module(str(root / manifest["library"])), self.device)
         self._weights = load_weights(root / manifest["weights"], self.device)
+        self._set_threads(manifest.get("backend", {}).get("threads"))
         self.reports: dict[str, PassReport] = {}  # the passes ran at compile time: see report.json
         self.report = json.loads((root / "report.json").read_text())
         self._reset()

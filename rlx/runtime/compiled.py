@@ -16,7 +16,7 @@ import tvm
 from tvm.runtime.vm import VirtualMachine
 
 from rlx.compiler.pipeline import PassReport
-from rlx.compiler.profile import Profile
+from rlx.compiler.profile import BackendOptions, Profile
 from rlx.errors import RunError
 from rlx.frontends.checkpoint import Checkpoint
 from rlx.frontends.flow import GemmaFlow
@@ -47,18 +47,20 @@ class CompiledEngine(VMEngine):
         self.name = resolved.name
         self.config = ckpt.config
         self.max_seq = ckpt.config.max_position_embeddings
-        if passes is None and profile is not None:
-            passes = profile.backend_for(resolved.name).passes
+        backend = profile.backend_for(resolved.name) if profile is not None else BackendOptions()
+        if passes is None:
+            passes = backend.passes
         graphs = reference_pipelines(ckpt, flow, passes=passes, profile=profile)
         self.reports: dict[str, PassReport] = {mode: report for mode, (_, report) in graphs.items()}
         self.buckets = profile_buckets(profile, self.max_seq)
         t0 = time.perf_counter()
         self.lowered = lower(engine_graphs({mode: hir for mode, (hir, _) in graphs.items()}, self.buckets))
         self.signatures: dict[str, Signature] = self.lowered.signatures
-        self.built = build(self.lowered.mod, resolved)
+        self.built = build(self.lowered.mod, resolved, opt_level=backend.opt_level)
         self.compile_seconds = time.perf_counter() - t0
         self._vm = VirtualMachine(self.built.executable, self.device)
         self._weights = self._upload(WeightCache(ckpt))
+        self._set_threads(backend.threads)
         self._reset()
 
     def _upload(self, stored: WeightCache) -> dict[str, tvm.runtime.Tensor]:

@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import tvm
 from tvm import relax
@@ -91,21 +92,33 @@ def _finish_pipeline(resolved: ResolvedTarget) -> tvm.transform.Pass:
                                      *be.finalize_passes(resolved.target)])
 
 
-def build(mod: tvm.IRModule, target: str | ResolvedTarget) -> Built:
+def _pass_context(opt_level: int | None) -> tvm.transform.PassContext:
+    """`[backend.<target>] opt_level`: TVM's own meaning (passes above the level are skipped);
+    None keeps TVM's default (2)."""
+    return tvm.transform.PassContext() if opt_level is None else tvm.transform.PassContext(opt_level=opt_level)
+
+
+def _compile(mod: tvm.IRModule, resolved: ResolvedTarget, opt_level: int | None) -> tuple[Any, tvm.IRModule]:
+    with _pass_context(opt_level):
+        scheduled = optimize(mod, resolved)
+        return tvm.compile(scheduled, target=resolved.target, relax_pipeline=_finish_pipeline(resolved)), scheduled
+
+
+def build(mod: tvm.IRModule, target: str | ResolvedTarget, *, opt_level: int | None = None) -> Built:
     """Compile in this process (for devices not marked `isolate`)."""
     resolved = _resolve(target)
     if BACKENDS[resolved.device].isolate:
         raise BuildError(f"{resolved.name} builds can crash the process; use build_isolated()")
     t0 = time.perf_counter()
-    scheduled = optimize(mod, resolved)
     try:
-        ex = tvm.compile(scheduled, target=resolved.target, relax_pipeline=_finish_pipeline(resolved))
+        ex, scheduled = _compile(mod, resolved, opt_level)
     except (RuntimeError, ValueError) as e:
         raise BuildError(f"TVM failed to compile for {resolved.name}: {str(e).splitlines()[0]}") from e
     return Built(ex, scheduled, resolved, time.perf_counter() - t0)
 
 
-def build_isolated(graphs: Mapping[str, HIR], target: str, out: Path, *, timeout: float = 1800) -> Path:
+def build_isolated(graphs: Mapping[str, HIR], target: str, out: Path, *, timeout: float = 1800,
+                   opt_level: int | None = None) -> Path:
     """Lower and compile `graphs` (function name -> HIR) in a child process and export the library
     to `out` (`.tar` for cross targets); returns `out`. A crash or timeout of the child raises
     `BuildError`. The child gets the HIR (JSON), not the IRModule: TVM 0.27's `save_json`
@@ -114,7 +127,7 @@ def build_isolated(graphs: Mapping[str, HIR], target: str, out: Path, *, timeout
     with tempfile.TemporaryDirectory(prefix="rlx-build-") as tmp:
         src = Path(tmp) / "graphs.json"
         src.write_text(json.dumps({name: hir_to_dict(hir) for name, hir in graphs.items()}))
-        cmd = [sys.executable, "-m", "rlx.targets.build", str(src), target, str(out)]
+        cmd = [sys.executable, "-m", "rlx.targets.build", str(src), target, str(out), str(opt_level)]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -128,14 +141,13 @@ def build_isolated(graphs: Mapping[str, HIR], target: str, out: Path, *, timeout
 
 
 def _child_main(argv: list[str]) -> int:
-    """`python -m rlx.targets.build GRAPHS.json TARGET OUT`: the child side of build_isolated."""
+    """`python -m rlx.targets.build GRAPHS.json TARGET OUT OPT_LEVEL|None`: the child side of
+    build_isolated."""
     from rlx.targets.lower import lower
 
-    src, target, out = argv
+    src, target, out, level = argv
     graphs = {name: hir_from_dict(d) for name, d in json.loads(Path(src).read_text()).items()}
-    resolved = resolve_target(target)
-    scheduled = optimize(lower(graphs).mod, resolved)
-    ex = tvm.compile(scheduled, target=resolved.target, relax_pipeline=_finish_pipeline(resolved))
+    ex, _ = _compile(lower(graphs).mod, resolve_target(target), None if level == "None" else int(level))
     ex.export_library(out)
     return 0
 

@@ -8,6 +8,7 @@ reference interpreter both are float32 with a different summation order, so logi
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -188,3 +189,41 @@ def test_one_call_compiles_cpu_cuda_and_metal(tiny_ckpt: Ckpt, tmp_path: Path) -
         msl = tar.extractfile("devc.o").read().decode("latin-1")  # type: ignore[union-attr]
     metal_kernels = {k["name"] for k in json.loads((out / "metal" / "report.json").read_text())["kernels"]}
     assert metal_kernels and all(f"kernel void {k}" in msl for k in metal_kernels)
+
+
+def _threads_after_run(art: Path, logits: Path) -> int:
+    """TVM's pool size after `rlx run ART` in a fresh process (TVM_NUM_THREADS unset)."""
+    probe = ("import tvm; from rlx.cli import main\n"
+             f"assert main(['run', {str(art)!r}, '--prompt-ids', {PROMPT!r}, '--max-new-tokens', '3', "
+             f"'--logits-out', {str(logits)!r}]) == 0\n"
+             "print(tvm.get_global_func('runtime.NumThreads')())")
+    env = {k: v for k, v in os.environ.items() if k != "TVM_NUM_THREADS"}
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr
+    return int(out.stdout.split()[-1])
+
+
+def test_backend_opt_level_and_threads_are_applied(gemma3_artifact: Path, tiny_ckpt: Ckpt, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """`[backend.cpu] opt_level` is the PassContext of the build; `threads` sizes TVM's thread
+    pool when the artifact runs; without it, every usable core (TVM alone would take half)."""
+    import tvm
+
+    from rlx.targets import build as build_module
+
+    seen: list[int] = []
+    optimize = build_module.optimize
+    monkeypatch.setattr(build_module, "optimize", lambda mod, target: seen.append(
+        tvm.transform.PassContext.current().opt_level) or optimize(mod, target))
+    profile = tmp_path / "gemma.rlx.toml"
+    profile.write_text("[backend.cpu]\nopt_level = 1\nthreads = 1\n")
+    [art] = rlx.compile(tiny_ckpt("gemma3"), "cpu", tmp_path / "art", profile=str(profile))
+    assert seen == [1]
+    assert json.loads((art / "manifest.json").read_text())["backend"] == {"opt_level": 1, "threads": 1}
+    a, b = tmp_path / "a.npy", tmp_path / "b.npy"
+    assert _threads_after_run(art, a) == 1
+    assert _threads_after_run(gemma3_artifact, tmp_path / "c.npy") == len(os.sched_getaffinity(0))
+    assert main(["run", str(tiny_ckpt("gemma3")), "--prompt-ids", PROMPT, "--max-new-tokens", "3",
+                 "--logits-out", str(b)]) == 0
+    ref = np.load(b)
+    np.testing.assert_allclose(np.load(a), ref, rtol=1e-4, atol=1e-4 * float(np.abs(ref).max()))
