@@ -76,23 +76,26 @@ def matmul(a: te.Tensor, b: te.Tensor, out_batch: Sequence[tirx.PrimExpr]) -> te
     return te.compute(shape, body, name=MATMUL)
 
 
-def attention_scores(q: te.Tensor, k: te.Tensor, length: tirx.PrimExpr | None = None) -> te.Tensor:
+def attention_scores(q: te.Tensor, k: te.Tensor, length: tirx.PrimExpr | None = None,
+                     start: tirx.PrimExpr | int = 0) -> te.Tensor:
     """`q @ k^T` per head; query head h reads KV head h // (Hq / Hk), so K is never repeated.
-    With `length`, k is a cache buffer and only its first `length` rows are keys."""
+    With `length`, k is a cache buffer and only its rows start..length-1 are keys (score t is
+    key start + t)."""
     group = int(q.shape[1]) // int(k.shape[1])
     d = te.reduce_axis((0, q.shape[-1]), name="d")
-    return te.compute((q.shape[0], q.shape[1], q.shape[2], k.shape[2] if length is None else length),
-                      lambda b, h, s, t: te.sum(_product(q[b, h, s, d], k[b, h // group, t, d]), axis=d),
+    keys = k.shape[2] if length is None else length - start
+    return te.compute((q.shape[0], q.shape[1], q.shape[2], keys),
+                      lambda b, h, s, t: te.sum(_product(q[b, h, s, d], k[b, h // group, start + t, d]), axis=d),
                       name=ATTN_SCORES)
 
 
-def attention_values(p: te.Tensor, v: te.Tensor) -> te.Tensor:
+def attention_values(p: te.Tensor, v: te.Tensor, start: tirx.PrimExpr | int = 0) -> te.Tensor:
     """`probs @ v` per head, with the same head grouping as `attention_scores`; v may be a
-    cache buffer longer than the probabilities' key axis (rows past it are never read)."""
+    cache buffer longer than the probabilities' key axis: probability t weighs row start + t."""
     group = int(p.shape[1]) // int(v.shape[1])
     t = te.reduce_axis((0, p.shape[-1]), name="t")
     return te.compute((p.shape[0], p.shape[1], p.shape[2], v.shape[3]),
-                      lambda b, h, s, e: te.sum(_product(p[b, h, s, t], v[b, h // group, t, e]), axis=t),
+                      lambda b, h, s, e: te.sum(_product(p[b, h, s, t], v[b, h // group, start + t, e]), axis=t),
                       name=ATTN_VALUES)
 
 
@@ -138,14 +141,15 @@ def rope_table(x: te.Tensor, pos: te.Tensor, table: te.Tensor) -> te.Tensor:
     return te.compute(x.shape, body, name="rlx_rope_table")
 
 
-def causal_mask(scores: te.Tensor, qpos: te.Tensor, window: int, bidirectional: bool) -> te.Tensor:
-    """Keys sit at positions 0..T-1; a query at q sees k <= q (and q - W < k with a window W);
-    bidirectional: every key, or |q - k| < W with a window."""
+def causal_mask(scores: te.Tensor, qpos: te.Tensor, window: int, bidirectional: bool,
+                key_start: tirx.PrimExpr | int = 0) -> te.Tensor:
+    """Keys sit at positions key_start..key_start+T-1; a query at q sees k <= q (and q - W < k
+    with a window W); bidirectional: every key, or |q - k| < W with a window."""
     masked = tirx.const(masked_value(str(scores.dtype)), scores.dtype)
 
     def body(b: tirx.PrimExpr, h: tirx.PrimExpr, s: tirx.PrimExpr, t: tirx.PrimExpr) -> tirx.PrimExpr:
         q = qpos[b, s].astype("int64")
-        k = t.astype("int64")
+        k = (t + key_start).astype("int64")
         visible = tirx.const(True, "bool") if bidirectional else k <= q
         if window:
             near = (tirx.abs(q - k) < window) if bidirectional else (q - window < k)

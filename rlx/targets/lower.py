@@ -319,12 +319,26 @@ def _slice(fn: _Fn, node: Node, x: relax.Expr, src: TensorType) -> relax.Expr:
     return relax.op.strided_slice(x, axes=[axis], begin=[begin], end=[end], assume_inbound=True)
 
 
+def _window_start(node: Node, q: relax.Expr, k: CacheView, bias: list[relax.Expr]) -> tirx.PrimExpr | int:
+    """First cache row a sliding-window layer can see: the call's queries sit at the last S
+    positions (the engine writes row p for position p), so with window W none sees a key below
+    T - S - W + 1; reading from there keeps a long cache's cost at W rows per sliding layer.
+    0 (every row) for global layers and when an additive bias spans all T keys."""
+    at = node.attr_dict
+    if at["mask"] != "causal" or not at["window"] or bias:
+        return 0
+    seq = q.ty.shape.values[2]
+    return Analyzer().simplify(tirx.max(tirx.IntImm("int64", 0), k.length - seq - at["window"] + 1))
+
+
 def _attention(fn: _Fn, node: Node, args: list[relax.Expr]) -> relax.Expr:
     """The fused op as one chain of the unfused pieces (GQA by index, K/V never repeated)."""
     at = node.attr_dict
     q, k, v, pos, *bias = args
+    start: tirx.PrimExpr | int = 0
     if isinstance(k, CacheView):
-        s = fn.te(kernels.attention_scores, q, k.tensor, length=k.length)
+        start = _window_start(node, q, k, bias)
+        s = fn.te(kernels.attention_scores, q, k.tensor, length=k.length, start=start)
     else:
         s = fn.te(kernels.attention_scores, q, k)
     if at["scale"] != 1.0:
@@ -332,14 +346,15 @@ def _attention(fn: _Fn, node: Node, args: list[relax.Expr]) -> relax.Expr:
     if at["softcap"]:
         s = fn.emit(_softcap(s, at["softcap"]))
     if at["mask"] != "none":
-        s = _mask(fn, s, pos, at["window"], at["mask"] == "bidirectional")
+        s = fn.te(kernels.causal_mask, s, pos, window=at["window"], bidirectional=at["mask"] == "bidirectional",
+                  key_start=start)
     for b in bias:
         s = fn.emit(relax.op.add(s, _as(b, _dtype(s))))
     values = v.tensor if isinstance(v, CacheView) else v
     # scores accumulate in f32 (kernels._product) and stay f32 through softmax; the weights are
     # rounded to v's dtype before the value product, as the interpreter does
     probs = fn.emit(_as(fn.emit(relax.op.nn.softmax(s, axis=-1)), _dtype(values)))
-    return _rounded(node, fn.te(kernels.attention_values, probs, values))
+    return _rounded(node, fn.te(kernels.attention_values, probs, values, start=start))
 
 
 def _add_rmsnorm(fn: _Fn, node: Node, args: list[relax.Expr]) -> relax.Expr:

@@ -3,6 +3,7 @@ every op has a lowering, MoE routes to k experts."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -70,6 +71,20 @@ def test_kv_cache_is_written_in_place_and_never_copied(tiny_ckpt: Ckpt) -> None:
     assert len(_calls(plain, "R.call_tir_inplace(")) == 2 * ckpt.config.num_layers
     prefixes = _calls(plain, "R.strided_slice(", "PAST_SEQ + 1")
     assert not _calls(plain, "R.concat(") and len(prefixes) == 2 * ckpt.config.num_layers
+
+
+def test_sliding_layers_read_only_their_window_of_the_cache(tiny_ckpt: Ckpt) -> None:
+    """Decode scores of a sliding layer (window 4 in the fixture) span min(PAST_SEQ + 1, 4) keys:
+    the rows below PAST_SEQ - 3 are never read; full layers span all PAST_SEQ + 1."""
+    ckpt = open_checkpoint(tiny_ckpt("gemma3"))
+    cfg = ckpt.config
+    text = lower({"decode": reference_graphs(ckpt, passes=DEFAULT_PIPELINE)[1]}).mod["decode"].script(show_meta=False)
+    spans = [re.search(r"R\.Tensor\(\(1, 4, 1, (.*)\), dtype", ln).group(1)  # type: ignore[union-attr]
+             for ln in _calls(text, "R.call_tir(attention_scores")]
+    window = cfg.sliding_window
+    want = [f"PAST_SEQ + 1 - T.max(0, PAST_SEQ - {window - 1})" if cfg.layer_type(i) == "sliding_attention"
+            else "PAST_SEQ + 1" for i in range(cfg.num_layers)]
+    assert spans == want
 
 
 def test_kv_cache_plan_rejects_a_past_input_read_elsewhere() -> None:
