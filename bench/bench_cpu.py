@@ -324,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint", type=Path, help="a Gemma GGUF (default: the real gemma-3-270m Q4_K_M)")
     p.add_argument("--no-torch-1t", action="store_true", help="skip the extra one-thread transformers run")
     p.add_argument("--strict", action="store_true", help="exit 1 when a bar fails")
+    p.add_argument("--profile", type=Path, help="compile rlx with this gemma.rlx.toml (e.g. [precision] f16)")
     args = p.parse_args(argv)
     # every usable core for rlx too (TVM's own default is half the logical cores: 1 on 2); read
     # when TVM's thread pool starts, so before anything runs a kernel (children inherit it)
@@ -346,13 +347,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {info['cpu']}, {info['cores_usable']} usable cores of {info['cores_total']}, "
           f"{info['mem_gib']} GiB; {when}", flush=True)
     print(f"model: {gguf.name}, f32 weights {f32_bytes / 1e9:.3f} GB; prompt {args.prompt_tokens} tokens, "
-          f"{args.new_tokens} new tokens, greedy", flush=True)
+          f"{args.new_tokens} new tokens, greedy; rlx profile: {args.profile or 'default (f32)'}", flush=True)
 
     with tempfile.TemporaryDirectory(prefix="rlx-bench-") as tmp:
         artifact = Path(tmp) / "artifact"
         print("[bench] rlx compile (child process) ...", flush=True)
         compile_s, compile_rss, _ = run_rlx_child(
-            ["compile", str(gguf), "--target", "cpu", "--out", str(artifact), "--no-cache"], timeout=1800)
+            ["compile", str(gguf), "--target", "cpu", "--out", str(artifact), "--no-cache",
+             *(["--profile", str(args.profile)] if args.profile else [])], timeout=1800)
         tokenizer = Tokenizer.from_hf_dir(artifact)
         ids = prompt_ids(tokenizer, args.prompt_tokens)
         long_ids = prompt_ids(tokenizer, args.long_past)
@@ -412,6 +414,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.json:
         report = {"date": when, "machine": info, "model": str(gguf), "f32_weight_bytes": f32_bytes,
+                  "rlx_profile": str(args.profile) if args.profile else None,
                   "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "quick": args.quick,
                   "engines": [asdict(r) for r in engines], "llama_cpp_installed": llama_res is not None,
                   "ratios": ratios, "decode_step_scaling": scaling, "rlx_run_cli": cli_speed,
