@@ -49,6 +49,11 @@ class Model:
             self._tokenizer = self.tokenizer_from()
         return self._tokenizer
 
+    def adopt_tokenizer(self, tokenizer: Tokenizer) -> None:
+        """Use an already loaded tokenizer instead of loading it again (a GGUF's takes seconds)."""
+        if self._tokenizer is None:
+            self._tokenizer = tokenizer
+
     @property
     def decoder(self) -> Detokenizer | Tokenizer:
         """What turns generated ids into text: the small detokenizer if the artifact has one,

@@ -103,6 +103,7 @@ def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     import rlx
     import rlx.api
+    from rlx.runtime.detokenizer import FILE as DETOKENIZER_FILE
     from rlx.runtime.sampler import Sampler
 
     if (args.prompt is None) == (args.prompt_ids is None):
@@ -112,13 +113,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         from rlx.runtime.tvm_runtime import import_runtime_only
 
         import_runtime_only()
-    if args.prompt_ids is not None:
-        ids = _parse_ids(args.prompt_ids)
-    else:  # encode first: the tokenizer (350 MB for Gemma 3's) is gone before the weights load
-        ids = rlx.api.tokenizer_for(args.model).encode(args.prompt)
+    tokenizer = None if args.prompt_ids is not None else rlx.api.tokenizer_for(args.model)
+    ids = _parse_ids(args.prompt_ids) if tokenizer is None else tokenizer.encode(args.prompt)
+    if tokenizer is not None and (Path(args.model) / DETOKENIZER_FILE).is_file():
+        tokenizer = None  # encoded first, so the tokenizer (350 MB for Gemma 3's) is gone before the weights load
         gc.collect()
     _progress(f"loading {args.model}")
     model = rlx.load(args.model, target=args.target, profile=args.profile, passes=args.passes)
+    if tokenizer is not None:  # no small detokenizer to print with: keep the one already built
+        model.adopt_tokenizer(tokenizer)
     _progress(f"running on {model.engine.name}")
     if model.profile is not None and model.profile.passes.verbose:
         for line in _report_lines(model.profile.source, model.engine.reports):
