@@ -63,7 +63,7 @@ def cuda_problem() -> str | None:
 
 
 def compile_artifact(checkpoint: Path, target: str, out: Path, use_cache: bool) -> tuple[Path, float]:
-    from rlx.compile_driver import compile_checkpoint
+    from rlx.driver.compile import compile_checkpoint
 
     t0 = time.perf_counter()
     (path,) = compile_checkpoint(checkpoint, [target], out, use_cache=use_cache)

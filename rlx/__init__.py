@@ -9,9 +9,9 @@ from __future__ import annotations
 from typing import Any
 
 from rlx.errors import RlxError
+from rlx.version import __version__
 
-__all__ = ["RlxError", "compile", "load"]
-__version__ = "0.1.0"
+__all__ = ["RlxError", "__version__", "compile", "load"]
 
 
 def compile(checkpoint: Any, target: Any = "cpu", out: Any = None, **options: Any) -> Any:  # noqa: A001

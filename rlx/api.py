@@ -6,28 +6,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from rlx.compiler.profile import Profile, resolve_profile
+from rlx.driver.engines import ENGINES
+from rlx.driver.profile import Profile
+from rlx.driver.profile_toml import resolve_profile
 from rlx.errors import RlxError
-from rlx.frontends.checkpoint import Checkpoint, open_checkpoint
+from rlx.frontends.checkpoint import open_checkpoint
 from rlx.runtime.detokenizer import FILE as DETOKENIZER_FILE
 from rlx.runtime.detokenizer import Detokenizer
 from rlx.runtime.engine import Engine
 from rlx.runtime.generate import Generation, generate
-from rlx.runtime.reference import ReferenceEngine
 from rlx.runtime.sampler import Sampler
 from rlx.runtime.tokenizer import Tokenizer
-
-
-def _cpu_engine(ckpt: Checkpoint, **options: object) -> Engine:
-    from rlx.runtime.compiled import CompiledEngine  # imports TVM, so only when asked for
-
-    return CompiledEngine(ckpt, target="cpu", **options)  # type: ignore[arg-type]
-
-
-ENGINES: dict[str, Callable[..., Engine]] = {  # (checkpoint, *, passes, profile) -> engine
-    "reference": ReferenceEngine,
-    "cpu": _cpu_engine,  # compiled with TVM for this machine's CPU
-}
 
 
 @dataclass
@@ -114,7 +103,7 @@ def tokenizer_for(path: str | Path) -> Tokenizer:
 def compile(checkpoint: str | Path, target: str | list[str] = "cpu", out: str | Path | None = None, *,
             profile: str | None = None, passes: str | None = None, max_seq: int | None = None) -> list[Path]:
     """Compile a checkpoint to artifact directories (one per target); see `rlx compile`."""
-    from rlx.compile_driver import compile_checkpoint
+    from rlx.driver.compile import compile_checkpoint
 
     targets = target.split(",") if isinstance(target, str) else list(target)
     return compile_checkpoint(checkpoint, targets, out, profile=profile, passes=passes, max_seq=max_seq)

@@ -24,9 +24,9 @@ if TYPE_CHECKING:
     from collections.abc import Mapping
 
     from rlx.api import Model
-    from rlx.compiler.pipeline import PassReport
     from rlx.frontends.checkpoint import Checkpoint
     from rlx.frontends.flow import GemmaFlow
+    from rlx.hir.pass_manager import PassReport
 
 
 def _flow(ckpt: Checkpoint, args: argparse.Namespace) -> GemmaFlow:
@@ -54,16 +54,17 @@ def _report_lines(source: str, reports: Mapping[str, PassReport]) -> list[str]:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from rlx.compiler.dot import to_dot
-    from rlx.compiler.profile import optimize, resolve_profile
-    from rlx.compiler.serialize import hir_to_dict
-    from rlx.compiler.text import print_hir
+    from rlx.driver.graphs import run_pipeline
+    from rlx.driver.profile_toml import resolve_profile
+    from rlx.driver.summary import summarize, summary_lines
     from rlx.frontends.checkpoint import open_checkpoint
-    from rlx.summary import summarize, summary_lines
+    from rlx.hir.dot import to_dot
+    from rlx.hir.serialize import hir_to_dict
+    from rlx.hir.text import print_hir
 
     profile = resolve_profile(args.profile, args.checkpoint)
     ckpt = open_checkpoint(args.checkpoint)
-    hir, report = optimize(_flow(ckpt, args).profile(profile).build(), args.mode, profile, args.passes, ckpt.config)
+    hir, report = run_pipeline(profile.apply(_flow(ckpt, args)).build(), args.mode, profile, args.passes, ckpt.config)
     summary = summarize(hir, ckpt.config)
     passes = _report_lines(profile.source, {args.mode: report})
     if profile.passes.verbose:
@@ -171,7 +172,7 @@ def _targets(text: str) -> list[str]:
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    from rlx.compile_driver import compile_checkpoint
+    from rlx.driver.compile import compile_checkpoint
 
     for path in compile_checkpoint(args.checkpoint, _targets(args.target), args.out, profile=args.profile,
                                    passes=args.passes, max_seq=args.max_seq, use_cache=not args.no_cache):

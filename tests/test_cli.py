@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from rlx.cli import main
-from rlx.compiler.serialize import hir_from_dict
-from rlx.compiler.text import parse_hir
-from rlx.compiler.verify import verify
+from rlx.hir.serialize import hir_from_dict
+from rlx.hir.text import parse_hir
+from rlx.hir.verify import verify
 from tests.fixtures.tiny import hf_reference
 
 Ckpt = Callable[[str], Path]
@@ -161,12 +161,12 @@ def _report_rows(out: str) -> list[str]:
 
 @pytest.mark.parametrize("mode", ["prefill", "decode"])
 def test_inspect_report_lists_each_pass(mode: str, tiny_ckpt: Ckpt, capsys: pytest.CaptureFixture[str]) -> None:
-    from rlx.compiler.profile import DEFAULT_PROFILE
+    from rlx.driver.profile import DEFAULT_PROFILE
 
     assert main(["inspect", str(tiny_ckpt("gemma3")), "--mode", mode, "--report"]) == 0
     out = capsys.readouterr().out
     verify(parse_hir(out))  # the report is comment lines: the text still parses back
-    expected = DEFAULT_PROFILE.pipeline(mode).split(",")
+    expected = DEFAULT_PROFILE.pipeline_text(mode).split(",")
     assert _report_rows(out) == expected and "fuse-attention" in expected
     assert f"# passes for {mode}: {','.join(expected)}" in out and "hits.attention=4" in out
     assert "softmax" not in out.split("# graph")[0]  # the printed HIR is the fused one

@@ -9,7 +9,9 @@ from pathlib import Path
 
 from rlx.errors import RlxError
 from rlx.frontends.config import GemmaConfig
+from rlx.frontends.gguf_config import gguf_config
 from rlx.frontends.gguf_file import GGUFFile
+from rlx.frontends.hf_config import read_hf_config
 from rlx.frontends.weights import WeightStore
 
 _ACCEPTED = "an HF model directory (config.json + *.safetensors) or a .gguf file"
@@ -54,13 +56,13 @@ class Checkpoint:
 
 
 def _open_hf(directory: Path, weights: Path) -> Checkpoint:
-    config = GemmaConfig.from_hf_file(directory / "config.json")
+    config = read_hf_config(directory / "config.json")
     return Checkpoint(weights, config, WeightStore.open(weights, config), "hf")
 
 
 def _open_gguf(path: Path) -> Checkpoint:
     gf = GGUFFile.open(path)  # parsed once, shared by config, weights and tokenizer
-    config = GemmaConfig.from_gguf(gf, source=str(path))
+    config = gguf_config(gf, source=str(path))
     return Checkpoint(path, config, WeightStore.from_gguf(gf, config), "gguf")
 
 

@@ -8,6 +8,10 @@ generations is read from `GemmaConfig` (norm offset, block shape, q/k/v norms, R
 per-layer head dims, Gemma 4 per-layer embeddings and KV sharing), never from an if-chain on the
 generation number.
 
+The graph carries the conventions of `rlx.hir.conventions`: every node built for decoder layer i
+has `meta["layer"] = i`, the attention and MLP projections have a `role`, and `hir.meta["kv"]`
+lists each layer's cache inputs and outputs. Passes and engines read those, not names.
+
 KV sharing (Gemma 4 `num_kv_shared_layers`): the last layers attend over the K/V (cache included)
 of the last earlier layer of their type, so they take no `past_k/v.i` inputs and export no
 `present_k/v.i` outputs of their own.
@@ -19,24 +23,22 @@ Attention is emitted unfused (scores, scale, softcap, mask, softmax, value produ
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import numpy as np
 
-from rlx.compiler.dtypes import DType
-from rlx.compiler.graph import HIR
-from rlx.compiler.ops import Op
-from rlx.compiler.shapes import BATCH, PAST_SEQ, SEQ, Dim, add_dims, sym
-from rlx.compiler.tensor_type import TensorType
-from rlx.compiler.verify import verify
 from rlx.errors import FlowError
 from rlx.frontends.config import GemmaConfig, RopeSpec
-
-if TYPE_CHECKING:  # rlx.compiler.profile imports this module: import it lazily here
-    from rlx.compiler.profile import Profile
+from rlx.hir import conventions as cv
+from rlx.hir.dtypes import DType
+from rlx.hir.graph import HIR
+from rlx.hir.ops import Op
+from rlx.hir.shapes import BATCH, PAST_SEQ, SEQ, Dim, add_dims, sym
+from rlx.hir.tensor_type import TensorType
+from rlx.hir.verify import verify
 
 Mode = Literal["prefill", "decode"]
 Output = Literal["lm_head", "hidden", "last_token_logits"]
@@ -74,7 +76,7 @@ NAMED_STAGES: dict[str, Stage] = {"identity": identity_stage}
 class LayerContext:
     """What a `layer(fn)` callback sees: the layer, the graph being built, the stock stage."""
 
-    builder: _Builder
+    builder: GraphBuilder
     index: int
     overrides: LayerOverrides = field(default_factory=LayerOverrides)
 
@@ -110,7 +112,6 @@ class FlowSpec:
     custom_mask: bool = False
     media_attn_bias: bool = False
     from_hidden: bool = False
-    profile: Profile | None = None     # build() applies its [[layers]] patches
     layer_overrides: tuple[tuple[int, LayerOverrides], ...] = ()
 
 
@@ -203,24 +204,6 @@ class GemmaFlow:
         """
         return self._with(from_hidden=True, mode="prefill")
 
-    # ---- profiles ----
-    def profile(self, preset: str | Profile) -> GemmaFlow:
-        """Attach a profile: a preset name (`gemma_prefill`, `gemma_decode`) or a loaded `Profile`."""
-        from rlx.compiler.profile import PRESETS, Profile
-
-        if isinstance(preset, Profile):
-            return self._with(profile=preset)
-        if preset not in PRESETS:
-            raise FlowError(f"unknown profile preset {preset!r}", hint=f"use one of {', '.join(PRESETS)}")
-        return self._with(profile=PRESETS[preset])
-
-    def profile_near(self, weights: str | Path) -> GemmaFlow:
-        """Use `gemma.rlx.toml` next to the weights if present, else the default profile (each
-        graph's pipeline is then its mode's preset's)."""
-        from rlx.compiler.profile import profile_near
-
-        return self._with(profile=profile_near(weights))
-
     # ---- stages and patches ----
     def layer(self, fn: Callable[[LayerContext], Stage | None]) -> GemmaFlow:
         """`fn(ctx)` returns the stage for layer ctx.index (`ctx.default_stage()` keeps the stock
@@ -251,13 +234,11 @@ class GemmaFlow:
 
     # ---- build ----
     def build(self) -> HIR:
-        if self.spec.profile is not None:  # its [[layers]] become the builder calls they stand for
-            return self.spec.profile.apply(self._with(profile=None)).build()
         spec = self.spec
         if spec.seq is None and spec.mode == "prefill" and spec.batch != 1:
             raise FlowError("dynamic_seq needs batch 1 (padded batches need a static seq)",
                             hint="call .batch(1) or give a static .seq(n)")
-        builder = _Builder(self.config, spec, self.weight_shapes)
+        builder = GraphBuilder(self.config, spec, self.weight_shapes)
         h = builder.embed()
         for stage in self._before:
             h = stage(LayerContext(builder, -1), h)
@@ -270,11 +251,13 @@ class GemmaFlow:
             for fn in self._layer_fns:
                 chosen = fn(ctx)
                 stage = chosen if chosen is not None else stage
-            h = stage(ctx, h)
+            with builder.in_layer(i):
+                h = stage(ctx, h)
         for stage in self._after:
             h = stage(LayerContext(builder, self.config.num_layers), h)
         builder.finish(h)
         hir = builder.hir
+        cv.record_kv(hir, builder.kv_slots())
         for patch in self._patches:
             hir = patch(hir) or hir
         return verify(hir)
@@ -285,8 +268,13 @@ def _merge(base: LayerOverrides, new: LayerOverrides) -> LayerOverrides:
                             if getattr(new, f.name) is not None})
 
 
-class _Builder:
-    """Emits the HIR for one flow; every shape comes from the config and the spec."""
+class GraphBuilder:
+    """Emits the HIR for one flow; every shape comes from the config and the spec.
+
+    Stages get it as `ctx.builder`: `op(...)` adds a node (tagged with the current layer),
+    `w(name, *shape)` a weight checked against the checkpoint, `norm`, `linear`, `attention`,
+    `mlp`, `decoder_layer` the stock pieces.
+    """
 
     def __init__(self, config: GemmaConfig, spec: FlowSpec,
                  weight_shapes: Callable[[str], tuple[int, ...]] | None) -> None:
@@ -297,13 +285,31 @@ class _Builder:
         self.S: Dim = spec.seq if spec.seq is not None else sym(SEQ)
         self.P: Dim = (spec.past if spec.past is not None else sym(PAST_SEQ)) if spec.has_past else 0
         self.T: Dim = add_dims(self.P, self.S)
-        self.positions = self.hir.input("positions", TensorType(DType.I64, (self.B, self.S)))
+        self.positions = self.hir.input(cv.POSITIONS, TensorType(DType.I64, (self.B, self.S)))
         self._rope_tables: dict[tuple[RopeSpec, int], str] = {}
         self._ids: str | None = None
         self._ple: str | None = None  # packed per-layer inputs [B, S, layers * P]
         self._kv: dict[int, tuple[str, str]] = {}  # layer -> its full-length (k, v), for KV-shared layers
         self._kv_out: dict[str, str] = {}
         self._masks: dict[str, str] = {}
+        self._slots: dict[tuple[int, str], tuple[str | None, str | None]] = {}  # (layer, kind) -> past, present
+        self.layer: int | None = None  # the layer the nodes being built belong to
+
+    @contextmanager
+    def in_layer(self, index: int) -> Iterator[None]:
+        """Nodes built inside belong to decoder layer `index` (`conventions.LAYER`)."""
+        outer, self.layer = self.layer, index
+        try:
+            yield
+        finally:
+            self.layer = outer
+
+    def _meta(self, role: str | None = None) -> dict[str, object]:
+        meta: dict[str, object] = {} if self.layer is None else {cv.LAYER: self.layer}
+        return {**meta, cv.ROLE: role} if role else meta
+
+    def kv_slots(self) -> list[cv.KVSlot]:
+        return [cv.KVSlot(layer, kind, past, present) for (layer, kind), (past, present) in self._slots.items()]
 
     # ---- helpers ----
     def w(self, name: str, *shape: int) -> str:
@@ -314,10 +320,14 @@ class _Builder:
                 from rlx.errors import WeightError
                 raise WeightError(f"tensor {name!r} has shape {list(found)}, expected {list(shape)} for this config",
                                   hint="the weights do not belong to this config.json; check the checkpoint")
-        return self.hir.param(name, f32(*shape))
+        return self.hir.param(name, f32(*shape), meta=self._meta())
 
-    def op(self, op: Op, *inputs: str, name: str | None = None, **attrs: object) -> str:
-        return self.hir.add(op, inputs, attrs, name=name)
+    def op(self, op: Op, *inputs: str, name: str | None = None, role: str | None = None, **attrs: object) -> str:
+        return self.hir.add(op, inputs, attrs, name=name, meta=self._meta(role))
+
+    def linear(self, x: str, weight: str, out: int, inp: int, name: str, role: str | None = None) -> str:
+        """`x @ W.T` for a [out, in] weight; `role` names the projection (`conventions.ROLE`)."""
+        return self.op(Op.LINEAR, x, self.w(weight, out, inp), name=name, role=role)
 
     def norm(self, x: str, weight: str | None, dim: int, name: str) -> str:
         cfg = self.config
@@ -338,7 +348,7 @@ class _Builder:
     def ids(self) -> str:
         """The `input_ids` input, made on first use (a `prefill_from_hidden` flow needs it only for PLE)."""
         if self._ids is None:
-            self._ids = self.hir.input("input_ids", TensorType(DType.I64, (self.B, self.S)))
+            self._ids = self.hir.input(cv.INPUT_IDS, TensorType(DType.I64, (self.B, self.S)))
         return self._ids
 
     def scaled_embed(self, table: str, dim: int, name: str) -> str:
@@ -350,7 +360,7 @@ class _Builder:
     def embed(self) -> str:
         cfg = self.config
         if self.spec.from_hidden:
-            h = self.hir.input("inputs_embeds", f32(self.B, self.S, cfg.hidden_size))
+            h = self.hir.input(cv.INPUTS_EMBEDS, f32(self.B, self.S, cfg.hidden_size))
         else:
             h = self.scaled_embed(self.w("embed_tokens.weight", cfg.vocab_size, cfg.hidden_size),
                                   cfg.hidden_size, "embed")
@@ -391,7 +401,7 @@ class _Builder:
     def mask(self, layer: int, scores: str, window: int) -> str:
         spec = self.spec
         if spec.custom_mask:
-            key = "attn_mask"
+            key = cv.ATTN_MASK
             if key not in self._masks:
                 self._masks[key] = self.hir.input(key, f32(self.B, 1, self.S, self.T))
             scores = self.op(Op.ADD, scores, self._masks[key], name=f"l{layer}.attn.custom_mask")
@@ -400,7 +410,7 @@ class _Builder:
             scores = self.op(Op.CAUSAL_MASK, scores, self.positions, name=f"l{layer}.attn.mask",
                              window=window, bidirectional=bidirectional)
         if spec.media_attn_bias:
-            key = "media_attn_bias"
+            key = cv.MEDIA_ATTN_BIAS
             if key not in self._masks:
                 self._masks[key] = self.hir.input(key, f32(self.B, 1, self.S, self.T))
             scores = self.op(Op.ADD, scores, self._masks[key], name=f"l{layer}.attn.media_bias")
@@ -415,27 +425,32 @@ class _Builder:
         cfg = self.config
         p = f"layers.{i}.self_attn."
         hd, hk, H = cfg.layer_head_dim(i), cfg.layer_kv_heads(i), cfg.hidden_size
-        k = self.heads(self.op(Op.LINEAR, x, self.w(p + "k_proj.weight", hk * hd, H), name=f"l{i}.k"), hk, hd,
-                       f"l{i}.k.heads")
+        k = self.heads(self.linear(x, p + "k_proj.weight", hk * hd, H, f"l{i}.k", "k"), hk, hd, f"l{i}.k.heads")
         if cfg.layer_k_eq_v(i):
             v = k  # the raw projection, before k_norm and RoPE
         else:
-            v = self.heads(self.op(Op.LINEAR, x, self.w(p + "v_proj.weight", hk * hd, H), name=f"l{i}.v"), hk, hd,
-                           f"l{i}.v.heads")
-        if cfg.generation >= 3:
+            v = self.heads(self.linear(x, p + "v_proj.weight", hk * hd, H, f"l{i}.v", "v"), hk, hd, f"l{i}.v.heads")
+        if cfg.traits.qk_norm:
             k = self.norm(k, p + "k_norm.weight", hd, f"l{i}.k.norm")
-        if cfg.generation >= 4:
+        if cfg.traits.v_norm:
             v = self.norm(v, None, hd, f"l{i}.v.norm")
         k = self.op(Op.TRANSPOSE, k, name=f"l{i}.k.t", perm=_TO_BHSD)
         v = self.op(Op.TRANSPOSE, v, name=f"l{i}.v.t", perm=_TO_BHSD)
         k = self.op(Op.ROPE, k, self.positions, table, name=f"l{i}.k.rope")
-        if self.spec.has_past:
-            kv_type = f32(self.B, hk, self.P, hd)
-            k = self.op(Op.CONCAT, self.hir.input(f"past_k.{i}", kv_type), k, name=f"l{i}.k.cache", axis=2)
-            v = self.op(Op.CONCAT, self.hir.input(f"past_v.{i}", kv_type), v, name=f"l{i}.v.cache", axis=2)
-        self._kv_out[f"present_k.{i}"], self._kv_out[f"present_v.{i}"] = k, v
-        self._kv[i] = k, v
-        return k, v
+        kv = {"k": k, "v": v}
+        for kind in cv.KV_KINDS:
+            past = None
+            if self.spec.has_past:
+                past = f"past_{kind}.{i}"
+                cache = self.hir.add(Op.INPUT, attrs={"name": past}, type=f32(self.B, hk, self.P, hd), name=past,
+                                     meta=self._meta())
+                kv[kind] = self.op(Op.CONCAT, cache, kv[kind], name=f"l{i}.{kind}.cache", axis=2)
+            present = f"present_{kind}.{i}" if self.spec.export_kv else None
+            if present is not None:
+                self._kv_out[present] = kv[kind]
+            self._slots[i, kind] = (past, present)
+        self._kv[i] = kv["k"], kv["v"]
+        return self._kv[i]
 
     def shared_kv(self, i: int) -> tuple[str, str]:
         """A KV-shared layer attends over its producer's full-length K/V, built earlier in this graph."""
@@ -450,9 +465,8 @@ class _Builder:
         p = f"layers.{i}.self_attn."
         hd, hq, hk = cfg.layer_head_dim(i), cfg.num_heads, cfg.layer_kv_heads(i)
         H = cfg.hidden_size
-        q = self.heads(self.op(Op.LINEAR, x, self.w(p + "q_proj.weight", hq * hd, H), name=f"l{i}.q"), hq, hd,
-                       f"l{i}.q.heads")
-        if cfg.generation >= 3:
+        q = self.heads(self.linear(x, p + "q_proj.weight", hq * hd, H, f"l{i}.q", "q"), hq, hd, f"l{i}.q.heads")
+        if cfg.traits.qk_norm:
             q = self.norm(q, p + "q_norm.weight", hd, f"l{i}.q.norm")
         q = self.op(Op.TRANSPOSE, q, name=f"l{i}.q.t", perm=_TO_BHSD)
         rope = cfg.layer_rope(i)
@@ -478,15 +492,15 @@ class _Builder:
         o = self.op(Op.MATMUL, probs, v, name=f"l{i}.attn.out")
         o = self.op(Op.TRANSPOSE, o, name=f"l{i}.attn.out.t", perm=_TO_BHSD)
         o = self.op(Op.RESHAPE, o, name=f"l{i}.attn.merge", shape=_dims(self.B, self.S, hq * hd))
-        return self.op(Op.LINEAR, o, self.w(p + "o_proj.weight", H, hq * hd), name=f"l{i}.o")
+        return self.linear(o, p + "o_proj.weight", H, hq * hd, f"l{i}.o", "o")
 
     def mlp(self, i: int, x: str, prefix: str = "mlp.") -> str:
         cfg = self.config
         p, H, inter = f"layers.{i}.{prefix}", cfg.hidden_size, cfg.layer_intermediate_size(i)
-        gate = self.op(Op.LINEAR, x, self.w(p + "gate_proj.weight", inter, H), name=f"l{i}.mlp.gate")
-        up = self.op(Op.LINEAR, x, self.w(p + "up_proj.weight", inter, H), name=f"l{i}.mlp.up")
+        gate = self.linear(x, p + "gate_proj.weight", inter, H, f"l{i}.mlp.gate", "gate")
+        up = self.linear(x, p + "up_proj.weight", inter, H, f"l{i}.mlp.up", "up")
         act = self.op(Op.MUL, self.op(Op.GELU_TANH, gate, name=f"l{i}.mlp.act"), up, name=f"l{i}.mlp.glu")
-        return self.op(Op.LINEAR, act, self.w(p + "down_proj.weight", H, inter), name=f"l{i}.mlp.down")
+        return self.linear(act, p + "down_proj.weight", H, inter, f"l{i}.mlp.down", "down")
 
     def moe(self, i: int, residual: str) -> str:
         """Gemma 4 expert branch: router on the residual stream, experts on its own pre-norm."""
@@ -505,9 +519,13 @@ class _Builder:
         return self.norm(out, p + "post_feedforward_layernorm_2.weight", H, f"l{i}.moe.post_norm")
 
     def decoder_layer(self, i: int, h: str, ov: LayerOverrides) -> str:
+        with self.in_layer(i):
+            return self._decoder_layer(i, h, ov)
+
+    def _decoder_layer(self, i: int, h: str, ov: LayerOverrides) -> str:
         cfg = self.config
         p, H = f"layers.{i}.", cfg.hidden_size
-        four_norms = cfg.generation >= 2
+        four_norms = cfg.traits.sandwich_norms
         a = self.attention(i, self.norm(h, p + "input_layernorm.weight", H, f"l{i}.attn_norm"), ov)
         if four_norms:
             a = self.norm(a, p + "post_attention_layernorm.weight", H, f"l{i}.post_attn_norm")
@@ -522,7 +540,7 @@ class _Builder:
         h = self.op(Op.ADD, h, m, name=f"l{i}.mlp.residual")
         if cfg.hidden_size_per_layer_input:
             h = self.per_layer_embedding(i, h)
-        if cfg.generation >= 4:
+        if cfg.traits.layer_scalar:
             h = self.op(Op.MUL, h, self.w(p + "layer_scalar", 1), name=f"l{i}.layer_scalar")
         return h
 
@@ -532,13 +550,13 @@ class _Builder:
             h = self.op(Op.SLICE, h, name="last_token", axis=1, start=-1, stop=None)
         h = self.norm(h, "norm.weight", cfg.hidden_size, "final_norm")
         if spec.output == "hidden":
-            self.hir.set_output("hidden", h)
+            self.hir.set_output(cv.HIDDEN, h)
         else:
             head = "lm_head.weight" if not cfg.tie_word_embeddings else "embed_tokens.weight"
             logits = self.op(Op.LINEAR, h, self.w(head, cfg.vocab_size, cfg.hidden_size), name="lm_head")
             if cfg.final_softcap:
                 logits = self.op(Op.SOFTCAP, logits, name="final_softcap", cap=float(cfg.final_softcap))
-            self.hir.set_output("logits", logits)
+            self.hir.set_output(cv.LOGITS, logits)
         if spec.export_kv:
             for name, nid in self._kv_out.items():
                 self.hir.set_output(name, nid)

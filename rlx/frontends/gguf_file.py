@@ -1,8 +1,9 @@
 """A fast, lazy GGUF reader: metadata and tensor table parsed once, tensor bytes via mmap.
 
-`gguf.GGUFReader` builds a numpy view per metadata element: on a 262k-token vocabulary that is
-~13 s, every time the file is opened. This parser reads the same format (GGUF v2/v3) in well
-under a second and leaves tensor data untouched until `array()`; dequantization is gguf-py's.
+`gguf.GGUFReader` builds a numpy view per metadata element: on a 262k-token vocabulary that
+takes seconds, every time the file is opened. This parser reads the same format (GGUF v2/v3)
+with a few struct reads per key and leaves tensor data untouched until `array()`;
+dequantization is gguf-py's.
 """
 
 from __future__ import annotations

@@ -27,6 +27,7 @@ from rlx.errors import WeightError
 from rlx.frontends.config import GemmaConfig
 from rlx.frontends.gguf_file import GGUFFile
 from rlx.frontends.safetensors_file import read_header
+from rlx.progress import track
 
 LM_HEAD, EMBED = "lm_head.weight", "embed_tokens.weight"
 
@@ -93,8 +94,6 @@ _GGUF_BLOCK = {
 # Gemma 1 has no pre/post-FFN norm pair: its pre-MLP norm (HF post_attention_layernorm) is ffn_norm
 _GGUF_BLOCK_BY_GEN = {1: {**_GGUF_BLOCK, "ffn_norm.weight": "post_attention_layernorm.weight"}}
 _BLOCK = re.compile(r"blk\.(\d+)\.(.+)")
-# llama.cpp-only helpers with no HF tensor (Gemma 4's proportional-RoPE frequency factors)
-_GGUF_IGNORED = frozenset({"rope_freqs.weight"})
 
 
 def canonical_gguf_name(name: str, generation: int) -> str | None:
@@ -329,4 +328,27 @@ class WeightStore:
         return f"WeightStore({self.source}, {len(self._entries)} tensors)"
 
 
-__all__ = ["WeightStore", "canonical_gguf_name", "canonical_hf_name"]
+class WeightCache:
+    """Each tensor of a store loaded once as float32, shared by every graph that reads it (the
+    interpreter's weight source, and what compile materialises the artifact's params from)."""
+
+    def __init__(self, store: WeightStore) -> None:
+        self._store = store
+        self._cache: dict[str, np.ndarray] = {}
+
+    def __call__(self, name: str) -> np.ndarray:
+        if name not in self._cache:
+            self._cache[name] = np.ascontiguousarray(self._store.get(name), dtype=np.float32)
+        return self._cache[name]
+
+    def release(self, name: str) -> None:
+        """Drop a tensor nobody needs any more (it would be loaded again if asked for)."""
+        self._cache.pop(name, None)
+
+    def preload(self, names: list[str]) -> None:
+        """Load (dequantize) every tensor up front, with progress, so timings measure compute."""
+        for name in track(sorted(set(names)), "loading weights"):
+            self(name)
+
+
+__all__ = ["WeightCache", "WeightStore", "canonical_gguf_name", "canonical_hf_name"]

@@ -12,11 +12,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from rlx.compiler.graph import HIR, Node, param_key
-from rlx.compiler.interpreter import IMPLS
-from rlx.compiler.ops import Op
-from rlx.compiler.passes import Pass, PassResult, register
-from rlx.compiler.patterns import Match, Pat, Rule, Var, apply_rules, remove_dead
+from rlx.hir.graph import HIR, Node, param_key
+from rlx.hir.interpreter import IMPLS
+from rlx.hir.ops import Op
+from rlx.hir.pass_infra import Pass, PassResult, register
+from rlx.hir.patterns import Match, Pat, Rule, Var, apply_rules, remove_dead
 
 MAX_FOLDED_ELEMENTS = 1 << 16
 
@@ -29,7 +29,7 @@ def _derived(hir: HIR, param: str, scale: float, shift: float) -> str:
     """A param reading the same tensor as `param`, then `* scale + shift`."""
     node = hir.node(param)
     name, s0, b0 = param_key(node)
-    return hir.param(name, node.type, scale=s0 * scale, shift=b0 * scale + shift)
+    return hir.param(name, node.type, scale=s0 * scale, shift=b0 * scale + shift, meta=node.meta)
 
 
 def _fold_embed_scale(hir: HIR, m: Match) -> str | None:

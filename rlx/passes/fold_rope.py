@@ -9,7 +9,7 @@ time and each rope gathers its token's row.
   frequencies): a rope reads `cos = table[p, d mod D/2]`, `sin = table[p, D/2 + d mod D/2]`, one
   contiguous row per token. Nothing is stored twice (transformers' `cat(freqs, freqs)` repeats
   each half; we index it instead).
-- **Numerics.** `interpreter.rope_table` computes it with the very float32 operations `rope` uses
+- **Numerics.** `interpreter.rope_cos_sin_table` computes it with the very float32 operations `rope` uses
   (`float32(p) * inv_freq`, one rounding, then float32 cos / sin, as transformers' rotary
   embedding does), so under the interpreter folding changes no bit. Against torch's float32
   cos / sin the table differs by at most 1 ulp (|diff| <= 6e-8 measured on 4096 x 128 entries),
@@ -24,10 +24,10 @@ time and each rope gathers its token's row.
   must keep accepting dynamic graphs).
 - **Size trade-off.** A table is `4 * P * head_dim` bytes, held three times while compiling (the
   const's values as Python floats, ~8x the float32 bytes; the HIR text dump, ~5x; the Relax
-  constant each lowered function embeds). Measured on two 4096 x 256 tables: the pass takes
-  3.7 s and 64 MB, `print_hir` 8.6 s for 41 MB of text. Gemma 3 (head_dim 256) at `--max-seq
-  4096`: 4 MB per table, two tables (sliding and full RoPE); at the compile default (no
-  `--max-seq`: the model's context, 32768 for 270M) 32 MB each, 128 MB over prefill + decode,
+  constant each lowered function embeds), and the text dump takes seconds for a 4096 x 256
+  table. Gemma 3 (head_dim 256) at `--max-seq 4096`: 4 MB per table, two tables (sliding and
+  full RoPE); at the compile default (no `--max-seq`: the model's context, 32768 for 270M)
+  32 MB each, 128 MB over prefill + decode,
   to save a few transcendental ops per q / k element. So a table over `max_elements` values
   (default 2^20: P <= 4096 at head_dim 256, 8192 at 128) is not built and its ropes count in
   `skipped.too-large`; raise it with `fold-rope{max_elements=N}` where memory allows. (A decode
@@ -45,24 +45,25 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from rlx.compiler.dtypes import DType
-from rlx.compiler.graph import HIR
-from rlx.compiler.interpreter import rope_table
-from rlx.compiler.ops import Op
-from rlx.compiler.passes import Pass, PassResult, register
-from rlx.compiler.patterns import remove_dead
-from rlx.compiler.shapes import Dim, add_dims, substitute
-from rlx.compiler.tensor_type import TensorType
+from rlx.hir import conventions as cv
+from rlx.hir.dtypes import DType
+from rlx.hir.graph import HIR
+from rlx.hir.interpreter import rope_cos_sin_table
+from rlx.hir.ops import Op
+from rlx.hir.pass_infra import Pass, PassResult, register
+from rlx.hir.patterns import remove_dead
+from rlx.hir.shapes import Dim, add_dims, substitute
+from rlx.hir.tensor_type import TensorType
 from rlx.passes.specialize import upper_bounds
 
 MAX_TABLE_ELEMENTS = 1 << 20
-PAST_INPUTS = ("past_k.", "past_v.")  # KV-cache inputs [B, kv_heads, PAST, head_dim] (README "KV cache")
 
 
 def key_length(hir: HIR, positions: str) -> Dim | None:
     """T, the number of positions keys sit at: past length + new tokens (None when the past
     inputs disagree on their length: then there is no one bound to trust)."""
-    pasts = {n.type.shape[2] for name, n in hir.inputs.items() if name.startswith(PAST_INPUTS)}
+    cache_inputs = cv.past_inputs(hir)  # [B, kv_heads, PAST, head_dim] each
+    pasts = {n.type.shape[2] for name, n in hir.inputs.items() if name in cache_inputs}
     if len(pasts) > 1:
         return None
     return add_dims(*pasts, hir.node(positions).type.shape[1])
@@ -100,7 +101,7 @@ class FoldRope(Pass):
                 stats["skipped.too-large"] += 1
                 continue
             if (inv_freq, count) not in tables:
-                values = rope_table(np.asarray(inv_freq, np.float32), count)
+                values = rope_cos_sin_table(np.asarray(inv_freq, np.float32), count)
                 tables[inv_freq, count] = out.add(Op.CONST, attrs={"value": tuple(values.reshape(-1).tolist())},
                                                   type=TensorType(DType.F32, values.shape), name=f"{inv}.table")
             folded = out.add(Op.ROPE_TABLE, [x, pos, tables[inv_freq, count]], name=node.id + ".folded")

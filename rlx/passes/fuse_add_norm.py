@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rlx.compiler.graph import HIR
-from rlx.compiler.ops import Op
-from rlx.compiler.passes import Miss, Pass, PassResult, register
+from rlx.hir.graph import HIR
+from rlx.hir.ops import Op
+from rlx.hir.pass_infra import Miss, Pass, PassResult, register
 from rlx.passes.fusion import fusion_result
 
 

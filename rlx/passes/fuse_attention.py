@@ -11,10 +11,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rlx.compiler.graph import HIR
-from rlx.compiler.ops import Op
-from rlx.compiler.passes import register
-from rlx.compiler.patterns import Match, Opt, Pat, Pattern, Rule, Var
+from rlx.hir import conventions as cv
+from rlx.hir.graph import HIR
+from rlx.hir.ops import Op
+from rlx.hir.pass_infra import register
+from rlx.hir.patterns import Match, Opt, Pat, Pattern, Rule, Var
 from rlx.passes.fusion import RuleFusion
 
 _KT = (0, 1, 3, 2)
@@ -45,7 +46,7 @@ def _fuse(hir: HIR, m: Match) -> str | None:
         mask = hir.node(m["mask"])
         kind, window, pos = ("bidirectional" if mask.attr("bidirectional") else "causal"), mask.attr("window"), m["pos"]
     else:
-        positions = hir.inputs.get("positions")
+        positions = hir.inputs.get(cv.POSITIONS)
         if positions is None:
             return None
         kind, window, pos = "none", 0, positions.id

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rlx.compiler.graph import HIR
-from rlx.compiler.ops import Op
-from rlx.compiler.passes import register
-from rlx.compiler.patterns import Match, Pat, Rule, Var
+from rlx.hir.graph import HIR
+from rlx.hir.ops import Op
+from rlx.hir.pass_infra import register
+from rlx.hir.patterns import Match, Pat, Rule, Var
 from rlx.passes.fusion import RuleFusion
 
 

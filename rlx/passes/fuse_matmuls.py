@@ -3,7 +3,8 @@
 Q/K/V projections of one layer read the same normed hidden state, as do the MLP's gate and up:
 one `linear(x, concat(Wq, Wk, Wv))` reads x once and gives the kernel one big GEMM; `slice`s
 hand each consumer its part. The concat has only params as inputs, so a backend computes it
-once when it lays out the weights.
+once when it lays out the weights. Projections are found by their `role` and grouped by their
+`layer` (node meta, `rlx.hir.conventions`), not by weight names.
 """
 
 from __future__ import annotations
@@ -11,19 +12,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from rlx.compiler.graph import HIR, Node
-from rlx.compiler.ops import Op
-from rlx.compiler.passes import Pass, PassResult, register
+from rlx.hir import conventions as cv
+from rlx.hir.graph import HIR, Node
+from rlx.hir.ops import Op
+from rlx.hir.pass_infra import Pass, PassResult, register
 from rlx.passes.fusion import fusion_result
 
 
-def _role(hir: HIR, linear: Node, roles: tuple[str, ...]) -> tuple[str, str] | None:
-    """(module prefix, role) of a linear whose weight is a param named `<prefix><role>.weight`."""
-    if linear.op is not Op.LINEAR or (w := hir.node(linear.inputs[1])).op is not Op.PARAM:
+def _role(hir: HIR, linear: Node, roles: tuple[str, ...]) -> tuple[int | None, str] | None:
+    """(layer, role) of a linear over a param weight whose role is one of `roles`."""
+    role = cv.role_of(linear)
+    if linear.op is not Op.LINEAR or role not in roles or hir.node(linear.inputs[1]).op is not Op.PARAM:
         return None
-    name = w.attr("name")
-    role = next((r for r in roles if name.endswith(f"{r}.weight")), None)
-    return None if role is None else (name[: -len(f"{role}.weight")], role)
+    return cv.layer_of(linear), role
 
 
 @dataclass(frozen=True)
@@ -32,8 +33,8 @@ class _FuseSharedInput(Pass):
     roles: ClassVar[tuple[str, ...]] = ()
 
     def _groups(self, hir: HIR, x: str) -> list[list[Node]]:
-        """Projections of one module (same weight prefix) reading x, in role order."""
-        by_module: dict[str, dict[str, Node]] = {}
+        """Projections of one layer reading x, in role order."""
+        by_module: dict[int | None, dict[str, Node]] = {}
         for u in hir.users(x):
             key = _role(hir, u, self.roles)
             if key is not None and u.inputs[0] == x:
@@ -56,7 +57,9 @@ class _FuseSharedInput(Pass):
     def _fuse(self, out: HIR, x: str, linears: list[Node]) -> None:
         weights = out.add(Op.CONCAT, [u.inputs[1] for u in linears], {"axis": 0},
                           name=linears[0].id + f".{self.pattern}.w")
-        packed = out.add(Op.LINEAR, [x, weights], name=linears[0].id + f".{self.pattern}")
+        layer = cv.layer_of(linears[0])
+        packed = out.add(Op.LINEAR, [x, weights], name=linears[0].id + f".{self.pattern}",
+                         meta={} if layer is None else {cv.LAYER: layer})
         start = 0
         for u in linears:
             width = u.type.shape[-1]
@@ -73,7 +76,7 @@ class _FuseSharedInput(Pass):
 class FuseQKV(_FuseSharedInput):
     name = "fuse-qkv"
     pattern = "qkv"
-    roles = ("q_proj", "k_proj", "v_proj")
+    roles = ("q", "k", "v")
 
 
 @register
@@ -81,4 +84,4 @@ class FuseQKV(_FuseSharedInput):
 class FuseGateUp(_FuseSharedInput):
     name = "fuse-gate-up"
     pattern = "gate-up"
-    roles = ("gate_proj", "up_proj")
+    roles = ("gate", "up")

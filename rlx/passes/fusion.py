@@ -6,10 +6,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import ClassVar
 
-from rlx.compiler.graph import HIR
-from rlx.compiler.ops import Op
-from rlx.compiler.passes import Miss, Pass, PassResult
-from rlx.compiler.patterns import Rule, apply_rules
+from rlx.hir.graph import HIR
+from rlx.hir.ops import Op
+from rlx.hir.pass_infra import Miss, Pass, PassResult
+from rlx.hir.patterns import Rule, apply_rules
 
 
 def fusion_result(pattern: str, hir: HIR, hits: int, misses: Iterable[Miss]) -> PassResult:

@@ -2,17 +2,18 @@
 
 `precision{compute=f16}` (or `bf16`; `mixed=auto|off`; `layers=f16|f32|...` per layer) rewrites
 a graph's dtypes. It runs after fusion (a cast between two ops would hide the patterns the fusion
-passes look for), so it knows the fused ops too. Each op is in one of three classes:
+passes look for), so it knows the fused ops too. Each op is in one of three classes, declared
+with the op (`OpSpec.precision`, `rlx/hir/ops.py`):
 
-- **compute** (`COMPUTE_OPS`: linear, matmul, linear_epilogue, attention, moe, embed, the
-  elementwise ops, concat): runs in its layer's compute dtype; its float inputs are cast to it.
-- **float32** (`F32_OPS`, with `mixed="auto"`: rms_norm, add_rms_norm, softmax, softcap, rope,
-  causal_mask): float inputs are cast to f32 and the result is f32. `mixed="off"` makes them
-  compute ops as well (norm weights and all). RoPE's inv_freq / cos|sin table is never cast:
-  rounding it would shift every angle. (Whatever their class, the interpreter and the lowering
-  reduce norms and softmax in f32 inside the op; the class decides the dtype *between* ops.)
-- **layout** (`LAYOUT_OPS`: reshape, transpose, slice, repeat_kv, result, cast): keep their
-  input's dtype; moving data needs no rounding.
+- **compute** (linear, matmul, linear_epilogue, attention, moe, embed, the elementwise ops,
+  concat): runs in its layer's compute dtype; its float inputs are cast to it.
+- **float32** (with `mixed="auto"`: rms_norm, add_rms_norm, softmax, softcap, rope, causal_mask):
+  float inputs are cast to f32 and the result is f32. `mixed="off"` makes them compute ops as
+  well (norm weights and all). RoPE's inv_freq / cos|sin table is never cast: rounding it would
+  shift every angle. (Whatever their class, the interpreter and the lowering reduce norms and
+  softmax in f32 inside the op; the class decides the dtype *between* ops.)
+- **layout** (reshape, transpose, slice, repeat_kv, result, cast): keep their input's dtype;
+  moving data needs no rounding.
 
 Casts are made on demand, one per (value, dtype), next to the first reader. A value already in
 the wanted dtype is read as it is, so consecutive f32 ops (softcap -> mask -> softmax; an
@@ -31,34 +32,29 @@ residual adds are compute ops and it is f16 / bf16 between the norms.
   and the `past_k.i` / `past_v.i` inputs are retyped to match, so a decode step takes the last
   step's outputs unchanged and the cache is half the bytes. Other float inputs (`inputs_embeds`,
   `attn_mask`, `media_attn_bias`, `last_token_select`) keep their dtype and are cast where read.
-- **Layers.** A node named `l{i}.` belongs to layer i (GemmaFlow's naming) and computes in
-  `layers[i]`; anything else (embedding, final norm, LM head) and every layer when `layers` is
-  empty, in `compute`. `Profile.layer_dtypes` gives the tuple (`[[layers]] dtype` patches).
+- **Layers.** A node whose meta says layer i (`rlx.hir.conventions`) computes in `layers[i]`;
+  anything else (embedding, final norm, LM head) and every layer when `layers` is empty, in
+  `compute`. `Profile.layer_dtypes` gives the tuple (`[[layers]] dtype` patches). The KV cache
+  inputs and outputs are the graph's `kv` slots, each with its layer.
 """
 
 from __future__ import annotations
 
 import copy
-import re
 from dataclasses import dataclass
 from typing import cast
 
-from rlx.compiler.dtypes import DType
-from rlx.compiler.graph import HIR, Node
-from rlx.compiler.ops import OPS, Op, TypeRuleError
-from rlx.compiler.passes import Pass, PassError, PassResult, register
+from rlx.hir import conventions as cv
+from rlx.hir.dtypes import DType
+from rlx.hir.graph import HIR, Node
+from rlx.hir.ops import OPS, Op, TypeRuleError
+from rlx.hir.ops import Precision as Class
+from rlx.hir.pass_infra import Pass, PassError, PassResult, register
 
-COMPUTE_OPS = frozenset({Op.LINEAR, Op.MATMUL, Op.LINEAR_EPILOGUE, Op.ATTENTION, Op.MOE, Op.EMBED, Op.GEGLU,
-                         Op.GELU_TANH, Op.ADD, Op.MUL, Op.SCALE, Op.CONCAT})
-F32_OPS = frozenset({Op.RMSNORM, Op.ADD_RMSNORM, Op.SOFTMAX, Op.SOFTCAP, Op.ROPE, Op.ROPE_TABLE, Op.CAUSAL_MASK})
-LAYOUT_OPS = frozenset({Op.RESHAPE, Op.TRANSPOSE, Op.SLICE, Op.REPEAT_KV, Op.RESULT, Op.CAST})
-LEAVES = frozenset({Op.INPUT, Op.PARAM, Op.CONST})
+COMPUTE_OPS = frozenset(op for op, spec in OPS.items() if spec.precision is Class.COMPUTE)
+F32_OPS = frozenset(op for op, spec in OPS.items() if spec.precision is Class.F32)
 UNCAST_INPUTS: dict[Op, frozenset[int]] = {Op.ROPE: frozenset({2}), Op.ROPE_TABLE: frozenset({2})}
 MIXED = ("auto", "off")
-
-_LAYER_NODE = re.compile(r"^l(\d+)\.")
-_KV_INPUT = re.compile(r"^past_[kv]\.(\d+)$")     # GemmaFlow's cache names (README "KV cache")
-_KV_OUTPUT = re.compile(r"^present_[kv]\.(\d+)$")
 
 
 def _float_dtype(text: str, where: str) -> DType:
@@ -109,19 +105,14 @@ class Precision(Pass):
 
     def node_dtype(self, node: Node) -> DType | None:
         """What a non-leaf node computes in (None: a layout op, which keeps its input's dtype)."""
-        if node.op in LAYOUT_OPS:
+        kind = OPS[node.op].precision
+        if kind is Class.LAYOUT:
             return None
-        if node.op in F32_OPS and self.mixed == "auto":
+        if kind is Class.F32 and self.mixed == "auto":
             return DType.F32
-        if node.op not in COMPUTE_OPS | F32_OPS:
+        if kind not in (Class.COMPUTE, Class.F32):
             raise PassError(f"precision: %{node.id}: no precision rule for op {node.op.value}")
-        m = _LAYER_NODE.match(node.id)
-        return self.layer_dtype(int(m[1]) if m else None)
-
-    def named_layer_dtype(self, pattern: re.Pattern[str], name: str) -> DType | None:
-        """The layer dtype of a cache input / output named `past_k.3` / `present_v.3`, else None."""
-        m = pattern.match(name)
-        return self.layer_dtype(int(m[1])) if m else None
+        return self.layer_dtype(cv.layer_of(node))
 
     def run(self, hir: HIR) -> PassResult:
         return _Rewrite(self, hir).run()
@@ -136,6 +127,7 @@ class _Rewrite:
         self.out = HIR(hir.name)
         self.out.meta = copy.deepcopy(hir.meta)
         self.casts: dict[tuple[str, DType], str] = {}
+        self.kv_inputs, self.kv_outputs = cv.past_inputs(hir), cv.present_outputs(hir)
         self.stats = {"casts": 0, "weight-casts": 0, "retyped": 0}
 
     def read(self, value: str, dtype: DType) -> str:
@@ -165,17 +157,18 @@ class _Rewrite:
 
     def run(self) -> PassResult:
         for node in self.hir.nodes():
-            if node.op is Op.INPUT:
-                dtype = self.spec.named_layer_dtype(_KV_INPUT, node.attr("name"))
-                new = node if dtype is None or not node.type.dtype.is_float else \
-                    Node(node.id, node.op, node.inputs, node.type.with_dtype(dtype), node.attrs, dict(node.meta))
-            elif node.op in LEAVES or node.id in self.static:
+            slot = self.kv_inputs.get(node.attr("name")) if node.op is Op.INPUT else None
+            if slot is not None and node.type.dtype.is_float:
+                dtype = self.spec.layer_dtype(slot.layer)
+                new = Node(node.id, node.op, node.inputs, node.type.with_dtype(dtype), node.attrs, dict(node.meta))
+            elif OPS[node.op].precision is Class.LEAF or node.id in self.static:
                 new = node
             else:
                 new = self.rebuild(node)
             self.stats["retyped"] += new.type != node.type
             self.out.insert_raw(new)
         for name, nid in self.hir.outputs.items():
-            dtype = self.spec.named_layer_dtype(_KV_OUTPUT, name) or self.hir.node(nid).type.dtype
+            slot = self.kv_outputs.get(name)
+            dtype = self.spec.layer_dtype(slot.layer) if slot is not None else self.hir.node(nid).type.dtype
             self.out.raw_set_output(name, self.read(nid, dtype))
         return PassResult(self.out, self.out != self.hir, self.stats)

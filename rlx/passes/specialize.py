@@ -15,19 +15,20 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
-from rlx.compiler.graph import HIR, Node
-from rlx.compiler.ops import Op, attr_dim
-from rlx.compiler.passes import Pass, PassError, PassResult, register
-from rlx.compiler.shapes import BATCH, PAST_SEQ, SEQ, Dim, dim_symbols, substitute
-from rlx.compiler.verify import verify
 from rlx.errors import HIRError
+from rlx.hir import conventions as cv
+from rlx.hir.graph import HIR, Node
+from rlx.hir.ops import Op, attr_dim
+from rlx.hir.pass_infra import Pass, PassError, PassResult, register
+from rlx.hir.shapes import BATCH, PAST_SEQ, SEQ, Dim, dim_symbols, substitute
+from rlx.hir.verify import verify
 
 SYMBOLS = (BATCH, PAST_SEQ, SEQ)
 BOUNDS = "bounds"
-SELECT_INPUT = "last_token_select"
+SELECT_INPUT = cv.LAST_TOKEN_SELECT
 # inputs whose padded values would change what real tokens compute: a user mask or bias may let a
 # real query see a pad key, so bucketing refuses graphs that take them
-UNPADDABLE_INPUTS = ("attn_mask", "media_attn_bias")
+UNPADDABLE_INPUTS = (cv.ATTN_MASK, cv.MEDIA_ATTN_BIAS)
 
 DimsSpec = Mapping[str, int | str] | Sequence[tuple[str, int | str]]
 
@@ -121,6 +122,12 @@ class Specialize(Pass):
 
     def __str__(self) -> str:
         return f"{self.name}{{{','.join(f'{k}={v}' for k, v in self.bindings.items())}}}"
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, str]) -> Specialize:
+        """Every option is a symbol binding: `specialize{SEQ=128,BATCH=1}` (`dims=...`, the field
+        itself, is refused by `parse_dims` with the syntax to use)."""
+        return cls(dims=options["dims"] if "dims" in options else tuple(options.items()))
 
     def run(self, hir: HIR) -> PassResult:
         present = graph_symbols(hir)

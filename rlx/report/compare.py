@@ -64,7 +64,7 @@ _RELAX_OPS = ("take", "transpose", "permute_dims", "reshape", "concatenate", "st
 
 
 def op_vocabulary() -> frozenset[str]:
-    from rlx.compiler.ops import Op
+    from rlx.hir.ops import Op
     from rlx.targets import kernels
 
     te_names = [name for name, fn in inspect.getmembers(kernels, inspect.isfunction)
@@ -108,8 +108,8 @@ _CODE: dict[str, tuple[str, Callable[[Path, dict[str, Any]], int]]] = {
 
 
 def _tensor_bytes(text: str, env: dict[str, int]) -> tuple[int, tuple[int, ...]]:
-    from rlx.compiler.shapes import eval_shape
-    from rlx.compiler.tensor_type import TensorType
+    from rlx.hir.shapes import eval_shape
+    from rlx.hir.tensor_type import TensorType
 
     t = TensorType.parse(text) if isinstance(text, str) else text
     shape = eval_shape(t.shape, env)
@@ -123,7 +123,7 @@ def kv_cache_bytes(manifest: dict[str, Any]) -> int:
 
 def largest_activation(hir_text: str, max_seq: int) -> dict[str, Any]:
     """See METHODS["activation_bytes"]."""
-    from rlx.compiler.text import parse_hir
+    from rlx.hir.text import parse_hir
 
     env = {"SEQ": max_seq, "BATCH": 1, "PAST_SEQ": 0}
     best: dict[str, Any] = {"bytes": 0}
@@ -217,9 +217,9 @@ def _run_target(art: Path, ids: list[int], ref: dict[str, Any]) -> dict[str, Any
 
 
 def reference_walk(checkpoint: Any, profile: Any, passes: str | None, ids: list[int]) -> dict[str, Any]:
-    from rlx.runtime.reference import ReferenceEngine
+    from rlx.driver.engines import reference_engine
 
-    return _walk(ReferenceEngine(checkpoint, passes=passes, profile=profile), ids,
+    return _walk(reference_engine(checkpoint, passes=passes, profile=profile), ids,
                  lambda i, logits: int(np.argmax(logits)))
 
 
@@ -271,7 +271,7 @@ def _prompt_ids(checkpoint: Any, prompt: str | None, prompt_ids: list[int] | Non
 def _compile_one(checkpoint_path: Path, target: str, dest: Path, profile: str | None,
                  passes: str | None) -> dict[str, Any]:
     """Compile one target; a failure becomes {"status": "failed", "error": ...} so the others go on."""
-    from rlx.compile_driver import compile_checkpoint
+    from rlx.driver.compile import compile_checkpoint
 
     try:
         [art] = compile_checkpoint(checkpoint_path, [target], dest, profile=profile, passes=passes)
@@ -287,11 +287,11 @@ def compare(checkpoint_path: str | Path, targets: list[str], out: str | Path | N
     """Compile every target (through the compile cache), run the runnable ones, write the report
     directory atomically; returns it. Bad input (unknown target, bad profile, missing bench file,
     prompt too long) fails before anything compiles."""
-    from rlx.compiler.profile import resolve_profile
+    from rlx.driver.profile_toml import resolve_profile
     from rlx.frontends.checkpoint import open_checkpoint
+    from rlx.outputs import replace_dir_atomic
     from rlx.report.render import write_reports
     from rlx.runtime.artifact_engine import runnable_targets
-    from rlx.targets.artifact import replace_dir_atomic
     from rlx.targets.presets import resolve_target
 
     if not targets:

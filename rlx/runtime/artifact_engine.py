@@ -15,12 +15,12 @@ import numpy as np
 import tvm
 from tvm.runtime.vm import VirtualMachine
 
-from rlx.compiler.pipeline import PassReport
-from rlx.compiler.tensor_type import TensorType
 from rlx.frontends.config import GemmaConfig
 from rlx.frontends.safetensors_file import DTYPE_NAMES, read_header
+from rlx.hir.pass_manager import PassReport
+from rlx.hir.tensor_type import TensorType
+from rlx.runtime.artifact import check_compatible, read_manifest
 from rlx.runtime.vm_engine import DEVICES, VMEngine
-from rlx.targets.artifact import check_compatible, read_manifest
 
 
 @dataclass(frozen=True)

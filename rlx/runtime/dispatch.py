@@ -23,13 +23,27 @@ from typing import Protocol
 
 import numpy as np
 
-from rlx.compiler.graph import HIR
-from rlx.compiler.shapes import PAST_SEQ, Dim, SymDim, bind_shape, eval_shape
 from rlx.errors import RunError
-from rlx.passes.specialize import BucketedGraphs
+from rlx.hir import conventions as cv
+from rlx.hir.graph import HIR
+from rlx.hir.shapes import PAST_SEQ, Dim, SymDim, bind_shape, eval_shape
 
 # padded with `last + 1, last + 2, ...` so pads look like the tokens after the prompt
-CONTINUED_INPUTS = ("positions",)
+CONTINUED_INPUTS = (cv.POSITIONS,)
+
+
+class BucketFamily(Protocol):
+    """Static variants of one dynamic graph, one per bucket of `dim` (what
+    `rlx.passes.specialize.specialize_buckets` makes); `select_input` names the one-hot
+    last-token input, None when the graph takes no last token."""
+
+    source: HIR
+    dim: str
+    variants: Mapping[int, HIR]
+    select_input: str | None
+
+    @property
+    def buckets(self) -> tuple[int, ...]: ...
 
 
 class Runner(Protocol):
@@ -59,7 +73,7 @@ def pad_seq(value: np.ndarray, axis: int, extra: int, continued: bool) -> np.nda
 class Dispatcher:
     """Picks a bucket per call; `run` has the dynamic graph's contract (same feeds, same outputs)."""
 
-    def __init__(self, graphs: BucketedGraphs, make_runner: Callable[[HIR], Runner]) -> None:
+    def __init__(self, graphs: BucketFamily, make_runner: Callable[[HIR], Runner]) -> None:
         self.graphs = graphs
         self.dim = graphs.dim
         self.buckets = graphs.buckets
@@ -89,8 +103,9 @@ class Dispatcher:
             raise RunError(f"no {self.dim} positions to run (empty prompt or no input with a {self.dim} axis)")
         bucket = self.bucket_for(n)
         first_pad = env.get(PAST_SEQ, 0) + n
-        if "positions" in arrays and arrays["positions"].size and int(arrays["positions"].max()) >= first_pad:
-            raise RunError(f"positions reach {int(arrays['positions'].max())}, but keys end at {first_pad - 1}: "
+        positions = arrays.get(cv.POSITIONS)
+        if positions is not None and positions.size and int(positions.max()) >= first_pad:
+            raise RunError(f"positions reach {int(positions.max())}, but keys end at {first_pad - 1}: "
                            "padded keys would become visible", hint="positions must be past + 0..n-1")
         extra = bucket - n
         padded = dict(arrays)

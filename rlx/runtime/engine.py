@@ -11,7 +11,7 @@ from typing import Protocol
 
 import numpy as np
 
-from rlx.compiler.pipeline import PassReport
+from rlx.hir.pass_manager import PassReport
 
 
 class Engine(Protocol):

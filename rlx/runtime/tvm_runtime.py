@@ -1,10 +1,11 @@
 """Import TVM for running artifacts only: its runtime library, not its compiler, and no torch.
 
-Measured on the PyPI wheel (apache-tvm 0.27): a plain `import tvm` maps the 260 MB compiler
-library, and `tvm_ffi` imports torch whenever it is installed (it is, as a test reference): that
-is 0.4 GB of resident memory before a single weight is loaded, for a process that only needs the
-VM. `TVM_USE_RUNTIME_LIB=1` (read by `tvm.base` at import) loads libtvm_runtime.so instead (90 MB
-resident in all), and hiding torch while tvm_ffi initialises keeps torch out of the process.
+A plain `import tvm` (the PyPI wheel, apache-tvm 0.27) maps the whole compiler library, and
+`tvm_ffi` imports torch whenever it is installed (it is, as a test reference): hundreds of MB
+resident before a single weight is loaded, for a process that only needs the VM.
+`TVM_USE_RUNTIME_LIB=1` (read by `tvm.base` at import) loads libtvm_runtime.so instead, and
+hiding torch while tvm_ffi initialises keeps torch out of the process (the README's memory
+numbers show the difference).
 This only works before anything imported tvm; after that it is a no-op (the full library stays).
 """
 

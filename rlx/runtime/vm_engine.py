@@ -20,13 +20,12 @@ import numpy as np
 import tvm
 from tvm.runtime.vm import VirtualMachine
 
-from rlx.compiler.pipeline import PassReport
-from rlx.compiler.shapes import BATCH, PAST_SEQ, eval_shape
-from rlx.compiler.tensor_type import TensorType
 from rlx.errors import RunError
-from rlx.runtime.prefill_buckets import PREFILL, choose, entry, padded_feeds
-
-KV_CAP = "KV_CAP"  # = rlx.targets.kv_cache.KV_CAP (not imported: that module is compiler-side)
+from rlx.hir import conventions as cv
+from rlx.hir.pass_manager import PassReport
+from rlx.hir.shapes import BATCH, PAST_SEQ, eval_shape
+from rlx.hir.tensor_type import TensorType
+from rlx.runtime.buckets import DECODE, PREFILL, choose, entry, padded_feeds
 
 # device kind of a target -> the TVM device its module runs on
 DEVICES: dict[str, Callable[[int], tvm.runtime.Device]] = {"cpu": tvm.cpu, "cuda": tvm.cuda, "metal": tvm.metal}
@@ -62,8 +61,8 @@ class VMEngine:
     @staticmethod
     def _set_threads(threads: int | None) -> None:
         """Size TVM's CPU thread pool: `[backend.<target>] threads`, else TVM_NUM_THREADS, else every
-        core this process may use. (TVM's own default is half the logical cores, assuming SMT:
-        one thread on this 2-core box, where two decode 1.7x faster.) Process-wide, as TVM's
+        core this process may use. (TVM's own default is half the logical cores, assuming SMT: one
+        thread on a 2-core machine without SMT, which leaves half of it idle.) Process-wide, as TVM's
         pool is; its ceiling is read from TVM_NUM_THREADS when the pool starts, so that is set
         too: before the first kernel any count applies, later only lower ones."""
         count = threads or int(os.environ.get("TVM_NUM_THREADS") or 0) or len(os.sched_getaffinity(0))
@@ -83,7 +82,7 @@ class VMEngine:
         old, kept = self._caches, self._pos
         self._caches = {}
         for name, t in self._cache_types().items():
-            shape = eval_shape(t.shape, {BATCH: 1, KV_CAP: capacity})
+            shape = eval_shape(t.shape, {BATCH: 1, cv.KV_CAP: capacity})
             buf = tvm.runtime.empty(shape, str(t.dtype.numpy), self.device)
             if kept and name in old:
                 host = np.zeros(shape, dtype=buf.dtype)
@@ -112,12 +111,12 @@ class VMEngine:
         if self._pos + n > self._capacity:
             self._allocate(min(self.max_seq, max(self._pos + n, 2 * self._capacity)))
         feeds = {
-            "input_ids": np.asarray([ids], dtype=np.int64),
-            "positions": np.arange(self._pos, self._pos + n, dtype=np.int64)[None, :],
+            cv.INPUT_IDS: np.asarray([ids], dtype=np.int64),
+            cv.POSITIONS: np.arange(self._pos, self._pos + n, dtype=np.int64)[None, :],
         }
         out = self._call(self.signatures[function], padded_feeds(feeds, bucket) if bucket else feeds)
         self._pos += n
-        return out["logits"].numpy()[0, -1]
+        return out[cv.LOGITS].numpy()[0, -1]
 
     def prefill(self, ids: list[int], capacity: int | None = None) -> np.ndarray:
         """Run the prompt into fresh cache buffers with room for `capacity` positions, in the
@@ -133,4 +132,4 @@ class VMEngine:
     def step(self, token: int) -> np.ndarray:
         if not getattr(self, "_caches", None):
             raise RunError("step() before prefill()")
-        return self._run("decode", [token])
+        return self._run(DECODE, [token])

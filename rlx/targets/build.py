@@ -6,8 +6,9 @@ GPU rules; Metal without dlight's Matmul rule, which segfaults there), then TVM'
 per-device dataflow lowering and finalisation (`tvm.relax.backend.<device>.pipeline`). The scheduled
 module is kept (`Built.scheduled`) so tests and reports can see which rule scheduled what.
 
-Risky builds (Metal: TVM.md saw a whole-process segfault) run in a child process that exports
-the library to a file; a crash there is an error here, not a dead caller.
+Risky builds (Metal: TVM 0.27 segfaulted the whole process inside dlight's Matmul rule) run in
+a child process that exports the library to a file; a crash there is an error here, not a dead
+caller.
 """
 
 from __future__ import annotations
@@ -30,9 +31,9 @@ from tvm.relax.backend.cuda import pipeline as cuda_pipeline
 from tvm.relax.backend.gpu_generic import pipeline as gpu_pipeline
 from tvm.s_tir.dlight.base import ScheduleRule
 
-from rlx.compiler.graph import HIR
-from rlx.compiler.serialize import hir_from_dict, hir_to_dict
 from rlx.errors import RlxError
+from rlx.hir.graph import HIR
+from rlx.hir.serialize import hir_from_dict, hir_to_dict
 from rlx.targets.presets import ResolvedTarget, resolve_target
 from rlx.targets.schedules import apply_schedules, cpu_rules, gpu_rules, schedule_report
 
@@ -76,7 +77,7 @@ def _resolve(target: str | ResolvedTarget) -> ResolvedTarget:
     return resolve_target(target) if isinstance(target, str) else target
 
 
-def optimize(mod: tvm.IRModule, target: str | ResolvedTarget) -> tvm.IRModule:
+def schedule_module(mod: tvm.IRModule, target: str | ResolvedTarget) -> tvm.IRModule:
     """Legalize, fuse and schedule: the module every PrimFunc of which has its schedule."""
     resolved = _resolve(target)
     be = BACKENDS[resolved.device]
@@ -100,7 +101,7 @@ def _pass_context(opt_level: int | None) -> tvm.transform.PassContext:
 
 def _compile(mod: tvm.IRModule, resolved: ResolvedTarget, opt_level: int | None) -> tuple[Any, tvm.IRModule]:
     with _pass_context(opt_level):
-        scheduled = optimize(mod, resolved)
+        scheduled = schedule_module(mod, resolved)
         return tvm.compile(scheduled, target=resolved.target, relax_pipeline=_finish_pipeline(resolved)), scheduled
 
 

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from tvm import te, tirx
 
-from rlx.compiler.interpreter import masked_value
+from rlx.hir.interpreter import masked_value
 
 # contraction block names -> operand layout: "nt" reduces over the last axis of both operands
 # (x @ w.T: both rows contiguous), "nn" over the last axis of a and the second-to-last of b
@@ -122,7 +122,7 @@ def _rotate_half_at(x: te.Tensor, b: tirx.PrimExpr, h: tirx.PrimExpr, s: tirx.Pr
     return tirx.Select(d < dim // 2, -partner, partner)
 
 
-def rope_table(x: te.Tensor, pos: te.Tensor, table: te.Tensor) -> te.Tensor:
+def rope_from_table(x: te.Tensor, pos: te.Tensor, table: te.Tensor) -> te.Tensor:
     """RoPE from a folded table (`passes/fold_rope.py`): row p of `table [P, D]` is cos(p f) | sin(p f).
 
     The row index is clamped into 0..P-1: positions past the graph's bound break its contract,

@@ -18,14 +18,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rlx.compiler.graph import HIR
-from rlx.compiler.ops import Op
-from rlx.compiler.shapes import Dim, sym
-from rlx.compiler.tensor_type import TensorType
 from rlx.errors import HIRError
+from rlx.hir import conventions as cv
+from rlx.hir.conventions import KV_CAP
+from rlx.hir.graph import HIR
+from rlx.hir.ops import Op
+from rlx.hir.shapes import Dim, sym
+from rlx.hir.tensor_type import TensorType
 
-KV_CAP = "KV_CAP"  # symbolic capacity of every cache buffer (allocated by the engine)
-PRESENT, CACHE = "present_", "cache_"
+CACHE = "cache_"  # buffer names: cache_k.3 for the output present_k.3
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,8 @@ class CacheSlot:
     """One exported K or V: the graph output, the buffer that replaces it, what gets written."""
 
     output: str             # present_k.3
+    layer: int
+    kind: str               # "k" | "v"
     node: str               # the node whose value the output is (the concat, or the new K/V itself)
     new: str                # the node holding the rows this call appends
     offset: Dim             # where they go: the replaced past input's length, or 0
@@ -41,15 +44,16 @@ class CacheSlot:
 
     @property
     def cache(self) -> str:
-        return CACHE + self.output.removeprefix(PRESENT)
+        return f"{CACHE}{self.kind}.{self.layer}"
 
 
 def plan(hir: HIR) -> tuple[CacheSlot, ...]:
     """The cache slots of a graph, in output order; raises on a cache shape the convention
     cannot express (a past input read by something other than its concat)."""
     slots = []
+    caches = cv.present_outputs(hir)
     for output, nid in hir.outputs.items():
-        if not output.startswith(PRESENT):
+        if output not in caches:
             continue
         node = hir.node(nid)
         b, h, _, d = node.type.shape
@@ -62,5 +66,6 @@ def plan(hir: HIR) -> tuple[CacheSlot, ...]:
             readers = [n.id for n in hir.users(first.id)]
             if readers != [nid]:
                 raise HIRError(f"KV cache input {past!r} is read by {readers}, not only by its concat %{nid}")
-        slots.append(CacheSlot(output, nid, new, offset, past, TensorType(node.type.dtype, (b, h, sym(KV_CAP), d))))
+        slots.append(CacheSlot(output, caches[output].layer, caches[output].kind, nid, new, offset, past,
+                               TensorType(node.type.dtype, (b, h, sym(KV_CAP), d))))
     return tuple(slots)

@@ -3,7 +3,8 @@
 A preset is what `--target` names; a TVM target JSON dict (`'{"kind": "llvm", "mcpu": "znver4"}'`)
 is accepted too, for anything the table does not cover. TVM 0.27 refuses target strings with
 flags, so every target here is a dict. Presets whose dict depends on the machine (`cpu`: the
-host's LLVM CPU name and core count) build it when resolved, not at import.
+host's LLVM CPU name and core count) build it when resolved, not at import; the table itself
+imports no TVM, so profiles can check target names without loading the compiler.
 
 | preset        | TVM target                                              | runs here         |
 |---------------|---------------------------------------------------------|-------------------|
@@ -20,12 +21,12 @@ import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
-
-import tvm
-from tvm.target import codegen
+from typing import TYPE_CHECKING, Any
 
 from rlx.errors import RlxError
+
+if TYPE_CHECKING:
+    import tvm
 
 TargetDict = dict[str, Any]
 
@@ -39,12 +40,14 @@ def _host_cores() -> int:
 
 
 def _host_cpu() -> TargetDict:
+    from tvm.target import codegen
+
     return {"kind": "llvm", "mcpu": str(codegen.llvm_get_system_cpu()), "num-cores": _host_cores()}
 
 
 @dataclass(frozen=True)
 class Preset:
-    """`device` picks the pipeline and schedule rules (see `build.PIPELINES`); `local` says whether
+    """`device` picks the pipeline and schedule rules (see `build.BACKENDS`); `local` says whether
     the compiled module can run in this process (the host's own CPU)."""
 
     name: str
@@ -94,6 +97,8 @@ class ResolvedTarget:
 
 
 def _from_json(text: str) -> ResolvedTarget:
+    import tvm
+
     try:
         spec = json.loads(text)
     except json.JSONDecodeError as e:
@@ -116,6 +121,8 @@ def _from_json(text: str) -> ResolvedTarget:
 
 def resolve_target(name_or_json: str) -> ResolvedTarget:
     """A preset name (`cpu`, `cuda`, ...) or a TVM target JSON dict string -> `ResolvedTarget`."""
+    import tvm
+
     text = name_or_json.strip()
     if text.startswith("{"):
         return _from_json(text)

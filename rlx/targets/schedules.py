@@ -1,6 +1,6 @@
 """CPU schedules for the fused PrimFuncs, and the pass that applies a rule list per target.
 
-TVM's CPU pipeline schedules nothing (TVM.md: an unscheduled 640x262144 GEMV ran at 0.2 GB/s),
+TVM's CPU pipeline schedules nothing (an unscheduled 640x262144 GEMV runs ~100x below memory speed),
 and dlight has no CPU matmul rule, so the heavy kernels get our own:
 
 - `Contraction` finds the one contraction block a fused PrimFunc holds by its kernel name
@@ -9,13 +9,12 @@ and dlight has no CPU matmul rule, so the heavy kernels get our own:
     the output column axis n is split into tiles and the tile loop runs in parallel; under it the
     row loop, then each output element is a 16-lane partial-sum vector (`rfactor`, kept in a
     local buffer, the lane loop vectorized) reduced at the end. The weight tile stays in cache
-    across all rows (prefill) and a GEMV streams the weights once: the 262144x640 LM head ran at
-    22 GB/s on one core here (numpy: 24 GB/s); unrolling the lanes instead left LLVM emitting
-    scalar FMAs at 11 GB/s.
+    across all rows (prefill) and a GEMV streams the weights once, near numpy's speed (unrolling
+    the lanes instead left LLVM emitting scalar FMAs at half of it; bench/ measures it).
   - "nn" (probs @ v, plain matmul): rows in parallel, the reduction outside the contiguous output
     axis, whose 16-wide chunks are vectorized.
   `vectorize` is applied while the block still has its init (no `decompose_reduction`): after
-  decomposing, TVM refuses it (the update block has no compact dataflow, as TVM.md saw).
+  decomposing, TVM 0.27 refuses it (the update block has no compact dataflow).
   Fused elementwise epilogues are computed where each output element is produced.
 - `RowReduction` for norms and softmax (rows in parallel, each row's blocks under its loop).
 - `ParallelOuter`: anything else gets its leading spatial loops fused and run in parallel.
@@ -164,7 +163,7 @@ class RowReduction(ScheduleRule):
 
     dlight's `cpu.Reduction` was tried first and dropped: on a decode-shaped RMSNorm
     ([1, 1, 640]) it parallelised the 640 output columns and recomputed the whole row's sum of
-    squares under each (0.3 ms per norm instead of microseconds).
+    squares under each: orders of magnitude slower than one pass per row.
     """
 
     def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool) -> s_tir.Schedule | None:
@@ -212,7 +211,7 @@ def cpu_rules() -> list[tuple[str, ScheduleRule]]:
 
 
 def gpu_rules(matmul: bool = True) -> list[tuple[str, ScheduleRule]]:
-    """dlight's GPU rules; Metal drops `Matmul` (TVM.md: it segfaults inside Tensorize)."""
+    """dlight's GPU rules; Metal drops `Matmul` (TVM 0.27 segfaults inside its Tensorize there)."""
     rules = [("dlight.gpu.Matmul", dl.gpu.Matmul())] if matmul else []
     return rules + [("dlight.gpu.GEMV", dl.gpu.GEMV()), ("dlight.gpu.Reduction", dl.gpu.Reduction()),
                     ("dlight.gpu.GeneralReduction", dl.gpu.GeneralReduction()),

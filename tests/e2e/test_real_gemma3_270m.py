@@ -117,10 +117,10 @@ def test_tokenizers_agree_on_the_prompt(hf_run: HFRun, real_gguf_path: Path) -> 
 @pytest.mark.parametrize("mode", ["prefill", "decode"])
 def test_default_pipeline_fuses_every_attention_norm_and_mlp(real_gguf_path: Path, mode: str) -> None:
     """On the real 270M: assert_clean passes and every layer's attention, residual norms and MLP fused."""
-    from rlx.compiler.passes import parse_pipeline
-    from rlx.compiler.pipeline import PassManager
     from rlx.frontends.checkpoint import open_checkpoint
     from rlx.frontends.flow import GemmaFlow
+    from rlx.hir.pass_infra import parse_pipeline
+    from rlx.hir.pass_manager import PassManager
     from rlx.passes import DEFAULT_PIPELINE
 
     ckpt = open_checkpoint(real_gguf_path)

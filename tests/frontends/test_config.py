@@ -22,6 +22,9 @@ from transformers.models.gemma4.modeling_gemma4 import (
 
 from rlx.errors import ConfigError
 from rlx.frontends.config import FULL, SLIDING, GemmaConfig, RopeSpec
+from rlx.frontends.gguf_config import gguf_config
+from rlx.frontends.gguf_file import GGUFFile
+from rlx.frontends.hf_config import hf_config_from_dict, read_hf_config
 
 _SMALL = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, vocab_size=128)
 # generation -> (attention module, rotary module); per-type rope buffers from Gemma 3 on
@@ -89,7 +92,7 @@ def _rope_buffer(rope: Any, gen: int, layer_type: str) -> np.ndarray:
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_matches_transformers_per_layer(case: str) -> None:
     d = CASES[case]
-    ours = GemmaConfig.from_hf_dict(d, source=f"{case}.json")
+    ours = hf_config_from_dict(d, source=f"{case}.json")
     tf = _tf(d).get_text_config()
     attn_cls, rope_cls = _MODULES[ours.generation]
     assert ours.model_type == d["model_type"]
@@ -129,7 +132,7 @@ def test_matches_transformers_per_layer(case: str) -> None:
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_to_dict_round_trips_and_hashes(case: str) -> None:
-    ours = GemmaConfig.from_hf_dict(CASES[case])
+    ours = hf_config_from_dict(CASES[case])
     again = GemmaConfig.from_dict(json.loads(json.dumps(ours.to_dict())))
     assert again == ours and hash(again) == hash(ours)
     assert isinstance(ours.rope[ours.layer_type(0)], RopeSpec)
@@ -140,13 +143,13 @@ def test_to_dict_round_trips_and_hashes(case: str) -> None:
 @pytest.mark.parametrize("case", ["gemma2-to_dict", "gemma3", "gemma4_text-moe", "gemma4"])
 def test_from_hf_file_reads_save_pretrained_output(case: str, tmp_path: Path) -> None:
     _tf(CASES[case]).save_pretrained(tmp_path)
-    assert GemmaConfig.from_hf_file(tmp_path) == GemmaConfig.from_hf_dict(CASES[case])
-    assert GemmaConfig.from_hf_file(tmp_path / "config.json") == GemmaConfig.from_hf_dict(CASES[case])
+    assert read_hf_config(tmp_path) == hf_config_from_dict(CASES[case])
+    assert read_hf_config(tmp_path / "config.json") == hf_config_from_dict(CASES[case])
 
 
 def test_gemma4_last_layer_forced_full_and_proportional_rope() -> None:
     d = {**CASES["gemma4_text-defaults"], "layer_types": [SLIDING] * 3}
-    ours = GemmaConfig.from_hf_dict(d)
+    ours = hf_config_from_dict(d)
     assert ours.layer_types == (SLIDING, SLIDING, FULL)
     full = ours.layer_rope(2)
     assert (full.kind, full.partial_rotary_factor, full.theta) == ("proportional", 0.25, 1_000_000.0)
@@ -170,7 +173,7 @@ def test_rope_inv_freq_formula(theta: float, kind: str, factor: float) -> None:
 
 def _error(d: dict[str, Any], source: str = "bad/config.json") -> str:
     with pytest.raises(ConfigError) as info:
-        GemmaConfig.from_hf_dict(d, source=source)
+        hf_config_from_dict(d, source=source)
     return str(info.value)
 
 
@@ -207,14 +210,14 @@ def test_malformed_json_names_file_and_line(tmp_path: Path) -> None:
     path = tmp_path / "config.json"
     path.write_text('{\n  "model_type": "gemma",\n  "hidden_size": 64,,\n}')
     with pytest.raises(ConfigError) as info:
-        GemmaConfig.from_hf_file(tmp_path)
+        read_hf_config(tmp_path)
     assert str(path) in str(info.value) and "line 3" in str(info.value)
     with pytest.raises(ConfigError, match="no config file"):
-        GemmaConfig.from_hf_file(tmp_path / "nowhere")
+        read_hf_config(tmp_path / "nowhere")
 
 
 def test_from_dict_rejects_unknown_keys() -> None:
-    d = GemmaConfig.from_hf_dict(CASES["gemma2-defaults"]).to_dict()
+    d = hf_config_from_dict(CASES["gemma2-defaults"]).to_dict()
     with pytest.raises(ConfigError, match="surprise"):
         GemmaConfig.from_dict({**d, "surprise": 1})
 
@@ -254,7 +257,7 @@ def _meta_gguf(path: Path, arch: str, *, n_layers: int = 6, vocab: int = 32, out
 
 
 def _gguf_config(path: Path) -> GemmaConfig:
-    return GemmaConfig.from_gguf(gguf.GGUFReader(path), source=str(path))
+    return gguf_config(GGUFFile.from_reader(gguf.GGUFReader(path)), source=str(path))
 
 
 def test_gguf_gemma3_defaults_follow_llama_cpp(tmp_path: Path) -> None:
@@ -297,7 +300,7 @@ def test_gguf_not_gemma_and_missing_key(tmp_path: Path) -> None:
 def test_real_gemma3_270m_gguf(real_gguf_path: Path) -> None:
     from rlx.frontends.gguf_file import GGUFFile
 
-    cfg = GemmaConfig.from_gguf(GGUFFile.open(real_gguf_path), source=str(real_gguf_path))
+    cfg = gguf_config(GGUFFile.open(real_gguf_path), source=str(real_gguf_path))
     assert (cfg.generation, cfg.hidden_size, cfg.intermediate_size, cfg.num_layers) == (3, 640, 2048, 18)
     assert (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.query_pre_attn_scalar) == (4, 1, 256, 256)
     assert cfg.vocab_size == 262144 and cfg.sliding_window == 512 and cfg.rms_norm_eps == 1e-6

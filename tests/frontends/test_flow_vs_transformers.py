@@ -14,13 +14,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rlx.compiler.interpreter import Interpreter
-from rlx.compiler.ops import Op
+from rlx.driver.engines import reference_engine
 from rlx.errors import FlowError
 from rlx.frontends.checkpoint import open_checkpoint
 from rlx.frontends.flow import GemmaFlow, LayerOverrides, identity_stage
+from rlx.frontends.weights import WeightCache
+from rlx.hir.interpreter import Interpreter
+from rlx.hir.ops import Op
 from rlx.runtime.generate import generate
-from rlx.runtime.reference import ReferenceEngine, WeightCache
 from tests.fixtures.tiny import FAMILIES, hf_reference, reference_for_layers
 
 PROMPT = [2, 17, 99, 5, 42, 200, 7, 63, 128, 11]  # 10 tokens: longer than the sliding window (4)
@@ -36,14 +37,14 @@ def _prefill_all(ckpt_dir: Path, flow_fn: Callable[[GemmaFlow], GemmaFlow] = lam
     ckpt = open_checkpoint(ckpt_dir)
     hir = flow_fn(GemmaFlow(ckpt.config, ckpt.weights.shape).prefill().dynamic_seq()).build()
     feeds = {"input_ids": np.asarray([ids]), "positions": np.arange(len(ids))[None]}
-    return Interpreter(hir, WeightCache(ckpt)).run(feeds)
+    return Interpreter(hir, WeightCache(ckpt.weights)).run(feeds)
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_prefill_and_decode_match_transformers(family: str, tiny_ckpt: Callable[[str], Path]) -> None:
     d = tiny_ckpt(family)
     ref = hf_reference(d, PROMPT, N_DECODE)
-    engine = ReferenceEngine(open_checkpoint(d))
+    engine = reference_engine(open_checkpoint(d))
     rows = [engine.prefill(PROMPT)]
     for token in ref.tokens:  # feed transformers' own greedy tokens so both walk the same path
         rows.append(engine.step(token))
@@ -65,7 +66,7 @@ def test_all_position_logits_and_hidden(family: str, tiny_ckpt: Callable[[str], 
 def test_generate_loop_greedy_equals_transformers(tiny_ckpt: Callable[[str], Path]) -> None:
     d = tiny_ckpt("gemma3")
     ref = hf_reference(d, PROMPT, N_DECODE)
-    gen = generate(ReferenceEngine(open_checkpoint(d)), PROMPT, N_DECODE + 1)
+    gen = generate(reference_engine(open_checkpoint(d)), PROMPT, N_DECODE + 1)
     assert gen.tokens[:N_DECODE] == ref.tokens
     assert gen.logits_array().shape == (N_DECODE + 1, ref.logits.shape[1])
     assert_logits_close(gen.logits_array(), ref.logits)
@@ -90,7 +91,7 @@ def test_prefill_from_hidden_equals_token_prefill(family: str, tiny_ckpt: Callab
     if ckpt.config.hidden_size_per_layer_input:
         feeds["input_ids"] = np.asarray([PROMPT])
     assert set(hir.inputs) == set(feeds)
-    out = Interpreter(hir, WeightCache(ckpt)).run(feeds)
+    out = Interpreter(hir, WeightCache(ckpt.weights)).run(feeds)
     np.testing.assert_allclose(out["logits"], _prefill_all(d)["logits"], rtol=1e-5, atol=1e-5)
 
 
@@ -102,7 +103,7 @@ def test_custom_mask_reproduces_the_builtin_masks(tiny_ckpt: Callable[[str], Pat
     causal = np.where(np.tril(np.ones((n, n), bool)), 0.0, np.finfo(np.float32).min).astype(np.float32)
     ckpt = open_checkpoint(d)
     hir = GemmaFlow(ckpt.config, ckpt.weights.shape).prefill().dynamic_seq().custom_mask().build()
-    run = Interpreter(hir, WeightCache(ckpt)).run
+    run = Interpreter(hir, WeightCache(ckpt.weights)).run
     feeds = {"input_ids": np.asarray([PROMPT]), "positions": np.arange(n)[None]}
     stock = _prefill_all(d)["logits"]
     np.testing.assert_allclose(run({**feeds, "attn_mask": causal[None, None]})["logits"], stock, rtol=1e-5, atol=1e-5)
@@ -179,7 +180,7 @@ def test_batched_static_prefill_equals_single(tiny_ckpt: Callable[[str], Path]) 
     ckpt = open_checkpoint(d)
     hir = GemmaFlow(ckpt.config, ckpt.weights.shape).batch(2).prefill(seq=len(PROMPT)).build()
     other = list(reversed(PROMPT))
-    out = Interpreter(hir, WeightCache(ckpt)).run(
+    out = Interpreter(hir, WeightCache(ckpt.weights)).run(
         {"input_ids": np.asarray([PROMPT, other]), "positions": np.tile(np.arange(len(PROMPT)), (2, 1))})
     np.testing.assert_allclose(out["logits"][0], _prefill_all(d)["logits"][0], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(out["logits"][1], _prefill_all(d, ids=other)["logits"][0], rtol=1e-5, atol=1e-5)
@@ -198,6 +199,6 @@ def test_tiny_gguf_gives_the_checkpoints_logits(family: str, tiny_ckpt: Callable
     d = tiny_ckpt(family)
     gguf_path = write_gguf_from_hf(d, tmp_path / f"{family}.gguf", arch=GGUF_FAMILIES[family])
     ref = hf_reference(d, PROMPT, 4)
-    engine = ReferenceEngine(open_checkpoint(gguf_path))
+    engine = reference_engine(open_checkpoint(gguf_path))
     rows = [engine.prefill(PROMPT), *(engine.step(t) for t in ref.tokens)]
     assert_logits_close(np.stack(rows), ref.logits)

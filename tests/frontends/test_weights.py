@@ -14,7 +14,8 @@ import transformers
 
 from rlx.errors import RlxError, WeightError
 from rlx.frontends.checkpoint import open_checkpoint
-from rlx.frontends.config import GemmaConfig
+from rlx.frontends.gguf_config import gguf_config
+from rlx.frontends.gguf_file import GGUFFile
 from rlx.frontends.weights import WeightStore, canonical_hf_name
 from tests.fixtures.gguf_writer import write_gguf_from_hf
 
@@ -172,7 +173,7 @@ def test_gguf_q8_0_within_quantization_error(tiny_ckpt, tmp_path: Path) -> None:
 
 def test_gguf_reader_and_fast_reader_agree(tiny_ckpt, tmp_path: Path) -> None:
     path = write_gguf_from_hf(tiny_ckpt("gemma4-moe"), tmp_path / "g4.gguf", arch="gemma4")
-    assert GemmaConfig.from_gguf(gguf.GGUFReader(path), source=str(path)) == open_checkpoint(path).config
+    assert gguf_config(GGUFFile.from_reader(gguf.GGUFReader(path)), source=str(path)) == open_checkpoint(path).config
 
 
 def test_real_gguf_tensors(real_gguf_path: Path) -> None:

@@ -6,13 +6,13 @@ import textwrap
 
 import numpy as np
 
-from rlx.compiler.graph import HIR
-from rlx.compiler.interpreter import Interpreter
-from rlx.compiler.ops import Op
-from rlx.compiler.passes import Pass
-from rlx.compiler.shapes import eval_shape
-from rlx.compiler.text import parse_hir, print_hir
-from rlx.compiler.verify import verify
+from rlx.hir.graph import HIR
+from rlx.hir.interpreter import Interpreter
+from rlx.hir.ops import Op
+from rlx.hir.pass_infra import Pass
+from rlx.hir.shapes import eval_shape
+from rlx.hir.text import parse_hir, print_hir
+from rlx.hir.verify import verify
 
 
 def hir(text: str) -> HIR:

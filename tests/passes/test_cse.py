@@ -2,9 +2,9 @@ from __future__ import annotations
 
 from hypothesis import given, settings
 
-from rlx.compiler.graph import HIR
+from rlx.hir.graph import HIR
 from rlx.passes.cse import CommonSubexpressionElimination
-from tests.compiler.graphs import random_graphs
+from tests.hir.graphs import random_graphs
 
 from .harness import assert_golden, assert_same_numbers, hir
 

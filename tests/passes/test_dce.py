@@ -2,10 +2,10 @@ from __future__ import annotations
 
 from hypothesis import given, settings
 
-from rlx.compiler.graph import HIR
-from rlx.compiler.ops import Op
+from rlx.hir.graph import HIR
+from rlx.hir.ops import Op
 from rlx.passes.dce import DeadCodeElimination
-from tests.compiler.graphs import random_graphs
+from tests.hir.graphs import random_graphs
 
 from .harness import assert_golden, assert_same_numbers
 

@@ -13,13 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rlx.compiler.interpreter import Interpreter
-from rlx.compiler.passes import parse_pipeline
-from rlx.compiler.pipeline import PassManager
 from rlx.frontends.checkpoint import open_checkpoint
 from rlx.frontends.flow import GemmaFlow
+from rlx.frontends.weights import WeightCache
+from rlx.hir.interpreter import Interpreter
+from rlx.hir.pass_infra import parse_pipeline
+from rlx.hir.pass_manager import PassManager
 from rlx.passes import DEFAULT_PIPELINE
-from rlx.runtime.reference import WeightCache
 from tests.fixtures.tiny import FAMILIES
 
 PROMPT = [2, 17, 99, 5, 42, 200, 7, 63, 128, 11]
@@ -49,7 +49,7 @@ def test_default_pipeline_keeps_numbers(family: str, mode: str, tiny_ckpt: Calla
     assert stats["hits.attention"] == layers and stats["hits.geglu"] >= layers  # PLE gates are GeGLUs too
     assert stats["hits.gate-up"] == layers and stats["hits.add-norm"] >= layers
     assert fused.op_counts().get("softmax", 0) == 0 and fused.op_counts().get("gelu_tanh", 0) == 0
-    weights = WeightCache(ckpt)
+    weights = WeightCache(ckpt.weights)
     feeds = _feeds(hir, mode, np.random.default_rng(0))
     ref, out = Interpreter(hir, weights).run(feeds), Interpreter(fused, weights).run(feeds)
     assert ref.keys() == out.keys()

@@ -3,10 +3,10 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rlx.compiler.dtypes import DType
-from rlx.compiler.graph import HIR
-from rlx.compiler.ops import Op
-from rlx.compiler.tensor_type import TensorType
+from rlx.hir.dtypes import DType
+from rlx.hir.graph import HIR
+from rlx.hir.ops import Op
+from rlx.hir.tensor_type import TensorType
 from rlx.passes.fold_constants import FoldConstants
 
 from .harness import assert_golden, assert_same_numbers, hir

@@ -1,6 +1,6 @@
 """fold-rope: `rope(x, pos, const inv_freq)` -> `rope_table(x, pos, const cos|sin table)`.
 
-Tolerance: under the interpreter the fold is exact (`interpreter.rope_table` runs the very float32
+Tolerance: under the interpreter the fold is exact (`interpreter.rope_cos_sin_table` runs the very float32
 operations `rope` runs), so numbers are compared bit for bit. The table itself is within 2^-23
 (<= 1 float32 ulp of values in [-1, 1]) of transformers' own float32 cos / sin; compiled code is
 held to test_cpu.py's rtol 1e-5 (with a floor of 1e-5 x max|value|) against the interpreter.
@@ -18,31 +18,32 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rlx.compiler.dtypes import DType
-from rlx.compiler.graph import HIR
-from rlx.compiler.interpreter import Interpreter, rope_table
-from rlx.compiler.ops import Op
-from rlx.compiler.passes import parse_pipeline
-from rlx.compiler.pipeline import PassManager
-from rlx.compiler.serialize import dumps, loads
-from rlx.compiler.shapes import PAST_SEQ, SEQ, sym
-from rlx.compiler.tensor_type import TensorType
-from rlx.compiler.text import parse_hir, print_hir
-from rlx.compiler.verify import verify
 from rlx.errors import HIRError
 from rlx.frontends.checkpoint import open_checkpoint
 from rlx.frontends.flow import GemmaFlow
+from rlx.frontends.weights import WeightCache
+from rlx.hir.conventions import KVSlot, record_kv
+from rlx.hir.dtypes import DType
+from rlx.hir.graph import HIR
+from rlx.hir.interpreter import Interpreter, rope_cos_sin_table
+from rlx.hir.ops import Op
+from rlx.hir.pass_infra import parse_pipeline
+from rlx.hir.pass_manager import PassManager
+from rlx.hir.serialize import dumps, loads
+from rlx.hir.shapes import PAST_SEQ, SEQ, sym
+from rlx.hir.tensor_type import TensorType
+from rlx.hir.text import parse_hir, print_hir
+from rlx.hir.verify import verify
 from rlx.passes import DEFAULT_PIPELINE
 from rlx.passes.cse import CommonSubexpressionElimination
 from rlx.passes.fold_rope import FoldRope, position_count
 from rlx.passes.specialize import record_bounds
-from rlx.runtime.reference import WeightCache
 
 from .harness import assert_golden, hir
 
 INV = (1.0, 0.5)
 BEFORE = """
-hir m {"bounds": {"PAST_SEQ": 2}} {
+hir m {"bounds": {"PAST_SEQ": 2}, "kv": [{"layer": 0, "kind": "k", "past": "past_k.0", "present": "present_k.0"}]} {
   %q = input() {"name": "q"} : f32[1, 2, 1, 4]
   %k = input() {"name": "k"} : f32[1, 1, 1, 4]
   %positions = input() {"name": "positions"} : i64[1, 1]
@@ -55,10 +56,10 @@ hir m {"bounds": {"PAST_SEQ": 2}} {
 }
 """
 
-# the table holds P = PAST_SEQ + 1 = 3 rows; its values come from rope_table (their bits are
+# the table holds P = PAST_SEQ + 1 = 3 rows; its values come from rope_cos_sin_table (their bits are
 # numpy's float32 cos / sin, checked on their own below), everything else is spelled out
 AFTER = """
-hir m {"bounds": {"PAST_SEQ": 2}} {
+hir m {"bounds": {"PAST_SEQ": 2}, "kv": [{"layer": 0, "kind": "k", "past": "past_k.0", "present": "present_k.0"}]} {
   %q = input() {"name": "q"} : f32[1, 2, 1, 4]
   %k = input() {"name": "k"} : f32[1, 1, 1, 4]
   %positions = input() {"name": "positions"} : i64[1, 1]
@@ -69,7 +70,7 @@ hir m {"bounds": {"PAST_SEQ": 2}} {
   %kv = concat(%past_k.0, %k.rope.folded) {"axis": 2} : f32[1, 1, PAST_SEQ+1, 4]
   return q=%q.rope.folded, present_k.0=%kv
 }
-""".replace("TABLE", json.dumps(rope_table(np.asarray(INV, np.float32), 3).reshape(-1).tolist()))
+""".replace("TABLE", json.dumps(rope_cos_sin_table(np.asarray(INV, np.float32), 3).reshape(-1).tolist()))
 
 
 def f32(*shape: object) -> TensorType:
@@ -93,6 +94,8 @@ def _rope_graph(head_dim: int, thetas: tuple[float, ...], *, seq: int | None, pa
             k = h.add(Op.CONCAT, [h.input(f"past_k.{i}", f32(batch, 1, p, head_dim)), k], {"axis": 2})
         h.set_output(f"q.{i}", q)
         h.set_output(f"k.{i}", k)
+    if past is not False:
+        record_kv(h, [KVSlot(i, "k", f"past_k.{i}", f"k.{i}") for i in range(len(thetas))])
     if bounds:
         record_bounds(h, bounds)
     return verify(h)
@@ -130,7 +133,7 @@ def test_table_is_transformers_cos_sin() -> None:
     """The exact formula of transformers' Gemma 3 rotary embedding (float32 pos * inv_freq, then
     float32 cos / sin, cat(freqs, freqs)) at every position of a 4096-row table."""
     inv = (1.0 / 10_000.0 ** (np.arange(0, 256, 2) / 256)).astype(np.float32)
-    table = rope_table(inv, 4096)
+    table = rope_cos_sin_table(inv, 4096)
     freqs = torch.arange(4096)[None, :, None].float() * torch.from_numpy(inv)
     emb = torch.cat((freqs, freqs), dim=-1)[0]
     np.testing.assert_allclose(table[:, :128], emb.cos().numpy()[:, :128], rtol=0, atol=2**-23)
@@ -280,7 +283,7 @@ def test_gemma3_both_tables_fold_and_logits_are_unchanged(mode: str, tiny_ckpt: 
         feeds = {"input_ids": np.asarray([[5]]), "positions": np.asarray([[n]])}
         feeds |= {name: rng.standard_normal([int(x) for x in node.type.shape]).astype(np.float32)  # type: ignore[arg-type]
                   for name, node in graph.inputs.items() if name.startswith("past_")}
-    weights = WeightCache(ckpt)  # one float32 copy for both runs
+    weights = WeightCache(ckpt.weights)  # one float32 copy for both runs
     ref = Interpreter(plain, weights).run(feeds)
     out = Interpreter(folded, weights).run(feeds)
     for name in ref:

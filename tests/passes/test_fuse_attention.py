@@ -3,11 +3,11 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rlx.compiler.dtypes import DType
-from rlx.compiler.graph import HIR
-from rlx.compiler.ops import Op
-from rlx.compiler.shapes import BATCH, SEQ, sym
-from rlx.compiler.tensor_type import TensorType
+from rlx.hir.dtypes import DType
+from rlx.hir.graph import HIR
+from rlx.hir.ops import Op
+from rlx.hir.shapes import BATCH, SEQ, sym
+from rlx.hir.tensor_type import TensorType
 from rlx.passes.fuse_attention import FuseAttention
 
 from .harness import assert_golden, assert_same_numbers, hir

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 
 import rlx.passes  # noqa: F401  (registers the passes)
-from rlx.compiler.graph import HIR, Node
-from rlx.compiler.ops import Op
-from rlx.compiler.passes import REGISTRY, Pass, PassError, PassResult, format_pipeline, parse_pipeline, register
-from rlx.compiler.patterns import Opt, Pat, Var, match
-from rlx.compiler.pipeline import PassManager
+from rlx.hir.graph import HIR, Node
+from rlx.hir.ops import Op
+from rlx.hir.pass_infra import REGISTRY, Pass, PassError, PassResult, format_pipeline, parse_pipeline, register
+from rlx.hir.pass_manager import PassManager
+from rlx.hir.patterns import Opt, Pat, Var, match
 from rlx.passes.dce import DeadCodeElimination
 from rlx.passes.fold_constants import FoldConstants
 

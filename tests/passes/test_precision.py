@@ -26,19 +26,23 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rlx.compiler.dtypes import DType
-from rlx.compiler.graph import HIR
-from rlx.compiler.interpreter import Interpreter
-from rlx.compiler.ops import Op
-from rlx.compiler.passes import PassError, format_pipeline, parse_pipeline
-from rlx.compiler.profile import Profile, optimize, parse_profile
-from rlx.compiler.tensor_type import TensorType
-from rlx.compiler.verify import verify
+from rlx.driver.engines import reference_engine
+from rlx.driver.graphs import reference_graphs
+from rlx.driver.graphs import run_pipeline as optimize
+from rlx.driver.profile import Profile
+from rlx.driver.profile_toml import parse_profile
 from rlx.frontends.checkpoint import open_checkpoint
 from rlx.frontends.flow import GemmaFlow
+from rlx.frontends.weights import WeightCache
+from rlx.hir.dtypes import DType
+from rlx.hir.graph import HIR
+from rlx.hir.interpreter import Interpreter
+from rlx.hir.ops import Op
+from rlx.hir.pass_infra import PassError, format_pipeline, parse_pipeline
+from rlx.hir.tensor_type import TensorType
+from rlx.hir.verify import verify
 from rlx.passes.precision import COMPUTE_OPS, F32_OPS, MIXED, Precision, static_nodes
-from rlx.runtime.reference import ReferenceEngine, WeightCache, reference_graphs
-from tests.compiler.graphs import random_graphs, tiny_block
+from tests.hir.graphs import random_graphs, tiny_block
 
 from .harness import assert_golden, hir
 
@@ -48,19 +52,19 @@ UNIT_ROUNDOFF = {"f16": 2.0 ** -11, "bf16": 2.0 ** -8}
 C = 4
 
 BEFORE = """
-hir m {
+hir m {"kv": [{"layer": 0, "kind": "k", "past": "past_k.0", "present": "present_k.0"}]} {
   %ids = input() {"name": "input_ids"} : i64[1, SEQ]
-  %past = input() {"name": "past_k.0"} : f32[1, 1, PAST_SEQ, 4]
+  %past = input() {"name": "past_k.0"} : f32[1, 1, PAST_SEQ, 4] meta {"layer": 0}
   %table = param() {"name": "embed", "scale": 1.0, "shift": 0.0} : f32[16, 4]
   %nw = param() {"name": "norm", "scale": 1.0, "shift": 0.0} : f32[4]
   %wk = param() {"name": "wk", "scale": 1.0, "shift": 0.0} : f32[4, 4]
   %e = embed(%table, %ids) : f32[1, SEQ, 4]
-  %l0.norm = rms_norm(%e, %nw) {"eps": 1e-06, "offset": 0.0} : f32[1, SEQ, 4]
-  %l0.k = linear(%l0.norm, %wk) : f32[1, SEQ, 4]
-  %l0.k.heads = reshape(%l0.k) {"shape": [1, "SEQ", 1, 4]} : f32[1, SEQ, 1, 4]
-  %l0.k.t = transpose(%l0.k.heads) {"perm": [0, 2, 1, 3]} : f32[1, 1, SEQ, 4]
-  %l0.k.cache = concat(%past, %l0.k.t) {"axis": 2} : f32[1, 1, PAST_SEQ+SEQ, 4]
-  %l0.res = add(%e, %l0.k) : f32[1, SEQ, 4]
+  %l0.norm = rms_norm(%e, %nw) {"eps": 1e-06, "offset": 0.0} : f32[1, SEQ, 4] meta {"layer": 0}
+  %l0.k = linear(%l0.norm, %wk) : f32[1, SEQ, 4] meta {"layer": 0}
+  %l0.k.heads = reshape(%l0.k) {"shape": [1, "SEQ", 1, 4]} : f32[1, SEQ, 1, 4] meta {"layer": 0}
+  %l0.k.t = transpose(%l0.k.heads) {"perm": [0, 2, 1, 3]} : f32[1, 1, SEQ, 4] meta {"layer": 0}
+  %l0.k.cache = concat(%past, %l0.k.t) {"axis": 2} : f32[1, 1, PAST_SEQ+SEQ, 4] meta {"layer": 0}
+  %l0.res = add(%e, %l0.k) : f32[1, SEQ, 4] meta {"layer": 0}
   %final_norm = rms_norm(%l0.res, %nw) {"eps": 1e-06, "offset": 0.0} : f32[1, SEQ, 4]
   %lm_head = linear(%final_norm, %table) : f32[1, SEQ, 16]
   %final_softcap = softcap(%lm_head) {"cap": 30.0} : f32[1, SEQ, 16]
@@ -72,23 +76,23 @@ hir m {
 # casts around the norms and the softcap, the KV cache (past input and present output) in f16,
 # the logits f32
 AFTER_AUTO = """
-hir m {
+hir m {"kv": [{"layer": 0, "kind": "k", "past": "past_k.0", "present": "present_k.0"}]} {
   %ids = input() {"name": "input_ids"} : i64[1, SEQ]
-  %past = input() {"name": "past_k.0"} : f16[1, 1, PAST_SEQ, 4]
+  %past = input() {"name": "past_k.0"} : f16[1, 1, PAST_SEQ, 4] meta {"layer": 0}
   %table = param() {"name": "embed", "scale": 1.0, "shift": 0.0} : f32[16, 4]
   %nw = param() {"name": "norm", "scale": 1.0, "shift": 0.0} : f32[4]
   %wk = param() {"name": "wk", "scale": 1.0, "shift": 0.0} : f32[4, 4]
   %table.f16 = cast(%table) {"dtype": "f16"} : f16[16, 4]
   %e = embed(%table.f16, %ids) : f16[1, SEQ, 4]
   %e.f32 = cast(%e) {"dtype": "f32"} : f32[1, SEQ, 4]
-  %l0.norm = rms_norm(%e.f32, %nw) {"eps": 1e-06, "offset": 0.0} : f32[1, SEQ, 4]
+  %l0.norm = rms_norm(%e.f32, %nw) {"eps": 1e-06, "offset": 0.0} : f32[1, SEQ, 4] meta {"layer": 0}
   %l0.norm.f16 = cast(%l0.norm) {"dtype": "f16"} : f16[1, SEQ, 4]
   %wk.f16 = cast(%wk) {"dtype": "f16"} : f16[4, 4]
-  %l0.k = linear(%l0.norm.f16, %wk.f16) : f16[1, SEQ, 4]
-  %l0.k.heads = reshape(%l0.k) {"shape": [1, "SEQ", 1, 4]} : f16[1, SEQ, 1, 4]
-  %l0.k.t = transpose(%l0.k.heads) {"perm": [0, 2, 1, 3]} : f16[1, 1, SEQ, 4]
-  %l0.k.cache = concat(%past, %l0.k.t) {"axis": 2} : f16[1, 1, PAST_SEQ+SEQ, 4]
-  %l0.res = add(%e, %l0.k) : f16[1, SEQ, 4]
+  %l0.k = linear(%l0.norm.f16, %wk.f16) : f16[1, SEQ, 4] meta {"layer": 0}
+  %l0.k.heads = reshape(%l0.k) {"shape": [1, "SEQ", 1, 4]} : f16[1, SEQ, 1, 4] meta {"layer": 0}
+  %l0.k.t = transpose(%l0.k.heads) {"perm": [0, 2, 1, 3]} : f16[1, 1, SEQ, 4] meta {"layer": 0}
+  %l0.k.cache = concat(%past, %l0.k.t) {"axis": 2} : f16[1, 1, PAST_SEQ+SEQ, 4] meta {"layer": 0}
+  %l0.res = add(%e, %l0.k) : f16[1, SEQ, 4] meta {"layer": 0}
   %l0.res.f32 = cast(%l0.res) {"dtype": "f32"} : f32[1, SEQ, 4]
   %final_norm = rms_norm(%l0.res.f32, %nw) {"eps": 1e-06, "offset": 0.0} : f32[1, SEQ, 4]
   %final_norm.f16 = cast(%final_norm) {"dtype": "f16"} : f16[1, SEQ, 4]
@@ -102,22 +106,22 @@ hir m {
 # mixed=off: the norms (and their shared weight, cast once) and the softcap in bf16 too; only
 # the logits output is cast back to its declared f32
 AFTER_OFF = """
-hir m {
+hir m {"kv": [{"layer": 0, "kind": "k", "past": "past_k.0", "present": "present_k.0"}]} {
   %ids = input() {"name": "input_ids"} : i64[1, SEQ]
-  %past = input() {"name": "past_k.0"} : bf16[1, 1, PAST_SEQ, 4]
+  %past = input() {"name": "past_k.0"} : bf16[1, 1, PAST_SEQ, 4] meta {"layer": 0}
   %table = param() {"name": "embed", "scale": 1.0, "shift": 0.0} : f32[16, 4]
   %nw = param() {"name": "norm", "scale": 1.0, "shift": 0.0} : f32[4]
   %wk = param() {"name": "wk", "scale": 1.0, "shift": 0.0} : f32[4, 4]
   %table.bf16 = cast(%table) {"dtype": "bf16"} : bf16[16, 4]
   %e = embed(%table.bf16, %ids) : bf16[1, SEQ, 4]
   %nw.bf16 = cast(%nw) {"dtype": "bf16"} : bf16[4]
-  %l0.norm = rms_norm(%e, %nw.bf16) {"eps": 1e-06, "offset": 0.0} : bf16[1, SEQ, 4]
+  %l0.norm = rms_norm(%e, %nw.bf16) {"eps": 1e-06, "offset": 0.0} : bf16[1, SEQ, 4] meta {"layer": 0}
   %wk.bf16 = cast(%wk) {"dtype": "bf16"} : bf16[4, 4]
-  %l0.k = linear(%l0.norm, %wk.bf16) : bf16[1, SEQ, 4]
-  %l0.k.heads = reshape(%l0.k) {"shape": [1, "SEQ", 1, 4]} : bf16[1, SEQ, 1, 4]
-  %l0.k.t = transpose(%l0.k.heads) {"perm": [0, 2, 1, 3]} : bf16[1, 1, SEQ, 4]
-  %l0.k.cache = concat(%past, %l0.k.t) {"axis": 2} : bf16[1, 1, PAST_SEQ+SEQ, 4]
-  %l0.res = add(%e, %l0.k) : bf16[1, SEQ, 4]
+  %l0.k = linear(%l0.norm, %wk.bf16) : bf16[1, SEQ, 4] meta {"layer": 0}
+  %l0.k.heads = reshape(%l0.k) {"shape": [1, "SEQ", 1, 4]} : bf16[1, SEQ, 1, 4] meta {"layer": 0}
+  %l0.k.t = transpose(%l0.k.heads) {"perm": [0, 2, 1, 3]} : bf16[1, 1, SEQ, 4] meta {"layer": 0}
+  %l0.k.cache = concat(%past, %l0.k.t) {"axis": 2} : bf16[1, 1, PAST_SEQ+SEQ, 4] meta {"layer": 0}
+  %l0.res = add(%e, %l0.k) : bf16[1, SEQ, 4] meta {"layer": 0}
   %final_norm = rms_norm(%l0.res, %nw.bf16) {"eps": 1e-06, "offset": 0.0} : bf16[1, SEQ, 4]
   %lm_head = linear(%final_norm, %table.bf16) : bf16[1, SEQ, 16]
   %final_softcap = softcap(%lm_head) {"cap": 30.0} : bf16[1, SEQ, 16]
@@ -163,7 +167,7 @@ def test_pipeline_text_round_trips_and_bad_options_are_errors() -> None:
         with pytest.raises(PassError):
             parse_pipeline(text)
     with pytest.raises(PassError, match="has a layer 1"):  # one dtype per layer, or none
-        Precision(compute="f16", layers=("f16",)).run(hir(BEFORE.replace("l0.", "l1.")))
+        Precision(compute="f16", layers=("f16",)).run(hir(BEFORE.replace("l0.", "l1.").replace('"layer": 0', '"layer": 1')))
 
 
 # ---- the interpreter computes in the node dtypes ----
@@ -238,7 +242,7 @@ def _logits(d: Path, profile: Profile | None = None) -> tuple[np.ndarray, HIR]:
     flow = GemmaFlow(ckpt.config, ckpt.weights.shape).prefill().dynamic_seq()
     h, _ = optimize(flow.build(), "prefill", profile, config=ckpt.config)
     feeds = {"input_ids": np.asarray([PROMPT]), "positions": np.arange(len(PROMPT))[None]}
-    return Interpreter(h, WeightCache(ckpt)).run(feeds)["logits"][0], h
+    return Interpreter(h, WeightCache(ckpt.weights)).run(feeds)["logits"][0], h
 
 
 def bound(compute: str, num_layers: int, ref: np.ndarray) -> float:
@@ -332,7 +336,7 @@ def test_decode_graph_takes_and_returns_the_cache_in_the_compute_dtype(tiny_ckpt
     for g in (prefill, decode):
         types = {name: g.node(nid).type.dtype for name, nid in g.outputs.items()}
         assert types.pop("logits") is DType.F32 and set(types.values()) == {DType.F16}
-    ref, ours = ReferenceEngine(ckpt), ReferenceEngine(ckpt, profile=_profile("f16"))
+    ref, ours = reference_engine(ckpt), reference_engine(ckpt, profile=_profile("f16"))
     rows = [(ref.prefill(PROMPT), ours.prefill(PROMPT))]
     rows += [(ref.step(t), ours.step(t)) for t in (3, 50, 7)]
     a, b = np.stack([r for r, _ in rows]), np.stack([o for _, o in rows])

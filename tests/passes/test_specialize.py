@@ -10,17 +10,18 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rlx.compiler.graph import HIR
-from rlx.compiler.interpreter import Interpreter
-from rlx.compiler.ops import Op, attr_dim
-from rlx.compiler.passes import PassError, format_pipeline, parse_pipeline
-from rlx.compiler.pipeline import PassManager
-from rlx.compiler.shapes import dim_symbols
-from rlx.compiler.text import parse_hir, print_hir
-from rlx.compiler.verify import verify
 from rlx.errors import RunError
 from rlx.frontends.checkpoint import open_checkpoint
 from rlx.frontends.flow import GemmaFlow
+from rlx.frontends.weights import WeightCache
+from rlx.hir.graph import HIR
+from rlx.hir.interpreter import Interpreter
+from rlx.hir.ops import Op, attr_dim
+from rlx.hir.pass_infra import PassError, format_pipeline, parse_pipeline
+from rlx.hir.pass_manager import PassManager
+from rlx.hir.shapes import dim_symbols
+from rlx.hir.text import parse_hir, print_hir
+from rlx.hir.verify import verify
 from rlx.passes import DEFAULT_PIPELINE
 from rlx.passes.specialize import (
     SELECT_INPUT,
@@ -31,8 +32,7 @@ from rlx.passes.specialize import (
     upper_bounds,
 )
 from rlx.runtime.dispatch import Dispatcher
-from rlx.runtime.reference import WeightCache
-from tests.compiler.graphs import random_graphs, tiny_block
+from tests.hir.graphs import random_graphs, tiny_block
 
 from .harness import assert_golden, assert_same_numbers, hir, random_weights
 
@@ -261,7 +261,7 @@ def _dispatch_vs_dynamic(ckpt_dir: Path, flow: Callable[[GemmaFlow], GemmaFlow],
     """Bucketed variants (of the graph after `pipeline`) through the Dispatcher vs the dynamic graph."""
     ckpt = open_checkpoint(ckpt_dir)
     dynamic = flow(GemmaFlow(ckpt.config, ckpt.weights.shape).prefill().dynamic_seq()).export_kv().build()
-    weights = WeightCache(ckpt)
+    weights = WeightCache(ckpt.weights)
     compiled, _ = PassManager(parse_pipeline(pipeline)).run(dynamic)
     graphs: BucketedGraphs = specialize_buckets(compiled, buckets=(1, 4, 8, 16))
     dispatcher = Dispatcher(graphs, lambda v: Interpreter(v, weights))

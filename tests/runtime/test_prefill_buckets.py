@@ -10,19 +10,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rlx.compiler.profile import parse_profile
+from rlx.driver.compiled_engine import CompiledEngine
+from rlx.driver.engines import reference_engine
+from rlx.driver.graphs import profile_buckets
+from rlx.driver.profile_toml import parse_profile
 from rlx.frontends.checkpoint import open_checkpoint
 from rlx.passes import DEFAULT_PIPELINE
-from rlx.runtime.compiled import CompiledEngine
-from rlx.runtime.prefill_buckets import choose, padded_feeds, profile_buckets
-from rlx.runtime.reference import ReferenceEngine
+from rlx.runtime.buckets import choose, padded_feeds
+from rlx.runtime.engine import Engine
 
 Ckpt = Callable[[str], Path]
 PROFILE = parse_profile("[specialize]\nSEQ = [4, 16]\n")
 PROMPTS = [[2, 17, 99], [2, 17, 99, 5], [2, 17, 99, 5, 42, 200, 7, 63, 128, 11], list(range(2, 22))]  # 3, 4, 10, 20
 
 
-def _walk(engine: ReferenceEngine | CompiledEngine, prompt: list[int], steps: int = 3) -> np.ndarray:
+def _walk(engine: Engine, prompt: list[int], steps: int = 3) -> np.ndarray:
     rows = [engine.prefill(prompt)]
     for _ in range(steps):
         rows.append(engine.step(int(np.argmax(rows[-1]))))
@@ -39,8 +41,8 @@ def test_choose_and_pad() -> None:
 
 def test_bucketed_prefill_equals_the_dynamic_one(tiny_ckpt: Ckpt, monkeypatch: pytest.MonkeyPatch) -> None:
     ckpt = open_checkpoint(tiny_ckpt("gemma3"))  # sliding window 4 < the longer prompts
-    plain = ReferenceEngine(ckpt, passes=DEFAULT_PIPELINE)
-    bucketed_ref = ReferenceEngine(ckpt, passes=DEFAULT_PIPELINE, profile=PROFILE)
+    plain = reference_engine(ckpt, passes=DEFAULT_PIPELINE)
+    bucketed_ref = reference_engine(ckpt, passes=DEFAULT_PIPELINE, profile=PROFILE)
     compiled = CompiledEngine(ckpt, passes=DEFAULT_PIPELINE, profile=PROFILE)
     assert compiled.buckets == (4, 16) and {"prefill", "prefill_4", "prefill_16"} <= set(compiled.signatures)
     called: list[str] = []
@@ -63,7 +65,7 @@ def test_artifact_keeps_its_buckets(tiny_ckpt: Ckpt, tmp_path: Path) -> None:
     [artifact] = rlx.compile(tiny_ckpt("gemma3"), "cpu", tmp_path / "art", profile=str(profile))
     engine = ArtifactEngine(artifact)
     assert engine.buckets == (4, 16) and {"prefill_4", "prefill_16"} <= set(engine.manifest["entries"])
-    plain = ReferenceEngine(open_checkpoint(tiny_ckpt("gemma3")), profile=parse_profile(""))
+    plain = reference_engine(open_checkpoint(tiny_ckpt("gemma3")), profile=parse_profile(""))
     for prompt in PROMPTS[1:3]:
         want = _walk(plain, prompt)
         np.testing.assert_allclose(_walk(engine, prompt), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())

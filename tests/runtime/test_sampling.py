@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from rlx.cli import main
+from rlx.driver.engines import reference_engine
 from rlx.errors import RunError
 from rlx.frontends.checkpoint import open_checkpoint
 from rlx.runtime.generate import generate
-from rlx.runtime.reference import ReferenceEngine
 from rlx.runtime.sampler import Sampler
 
 LOGITS = np.log(np.array([0.5, 0.3, 0.15, 0.05]))
@@ -49,7 +49,7 @@ def test_bad_sampling_flags(kwargs: dict, message: str) -> None:
 
 
 def test_generation_stops_at_eos(tiny_ckpt: Callable[[str], Path]) -> None:
-    engine = ReferenceEngine(open_checkpoint(tiny_ckpt("gemma2")))
+    engine = reference_engine(open_checkpoint(tiny_ckpt("gemma2")))
     free = generate(engine, [2, 17, 99], 6)
     eos = free.tokens[2]
     stopped = generate(engine, [2, 17, 99], 6, eos_ids=(eos,))

@@ -19,9 +19,9 @@ import pytest
 
 import rlx
 from rlx.cli import main
-from rlx.compiler.text import parse_hir
-from rlx.compiler.verify import verify
 from rlx.frontends.checkpoint import open_checkpoint
+from rlx.hir.text import parse_hir
+from rlx.hir.verify import verify
 
 Ckpt = Callable[[str], Path]
 PROMPT = "2,17,99,5,42,200,7,63,128,11"
@@ -212,9 +212,9 @@ def test_backend_opt_level_and_threads_are_applied(gemma3_artifact: Path, tiny_c
     from rlx.targets import build as build_module
 
     seen: list[int] = []
-    optimize = build_module.optimize
-    monkeypatch.setattr(build_module, "optimize", lambda mod, target: seen.append(
-        tvm.transform.PassContext.current().opt_level) or optimize(mod, target))
+    schedule_module = build_module.schedule_module
+    monkeypatch.setattr(build_module, "schedule_module", lambda mod, target: seen.append(
+        tvm.transform.PassContext.current().opt_level) or schedule_module(mod, target))
     profile = tmp_path / "gemma.rlx.toml"
     profile.write_text("[backend.cpu]\nopt_level = 1\nthreads = 1\n")
     [art] = rlx.compile(tiny_ckpt("gemma3"), "cpu", tmp_path / "art", profile=str(profile))

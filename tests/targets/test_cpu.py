@@ -17,11 +17,12 @@ import pytest
 import tvm
 
 from rlx.cli import main
+from rlx.driver.compiled_engine import CompiledEngine
+from rlx.driver.engines import reference_engine
 from rlx.errors import RunError
 from rlx.frontends.checkpoint import open_checkpoint
 from rlx.passes import DEFAULT_PIPELINE
-from rlx.runtime.compiled import CompiledEngine
-from rlx.runtime.reference import ReferenceEngine
+from rlx.runtime.engine import Engine
 from rlx.targets.kernels import CONTRACTIONS
 from tests.fixtures.tiny import hf_reference
 
@@ -49,7 +50,7 @@ def compiled(tiny_ckpt: Ckpt) -> Callable[[str, str], CompiledEngine]:
     return get
 
 
-def _walk(engine: CompiledEngine | ReferenceEngine, tokens: list[int] | None = None) -> tuple[np.ndarray, list[int]]:
+def _walk(engine: Engine, tokens: list[int] | None = None) -> tuple[np.ndarray, list[int]]:
     """Prefill PROMPT, then N_DECODE steps on `tokens` (default: this engine's own greedy picks)."""
     rows = [engine.prefill(PROMPT)]
     fed: list[int] = []
@@ -63,7 +64,7 @@ def _walk(engine: CompiledEngine | ReferenceEngine, tokens: list[int] | None = N
 @pytest.mark.parametrize("family", FAMILIES)
 def test_prefill_and_decode_match_reference(family: str, variant: str, tiny_ckpt: Ckpt,
                                             compiled: Callable[[str, str], CompiledEngine]) -> None:
-    ref, tokens = _walk(ReferenceEngine(open_checkpoint(tiny_ckpt(family)), passes=VARIANTS[variant]))
+    ref, tokens = _walk(reference_engine(open_checkpoint(tiny_ckpt(family)), passes=VARIANTS[variant]))
     ours, _ = _walk(compiled(family, variant), tokens)
     assert ours.shape == ref.shape == (1 + N_DECODE, 256)
     assert_close(ours, ref)
@@ -98,6 +99,12 @@ def test_every_kernel_is_scheduled(variant: str, compiled: Callable[[str, str], 
                 assert "T.vectorized(T.int64(16))" in script, name.name_hint
 
 
+def _ref_cache(ref: Engine, buffer: str) -> np.ndarray:
+    """The reference engine's cache for a compiled engine's buffer (`cache_k.3`: layer 3's K)."""
+    kind, layer = buffer.removeprefix("cache_").split(".")
+    return ref._kv[int(layer), kind]  # type: ignore[attr-defined]
+
+
 def test_kv_cache_buffers_are_written_in_place(compiled: Callable[[str, str], CompiledEngine],
                                                tiny_ckpt: Ckpt) -> None:
     """With room reserved, every step writes into the same buffers (no reallocation, no copy);
@@ -105,7 +112,7 @@ def test_kv_cache_buffers_are_written_in_place(compiled: Callable[[str, str], Co
     buffers grow by doubling (test_prefill_and_decode_match_reference runs that path: prefill
     reserves only the prompt) and keep their rows."""
     engine = compiled("gemma3", "fused")
-    ref = ReferenceEngine(open_checkpoint(tiny_ckpt("gemma3")), passes=DEFAULT_PIPELINE)
+    ref = reference_engine(open_checkpoint(tiny_ckpt("gemma3")), passes=DEFAULT_PIPELINE)
     total = len(PROMPT) + N_DECODE
     engine.prefill(PROMPT, capacity=total)
     ref.prefill(PROMPT)
@@ -116,14 +123,14 @@ def test_kv_cache_buffers_are_written_in_place(compiled: Callable[[str, str], Co
         ref.step(token)
     assert all(engine._caches[name] is buf for name, buf in buffers.items())
     for name, buf in buffers.items():
-        assert_close(buf.numpy(), ref._kv["present_" + name.removeprefix("cache_")])
+        assert_close(buf.numpy(), _ref_cache(ref, name))
     engine.prefill(PROMPT)  # capacity = the prompt: the first step doubles it
     engine.step(3)
     assert {b.shape[2] for b in engine._caches.values()} == {2 * len(PROMPT)}
     ref.prefill(PROMPT)
     ref.step(3)
     for name, buf in engine._caches.items():
-        assert_close(buf.numpy()[:, :, :len(PROMPT) + 1], ref._kv["present_" + name.removeprefix("cache_")])
+        assert_close(buf.numpy()[:, :, :len(PROMPT) + 1], _ref_cache(ref, name))
 
 
 def test_engine_state_errors(compiled: Callable[[str, str], CompiledEngine], tiny_ckpt: Ckpt) -> None:

@@ -14,18 +14,18 @@ import numpy as np
 import tvm
 from tvm.runtime.vm import VirtualMachine
 
-from rlx.compiler.dtypes import DType
-from rlx.compiler.graph import HIR
-from rlx.compiler.interpreter import Interpreter
-from rlx.compiler.ops import Op
-from rlx.compiler.passes import parse_pipeline
-from rlx.compiler.pipeline import PassManager
-from rlx.compiler.tensor_type import TensorType
 from rlx.frontends.checkpoint import open_checkpoint
 from rlx.frontends.flow import GemmaFlow
+from rlx.frontends.weights import WeightCache
+from rlx.hir.dtypes import DType
+from rlx.hir.graph import HIR
+from rlx.hir.interpreter import Interpreter
+from rlx.hir.ops import Op
+from rlx.hir.pass_infra import parse_pipeline
+from rlx.hir.pass_manager import PassManager
+from rlx.hir.tensor_type import TensorType
 from rlx.passes import DEFAULT_PIPELINE
 from rlx.passes.fold_rope import FoldRope
-from rlx.runtime.reference import WeightCache
 from rlx.targets.build import build
 from rlx.targets.lower import lower, param_keys
 
@@ -74,7 +74,7 @@ def test_gemma3_folded_prefill_compiles_to_the_reference(tiny_ckpt: Callable[[st
     graph = GemmaFlow(ckpt.config, ckpt.weights.shape).prefill(len(PROMPT)).build()
     folded, report = PassManager(parse_pipeline(DEFAULT_PIPELINE)).run(graph)
     assert {k: v for r in report.records for k, v in r.stats.items()}["tables"] == 2
-    weights = WeightCache(ckpt)
+    weights = WeightCache(ckpt.weights)
     feeds = {"input_ids": np.asarray([PROMPT]), "positions": np.arange(len(PROMPT))[None]}
     ref = Interpreter(graph, weights).run(feeds)["logits"]
     assert_close(_compiled_run(folded, feeds, weights)["logits"], ref)

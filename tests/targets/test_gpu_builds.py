@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 from tvm import tirx
 
+from rlx.driver.graphs import reference_graphs
 from rlx.errors import RlxError
 from rlx.frontends.checkpoint import open_checkpoint
 from rlx.passes import DEFAULT_PIPELINE
-from rlx.runtime.reference import reference_graphs
 from rlx.targets.build import BuildError, build, build_isolated
 from rlx.targets.lower import lower
 

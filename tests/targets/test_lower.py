@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 from tvm import relax, tirx
 
-from rlx.compiler.interpreter import Interpreter
-from rlx.compiler.ops import Op
+from rlx.driver.graphs import reference_graphs
 from rlx.frontends.checkpoint import open_checkpoint
+from rlx.frontends.weights import WeightCache
+from rlx.hir.interpreter import Interpreter
+from rlx.hir.ops import Op
 from rlx.passes import DEFAULT_PIPELINE
-from rlx.runtime.reference import WeightCache, reference_graphs
 from rlx.targets.lower import LOWERINGS, lower, param_keys, weight_only
 
 Ckpt = Callable[[str], Path]
@@ -88,11 +89,12 @@ def test_sliding_layers_read_only_their_window_of_the_cache(tiny_ckpt: Ckpt) -> 
 
 
 def test_kv_cache_plan_rejects_a_past_input_read_elsewhere() -> None:
-    from rlx.compiler.dtypes import DType
-    from rlx.compiler.graph import HIR
-    from rlx.compiler.shapes import PAST_SEQ, sym
-    from rlx.compiler.tensor_type import TensorType
     from rlx.errors import HIRError
+    from rlx.hir.conventions import KVSlot, record_kv
+    from rlx.hir.dtypes import DType
+    from rlx.hir.graph import HIR
+    from rlx.hir.shapes import PAST_SEQ, sym
+    from rlx.hir.tensor_type import TensorType
     from rlx.targets.kv_cache import plan
 
     hir = HIR("bad")
@@ -100,6 +102,7 @@ def test_kv_cache_plan_rejects_a_past_input_read_elsewhere() -> None:
     new = hir.input("k", TensorType(DType.F32, (1, 1, 1, 4)))
     hir.set_output("present_k.0", hir.add(Op.CONCAT, (past, new), {"axis": 2}))
     hir.set_output("other", hir.add(Op.SCALE, (past,), {"value": 2.0}))
+    record_kv(hir, [KVSlot(0, "k", "past_k.0", "present_k.0")])
     with pytest.raises(HIRError, match=r"past_k.0.*read by"):
         plan(hir)
 
@@ -116,7 +119,7 @@ def test_weight_only_work_is_hoisted_to_load_time(tiny_ckpt: Ckpt) -> None:
     derived = [s for s in specs.values() if "*1.0+1.0" in s.key]
     assert len(qkv) == ckpt.config.num_layers and derived
     assert {p.key for p in low.signatures["prefill"].params} & {p.key for p in low.signatures["decode"].params}
-    weights = WeightCache(ckpt)
+    weights = WeightCache(ckpt.weights)
     spec = qkv[0]
     value = spec.materialize(weights)
     names = [f"layers.0.self_attn.{k}_proj.weight" for k in "qkv"]

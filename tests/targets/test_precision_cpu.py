@@ -20,13 +20,14 @@ import pytest
 import tvm
 from tvm.runtime.vm import VirtualMachine
 
-from rlx.compiler.dtypes import DType
-from rlx.compiler.graph import HIR
-from rlx.compiler.interpreter import Interpreter
-from rlx.compiler.profile import optimize, parse_profile
+from rlx.driver.graphs import run_pipeline as optimize
+from rlx.driver.profile_toml import parse_profile
 from rlx.frontends.checkpoint import open_checkpoint
 from rlx.frontends.flow import GemmaFlow
-from rlx.runtime.reference import WeightCache
+from rlx.frontends.weights import WeightCache
+from rlx.hir.dtypes import DType
+from rlx.hir.graph import HIR
+from rlx.hir.interpreter import Interpreter
 from rlx.targets.build import build
 from rlx.targets.kernels import CONTRACTIONS
 from rlx.targets.lower import lower_hir
@@ -37,7 +38,7 @@ Ckpt = Callable[[str], Path]
 
 def test_f16_model_compiles_with_f16_weights_and_matches_the_interpreter(tiny_ckpt: Ckpt) -> None:
     ckpt = open_checkpoint(tiny_ckpt("gemma3"))
-    weights = WeightCache(ckpt)
+    weights = WeightCache(ckpt.weights)
     built_graph = GemmaFlow(ckpt.config, ckpt.weights.shape).prefill(len(PROMPT)).build()
 
     def graph(compute: str) -> HIR:
@@ -80,12 +81,12 @@ def test_fused_low_precision_engine_with_kv_cache_matches_the_interpreter(comput
     """The default (fused) pipeline plus `[precision]`: attention accumulates in f32, the KV
     cache buffers are in the compute dtype, prefill + 4 decode steps stay within the rounding
     bound of the same graphs interpreted (teacher-forced on the interpreter's tokens)."""
-    from rlx.runtime.compiled import CompiledEngine
-    from rlx.runtime.reference import ReferenceEngine
+    from rlx.driver.compiled_engine import CompiledEngine
+    from rlx.driver.engines import reference_engine
 
     ckpt = open_checkpoint(tiny_ckpt("gemma3"))
     profile = parse_profile(f'[precision]\ncompute = "{compute}"\n')
-    ref, ours = ReferenceEngine(ckpt, profile=profile), CompiledEngine(ckpt, profile=profile)
+    ref, ours = reference_engine(ckpt, profile=profile), CompiledEngine(ckpt, profile=profile)
     assert {t.dtype for _, t in ours.signatures["decode"].caches} == {DType.F16 if compute == "f16" else DType.BF16}
     want, got = [ref.prefill(PROMPT)], [ours.prefill(PROMPT)]
     for _ in range(4):

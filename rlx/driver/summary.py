@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from rlx.compiler.graph import HIR
-from rlx.compiler.shapes import dim_numel
 from rlx.frontends.config import GemmaConfig
+from rlx.hir.graph import HIR
+from rlx.hir.shapes import dim_numel
 
 
 def summarize(hir: HIR, config: GemmaConfig) -> dict[str, Any]:

@@ -14,12 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import rlx.compiler.profile as profile_mod
-from rlx.compiler.graph import HIR
-from rlx.compiler.interpreter import Interpreter
-from rlx.compiler.ops import Op
-from rlx.compiler.passes import REGISTRY
-from rlx.compiler.profile import (
+import rlx.driver.profile_toml as profile_toml
+from rlx.driver.engines import reference_engine
+from rlx.driver.graphs import run_pipeline as optimize
+from rlx.driver.profile import (
     DEFAULT_PROFILE,
     PRESETS,
     BackendOptions,
@@ -28,17 +26,16 @@ from rlx.compiler.profile import (
     PassOptions,
     PrecisionOptions,
     Profile,
-    load_profile,
-    optimize,
-    parse_profile,
-    profile_near,
-    resolve_profile,
 )
-from rlx.errors import FlowError, ProfileError
+from rlx.driver.profile_toml import load_profile, parse_profile, profile_near, resolve_profile
+from rlx.errors import ProfileError
 from rlx.frontends.checkpoint import open_checkpoint
 from rlx.frontends.flow import GemmaFlow, LayerOverrides, identity_stage
+from rlx.frontends.weights import WeightCache
+from rlx.hir.graph import HIR
+from rlx.hir.interpreter import Interpreter
+from rlx.hir.ops import Op
 from rlx.passes import DEFAULT_PIPELINE
-from rlx.runtime.reference import ReferenceEngine, WeightCache
 from tests.fixtures.tiny import reference_for_layers
 
 Ckpt = Callable[[str], Path]
@@ -113,7 +110,7 @@ def _flow(d: Path) -> GemmaFlow:
 
 def _prefill(d: Path, hir: HIR) -> np.ndarray:
     feeds = {"input_ids": np.asarray([PROMPT]), "positions": np.arange(len(PROMPT))[None]}
-    return Interpreter(hir, WeightCache(open_checkpoint(d))).run(feeds)["logits"][0]
+    return Interpreter(hir, WeightCache(open_checkpoint(d).weights)).run(feeds)["logits"][0]
 
 
 def assert_logits_close(ours: np.ndarray, ref: np.ndarray) -> None:
@@ -149,29 +146,26 @@ def test_presets_and_default() -> None:
     assert PRESETS["gemma_prefill"].fusion.policy == "direct"
     assert PRESETS["gemma_decode"].fusion.policy == "fusable"
     # with every fusion pass registered, the decode preset is the fusion engineer's default pipeline
-    assert PRESETS["gemma_decode"].pipeline("decode") == DEFAULT_PIPELINE
-    assert PRESETS["gemma_prefill"].pipeline("prefill") == DEFAULT_PIPELINE.replace(",fuse-epilogue", "")
+    assert PRESETS["gemma_decode"].pipeline_text("decode") == DEFAULT_PIPELINE
+    assert PRESETS["gemma_prefill"].pipeline_text("prefill") == DEFAULT_PIPELINE.replace(",fuse-epilogue", "")
     for mode, preset in (("prefill", "gemma_prefill"), ("decode", "gemma_decode")):
-        assert DEFAULT_PROFILE.pipeline(mode) == PRESETS[preset].pipeline(mode)
+        assert DEFAULT_PROFILE.pipeline_text(mode) == PRESETS[preset].pipeline_text(mode)
     assert resolve_profile("gemma_decode", "/nowhere") is PRESETS["gemma_decode"]
 
 
-def test_derived_pipeline_follows_the_flags(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert parse_profile("[fusion]\nskip = true").pipeline() == "fold-constants,fold-rope,cse,dce"
+def test_derived_pipeline_follows_the_flags() -> None:
+    assert parse_profile("[fusion]\nskip = true").pipeline_text() == "fold-constants,fold-rope,cse,dce"
     off = parse_profile("[passes]\ndce = false\ncse = false\nconstant_folding = false\n[fusion]\nskip = true")
-    assert off.pipeline() == ""
+    assert off.pipeline_text() == ""
     p = parse_profile('[passes]\npipeline = "cse"\n[backend.cuda]\npasses = "dce"')
-    assert (p.pipeline("prefill"), p.pipeline("decode", "cuda"), p.pipeline("decode", "cpu")) == ("cse", "dce", "cse")
-    # before the fusion passes are registered, the derived pipeline leaves them out
-    monkeypatch.setattr(profile_mod, "REGISTRY", {k: v for k, v in REGISTRY.items() if not k.startswith("fuse-")})
-    assert PRESETS["gemma_decode"].pipeline("decode") == "fold-constants,fold-rope,cse,dce"
+    assert (p.pipeline_text("prefill"), p.pipeline_text("decode", "cuda"), p.pipeline_text("decode", "cpu")) == ("cse", "dce", "cse")
 
 
-def test_presets_and_flow_profile_names(tiny_ckpt: Ckpt) -> None:
-    flow = _flow(tiny_ckpt("gemma3"))
-    assert flow.profile("gemma_decode").spec.profile is PRESETS["gemma_decode"]
-    with pytest.raises(FlowError, match="unknown profile preset 'fast'"):
-        flow.profile("fast")
+def test_preset_names_resolve(tiny_ckpt: Ckpt) -> None:
+    assert resolve_profile("gemma_decode", tiny_ckpt("gemma3")) is PRESETS["gemma_decode"]
+    with pytest.raises(ProfileError, match="profile fast not found") as info:
+        resolve_profile("fast", tiny_ckpt("gemma3"))
+    assert "gemma_prefill" in str(info.value)  # the fix names the presets
 
 
 def test_profile_near_finds_the_file(tiny_ckpt: Ckpt, tmp_path: Path) -> None:
@@ -184,7 +178,6 @@ def test_profile_near_finds_the_file(tiny_ckpt: Ckpt, tmp_path: Path) -> None:
     assert profile_near(gguf).fusion.skip is False
     _write(tmp_path, "[passes]\ncse = false")
     assert profile_near(gguf).passes.cse is False
-    assert _flow(tiny_ckpt("gemma3")).profile_near(gguf).spec.profile == profile_near(gguf)
 
 
 # ---- errors: file, line and key ----
@@ -243,7 +236,7 @@ def test_bad_profiles_name_file_line_and_key(text: str, line: int, key: str, mes
 
 def test_locator_skips_multi_line_strings() -> None:
     text = '[passes]\npipeline = """\ncse = 1\n[fusion]\n"""\ncse = 1\n[fusion]\nskip = 1\n'
-    where = profile_mod._Locator(text)
+    where = profile_toml._Locator(text)
     assert (where.line(("passes", "cse")), where.line(("fusion", "skip")), where.line(("fusion",))) == (6, 8, 7)
 
 
@@ -264,7 +257,7 @@ def test_layer_out_of_range_when_applied(patch: str, key: str, line: int, tiny_c
     path = _write(tmp_path, patch)
     p = load_profile(path)  # the layer count is only known once a model is at hand
     flow = _flow(tiny_ckpt("gemma3"))  # 4 layers
-    for build in (lambda: p.apply(flow), lambda: flow.profile(p).build()):
+    for build in (lambda: p.apply(flow), lambda: p.apply(flow).build()):
         with pytest.raises(ProfileError, match="out of range for a model with 4 layers") as info:
             build()
         assert str(info.value).startswith(f"{path}:{line}: [[layers]]") and repr(key) in str(info.value)
@@ -312,7 +305,6 @@ def test_toml_patch_builds_the_same_hir_as_python(case: str, tiny_ckpt: Ckpt) ->
     expected = python(flow).build()
     assert expected != flow.build()  # the patch really changes the graph
     assert p.apply(flow).build() == expected
-    assert flow.profile(p).build() == expected  # build() applies an attached profile's patches
 
 
 def test_later_patches_win_as_in_python(tiny_ckpt: Ckpt) -> None:
@@ -320,7 +312,7 @@ def test_later_patches_win_as_in_python(tiny_ckpt: Ckpt) -> None:
     flow = _flow(tiny_ckpt("gemma3"))
     python = (flow.override_layers(lambda i, t: t == "sliding_attention", LayerOverrides(window=3))
               .override_layers(lambda i, t: i == 0, LayerOverrides(window=1)))
-    assert flow.profile(p).build() == python.build()
+    assert p.apply(flow).build() == python.build()
 
 
 def test_layer_dtypes(tiny_ckpt: Ckpt) -> None:
@@ -337,10 +329,10 @@ def test_keep_first_k_matches_truncated_transformers(k: int, tiny_ckpt: Ckpt, tm
     d = tiny_ckpt("gemma3")
     ref = reference_for_layers(d, PROMPT, k)
     p = load_profile(_write(tmp_path, f"[[layers]]\nkeep_first = {k}\n"))
-    assert_logits_close(_prefill(d, _flow(d).profile(p).build()), ref)
+    assert_logits_close(_prefill(d, p.apply(_flow(d)).build()), ref)
     # and through the reference engine, with the profile's whole pass pipeline on top
-    engine = ReferenceEngine(open_checkpoint(d), profile=p)
-    assert [r.name for r in engine.reports["prefill"].records] == p.pipeline("prefill").split(",")
+    engine = reference_engine(open_checkpoint(d), profile=p)
+    assert [r.name for r in engine.reports["prefill"].records] == p.pipeline_text("prefill").split(",")
     assert_logits_close(engine.prefill(PROMPT), ref[-1])
 
 
@@ -353,7 +345,7 @@ def test_window_override_changes_exactly_the_selected_layers(tiny_ckpt: Ckpt) ->
     def windows(hir: HIR) -> dict[int, int]:
         return {int(n.id.split(".")[0][1:]): n.attr("window") for n in hir.nodes_of(Op.CAUSAL_MASK)}
 
-    stock, patched = flow.build(), flow.profile(p).build()
+    stock, patched = flow.build(), p.apply(flow).build()
     changed = {i for i, w in windows(stock).items() if windows(patched)[i] != w}
     assert changed == {i for i in range(cfg.num_layers) if cfg.is_sliding(i)} and changed
     assert all(windows(patched)[i] == 2 for i in changed)
@@ -363,7 +355,7 @@ def test_window_override_changes_exactly_the_selected_layers(tiny_ckpt: Ckpt) ->
 def test_optimize_runs_the_profile_pipeline(tiny_ckpt: Ckpt) -> None:
     hir = _flow(tiny_ckpt("gemma3")).build()
     out, report = optimize(hir, "prefill", PRESETS["gemma_prefill"])
-    assert [r.spec for r in report.records] == PRESETS["gemma_prefill"].pipeline("prefill").split(",")
+    assert [r.spec for r in report.records] == PRESETS["gemma_prefill"].pipeline_text("prefill").split(",")
     assert len(out) < len(hir)
     out, report = optimize(hir, "prefill", PRESETS["gemma_prefill"], passes="cse")
     assert [r.name for r in report.records] == ["cse"]
@@ -382,21 +374,21 @@ def test_readme_example_profile_parses() -> None:
 
 def test_precision_pass_ends_every_pipeline(tiny_ckpt: Ckpt) -> None:
     cfg = open_checkpoint(tiny_ckpt("gemma3")).config  # sliding, full, sliding, full
-    assert DEFAULT_PROFILE.precision_pass(cfg) == "" and "precision" not in DEFAULT_PROFILE.pipeline(config=cfg)
+    assert DEFAULT_PROFILE.precision_pass(cfg) == "" and "precision" not in DEFAULT_PROFILE.pipeline_text(config=cfg)
     f16 = parse_profile('[precision]\ncompute = "f16"\n')
     assert f16.precision_pass() == "precision{compute=f16}"
-    assert f16.pipeline("decode") == DEFAULT_PIPELINE + ",precision{compute=f16}"
+    assert f16.pipeline_text("decode") == DEFAULT_PIPELINE + ",precision{compute=f16}"
     text = '[precision]\ncompute = "bf16"\nmixed = "off"\n[[layers]]\ntype = "full_attention"\ndtype = "f32"\n'
     mixed = parse_profile(text)
-    assert mixed.pipeline("prefill", config=cfg).endswith(",precision{compute=bf16,mixed=off,layers=bf16|f32|bf16|f32}")
+    assert mixed.pipeline_text("prefill", config=cfg).endswith(",precision{compute=bf16,mixed=off,layers=bf16|f32|bf16|f32}")
     with pytest.raises(ProfileError, match="needs the model's config"):  # a `type` selector needs the layer types
-        mixed.pipeline("prefill")
+        mixed.pipeline_text("prefill")
     assert parse_profile('[[layers]]\nindex = 2\ndtype = "f16"\n').precision_pass(cfg) == \
         "precision{layers=f32|f32|f16|f32}"
     named = parse_profile('[precision]\ncompute = "f16"\n[passes]\npipeline = "cse,precision{compute=bf16}"\n')
-    assert named.pipeline() == "cse,precision{compute=bf16}"  # a pipeline that names one is left as it is
+    assert named.pipeline_text() == "cse,precision{compute=bf16}"  # a pipeline that names one is left as it is
     assert parse_profile('[precision]\ncompute = "f16"\n[passes]\ndce = false\ncse = false\n'
-                         'constant_folding = false\n[fusion]\nskip = true').pipeline() == "precision{compute=f16}"
+                         'constant_folding = false\n[fusion]\nskip = true').pipeline_text() == "precision{compute=f16}"
 
 
 def test_optimize_appends_precision_to_explicit_passes_but_not_to_none(tiny_ckpt: Ckpt) -> None:
@@ -415,9 +407,9 @@ def test_precision_profile_file_gives_f16_linears(tiny_ckpt: Ckpt, tmp_path: Pat
     (and the compiled engine and `rlx compile`, which build theirs with reference_pipelines) and
     `rlx inspect` shows have f16 linears, f32 norms and f32 logits."""
     from rlx.cli import main
-    from rlx.compiler.dtypes import DType
-    from rlx.compiler.text import parse_hir
-    from rlx.runtime.reference import reference_graphs
+    from rlx.driver.graphs import reference_graphs
+    from rlx.hir.dtypes import DType
+    from rlx.hir.text import parse_hir
 
     d = tiny_ckpt("gemma3")
     path = _write(tmp_path, '[precision]\ncompute = "f16"\n')
@@ -426,9 +418,9 @@ def test_precision_profile_file_gives_f16_linears(tiny_ckpt: Ckpt, tmp_path: Pat
         assert {n.type.dtype for n in hir.nodes() if n.op in (Op.LINEAR, Op.LINEAR_EPILOGUE)} == {DType.F16}
         assert {n.type.dtype for n in hir.nodes() if n.op in (Op.RMSNORM, Op.ADD_RMSNORM)} == {DType.F32}
         assert hir.node(hir.outputs["logits"]).type.dtype is DType.F32
-    engine = ReferenceEngine(open_checkpoint(d), profile=profile)
+    engine = reference_engine(open_checkpoint(d), profile=profile)
     assert engine.reports["decode"].records[-1].spec == "precision{compute=f16}"
-    ref = ReferenceEngine(open_checkpoint(d)).prefill(PROMPT)
+    ref = reference_engine(open_checkpoint(d)).prefill(PROMPT)
     ours = engine.prefill(PROMPT)
     assert 0 < np.abs(ours - ref).max() <= 4 * 2.0 ** -11 * 6 * np.abs(ref).max()  # test_precision.py's bound
     assert main(["inspect", str(d), "--profile", str(path)]) == 0

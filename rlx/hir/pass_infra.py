@@ -13,8 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, get_type_hints
 
-from rlx.compiler.graph import HIR
 from rlx.errors import RlxError
+from rlx.hir.graph import HIR
 
 
 class PassError(RlxError):
@@ -46,6 +46,21 @@ class Pass:
 
     def run(self, hir: HIR) -> PassResult:
         raise NotImplementedError
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, str]) -> Pass:
+        """The pass a pipeline's `name{key=value,...}` names: each key is a dataclass field, its
+        text parsed by the field's annotation. A pass with another option syntax overrides this
+        (`specialize{SEQ=128}` takes symbol bindings)."""
+        hints = get_type_hints(cls)
+        fields = {f.name for f in dataclasses.fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, raw in options.items():
+            if key not in fields:
+                raise PassError(f"pass {cls.name!r} has no option {key!r}",
+                                hint=f"options: {', '.join(sorted(fields)) or 'none'}")
+            kwargs[key] = _parse_value(raw, hints.get(key), f"{cls.name}{{{key}}}")
+        return cls(**kwargs)
 
     def __str__(self) -> str:
         opts = ",".join(f"{f.name}={_fmt(getattr(self, f.name))}" for f in dataclasses.fields(self)
@@ -95,21 +110,7 @@ def _parse_value(text: str, annotation: Any, where: str) -> Any:
 def make_pass(name: str, options: Mapping[str, str] | None = None) -> Pass:
     if name not in REGISTRY:
         raise PassError(f"unknown pass {name!r}", hint=f"known passes: {', '.join(sorted(REGISTRY))}")
-    cls = REGISTRY[name]
-    hints = get_type_hints(cls)
-    fields = {f.name for f in dataclasses.fields(cls)}
-    kwargs: dict[str, Any] = {}
-    for key, raw in (options or {}).items():
-        if key not in fields:
-            if "dims" in fields:  # passes that take symbol bindings: specialize{SEQ=128}
-                kwargs.setdefault("dims", {})[key] = raw
-                continue
-            raise PassError(f"pass {name!r} has no option {key!r}",
-                            hint=f"options: {', '.join(sorted(fields)) or 'none'}")
-        kwargs[key] = _parse_value(raw, hints.get(key), f"{name}{{{key}}}")
-    if "dims" in kwargs and isinstance(kwargs["dims"], dict):
-        kwargs["dims"] = tuple(sorted(kwargs["dims"].items()))
-    return cls(**kwargs)
+    return REGISTRY[name].from_options(options or {})
 
 
 def parse_pipeline(text: str) -> list[Pass]:

@@ -8,11 +8,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rlx.compiler.graph import HIR
-from rlx.compiler.passes import Miss, Pass, PassError
-from rlx.compiler.text import print_hir
-from rlx.compiler.verify import verify
 from rlx.errors import RlxError
+from rlx.hir.graph import HIR
+from rlx.hir.pass_infra import Miss, Pass, PassError
+from rlx.hir.text import print_hir
+from rlx.hir.verify import verify
 
 
 @dataclass(frozen=True)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from rlx.compiler.dtypes import DType
-from rlx.compiler.graph import HIR, Node
-from rlx.compiler.ops import Op
-from rlx.compiler.tensor_type import TensorType
-from rlx.compiler.verify import RULES, verify
 from rlx.errors import HIRError
+from rlx.hir.dtypes import DType
+from rlx.hir.graph import HIR, Node
+from rlx.hir.ops import Op
+from rlx.hir.tensor_type import TensorType
+from rlx.hir.verify import RULES, verify
 
 from .graphs import f32, tiny_block
 

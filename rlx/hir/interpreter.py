@@ -22,11 +22,11 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from rlx.compiler.dtypes import DType
-from rlx.compiler.graph import HIR, Node, param_key
-from rlx.compiler.ops import EPILOGUE_STEPS, Op, attr_dim, parse_step
-from rlx.compiler.shapes import bind_shape, eval_dim
 from rlx.errors import HIRError
+from rlx.hir.dtypes import DType
+from rlx.hir.graph import HIR, Node, param_key
+from rlx.hir.ops import EPILOGUE_STEPS, Op, attr_dim, parse_step
+from rlx.hir.shapes import bind_shape, eval_dim
 
 F32 = np.float32
 
@@ -79,7 +79,7 @@ def _rope(x: np.ndarray, pos: np.ndarray, inv_freq: np.ndarray) -> np.ndarray:
     return _rotate(x, np.cos(freqs), np.sin(freqs))
 
 
-def rope_table(inv_freq: np.ndarray, positions: int) -> np.ndarray:
+def rope_cos_sin_table(inv_freq: np.ndarray, positions: int) -> np.ndarray:
     """The `rope_table` op's table, [positions, D]: row p is cos(p f) | sin(p f), computed by the
     same float32 operations as `rope`, so folding the table changes no bit of the result."""
     freqs = _rope_angles(np.arange(positions), inv_freq)
@@ -300,6 +300,3 @@ class Interpreter:
                     extra.pop(i, None)
         return {name: values[nid] for name, nid in self.hir.outputs.items()}
 
-
-def run_hir(hir: HIR, feeds: Mapping[str, np.ndarray], weights: WeightSource | None = None) -> dict[str, np.ndarray]:
-    return Interpreter(hir, weights).run(feeds)

@@ -7,14 +7,14 @@ import json
 import pytest
 from hypothesis import given, settings
 
-from rlx.compiler import serialize
-from rlx.compiler.dot import to_dot
-from rlx.compiler.graph import HIR
-from rlx.compiler.ops import Op
-from rlx.compiler.shapes import PAST_SEQ, SEQ, add_dims, bind_shape, eval_dim, parse_dim, sym
-from rlx.compiler.text import parse_hir, print_hir
-from rlx.compiler.verify import verify
 from rlx.errors import HIRError
+from rlx.hir import serialize
+from rlx.hir.dot import to_dot
+from rlx.hir.graph import HIR
+from rlx.hir.ops import Op
+from rlx.hir.shapes import PAST_SEQ, SEQ, add_dims, bind_shape, eval_dim, parse_dim, sym
+from rlx.hir.text import parse_hir, print_hir
+from rlx.hir.verify import verify
 
 from .graphs import f32, random_graphs, tiny_block
 

@@ -15,14 +15,15 @@ from typing import Any
 
 import networkx as nx
 
-from rlx.compiler.ops import OPS, Op, TypeRuleError, complete_attrs
-from rlx.compiler.tensor_type import TensorType
 from rlx.errors import HIRError
+from rlx.hir.ops import OPS, Op, TypeRuleError, complete_attrs
+from rlx.hir.tensor_type import TensorType
 
 
 @dataclass(frozen=True)
 class Node:
-    """One SSA value. `meta` is free-form bookkeeping and is not part of equality."""
+    """One SSA value. `meta` holds plain JSON values (the conventions of `rlx.hir.conventions`:
+    layer, role); it is printed by the text form but is not part of equality."""
 
     id: str
     op: Op
@@ -90,14 +91,15 @@ class HIR:
     def input(self, name: str, type: TensorType) -> str:
         return self.add(Op.INPUT, attrs={"name": name}, type=type, name=name)
 
-    def param(self, weight: str, type: TensorType, *, scale: float = 1.0, shift: float = 0.0) -> str:
+    def param(self, weight: str, type: TensorType, *, scale: float = 1.0, shift: float = 0.0,
+              meta: Mapping[str, Any] | None = None) -> str:
         """A weight (`stored * scale + shift`); one node per derivation, reused if asked again."""
         for n in self.nodes_of(Op.PARAM):
             if param_key(n) == (weight, scale, shift):
                 return n.id
         derived = "" if (scale, shift) == (1.0, 0.0) else ".derived"
         return self.add(Op.PARAM, attrs={"name": weight, "scale": scale, "shift": shift}, type=type,
-                        name="p." + weight + derived)
+                        name="p." + weight + derived, meta=meta)
 
     def set_output(self, name: str, node_id: str) -> None:
         if node_id not in self._g:
@@ -179,6 +181,12 @@ class HIR:
         self._insert(node)
 
     def replace_uses(self, old: str, new: str) -> None:
+        """Point every use of `old` (outputs included) at `new`. A node without meta that takes
+        another's place inherits its meta (layer, role: `rlx.hir.conventions`), so a rewrite
+        keeps what the frontend recorded about the value it replaces."""
+        replacement = self.node(new)
+        if not replacement.meta:
+            replacement.meta.update(copy.deepcopy(self.node(old).meta))
         for user in self.users(old):
             self.replace_node(
                 Node(user.id, user.op, tuple(new if i == old else i for i in user.inputs), user.type,

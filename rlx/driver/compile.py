@@ -2,8 +2,8 @@
 
 Phases (each timed, shown on stderr, recorded in report.json): load, graphs (HIR + passes),
 lower, build, export (library), weights (materialised in the kernels' layout), write. The whole
-artifact is written by `targets.artifact.write_atomic`: a failed or interrupted compile leaves
-nothing at the destination.
+artifact is written by `write_artifact` (through `rlx.outputs.replace_dir_atomic`): a failed or
+interrupted compile leaves nothing at the destination.
 
 A compile cache (`$RLX_CACHE_DIR`, default `~/.cache/rlx/artifacts`) is keyed by model hash,
 profile, pass pipeline, target, max-seq and tool versions: a repeated compile copies the cached
@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from rlx.errors import RlxError
+from rlx.outputs import replace_dir_atomic
+from rlx.runtime.artifact import FORMAT, FORMAT_VERSION, MANIFEST, tool_versions
 
 LIBRARY = {"cpu": "lib.so", "cuda": "lib.so", "metal": "lib.tar"}
 WEIGHTS = "weights.safetensors"
@@ -56,9 +58,16 @@ def _signature_dict(sig: Any) -> dict[str, Any]:
             "params": [[p.key, str(p.type)] for p in sig.params], "outputs": list(sig.outputs)}
 
 
-def _cache_key(model_hash: str, profile: Any, passes: str | None, target: dict[str, Any], max_seq: int) -> str:
-    from rlx.targets.artifact import FORMAT_VERSION, tool_versions
+def write_artifact(dest: Path, populate: Callable[[Path], dict[str, Any]]) -> Path:
+    """`populate(tmp)` fills a temp dir and returns the manifest; then it becomes `dest`."""
+    def fill(tmp: Path) -> None:
+        manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, **populate(tmp)}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
 
+    return replace_dir_atomic(dest, fill)
+
+
+def _cache_key(model_hash: str, profile: Any, passes: str | None, target: dict[str, Any], max_seq: int) -> str:
     blob = json.dumps({"model": model_hash, "profile": repr(profile), "passes": passes, "target": target,
                        "max_seq": max_seq, "versions": tool_versions(), "format": FORMAT_VERSION},
                       sort_keys=True, default=str)
@@ -77,36 +86,31 @@ def _kernels(scheduled: Any) -> list[dict[str, str]]:
 
 def _populate(tmp: Path, checkpoint: Any, target: str, profile: Any, passes: str | None, max_seq: int,
               phases: Phases) -> dict[str, Any]:
-    from rlx.compiler.profile import BackendOptions
-    from rlx.compiler.text import print_hir
-    from rlx.runtime.prefill_buckets import engine_graphs, profile_buckets
-    from rlx.runtime.reference import WeightCache, context_bounds, reference_pipelines
-    from rlx.targets.artifact import tool_versions
-    from rlx.targets.build import build, build_isolated, optimize
+    from rlx.driver.graphs import context_bounds, target_graphs
+    from rlx.frontends.weights import WeightCache
+    from rlx.hir.text import print_hir
+    from rlx.targets.build import build, build_isolated, schedule_module
     from rlx.targets.lower import lower, param_keys
     from rlx.targets.presets import resolve_target
 
     resolved = resolve_target(target)
-    backend = profile.backend_for(resolved.name) if profile is not None else BackendOptions()
-    if passes is None:  # [backend.<target>] passes, as CompiledEngine does
-        passes = backend.passes
     with phases("graphs"):
         bounds = context_bounds(max_seq)
-        unoptimized = reference_pipelines(checkpoint, passes="", profile=profile, bounds=bounds)
-        graphs = reference_pipelines(checkpoint, passes=passes, profile=profile, bounds=bounds)
+        graphs = target_graphs(checkpoint, target=resolved.name, profile=profile, passes=passes, bounds=bounds,
+                               max_seq=max_seq)
         (tmp / "hir").mkdir()
-        for mode, (hir, _) in graphs.items():
-            (tmp / "hir" / f"{mode}.before.hir").write_text(print_hir(unoptimized[mode][0]))
+        for mode, hir in graphs.graphs.items():
+            (tmp / "hir" / f"{mode}.before.hir").write_text(print_hir(graphs.built[mode]))
             (tmp / "hir" / f"{mode}.after.hir").write_text(print_hir(hir))
-    buckets = profile_buckets(profile, max_seq)
-    entries = engine_graphs({mode: hir for mode, (hir, _) in graphs.items()}, buckets)
+    entries = graphs.entries
+    backend = graphs.backend
     with phases("lower"):
         lowered = lower(entries)
     library = LIBRARY[resolved.device]
     with phases("build"):
         if resolved.device == "metal":
             build_isolated(entries, resolved.name, tmp / library, opt_level=backend.opt_level)
-            scheduled = optimize(lowered.mod, resolved)
+            scheduled = schedule_module(lowered.mod, resolved)
         else:
             built = build(lowered.mod, resolved, opt_level=backend.opt_level)
             scheduled = built.scheduled
@@ -117,10 +121,10 @@ def _populate(tmp: Path, checkpoint: Any, target: str, profile: Any, passes: str
                 (tmp / "kernels.cu").write_text(_cuda_source(built.executable.mod))
     with phases("weights"):
         specs = param_keys(list(lowered.signatures.values()))
-        save_weights_streaming(tmp / WEIGHTS, specs, WeightCache(checkpoint))
+        save_weights_streaming(tmp / WEIGHTS, specs, WeightCache(checkpoint.weights))
     report = {
         "target": resolved.name,
-        "passes": {mode: rep.to_dict() for mode, (_, rep) in graphs.items()},
+        "passes": {mode: rep.to_dict() for mode, rep in graphs.reports.items()},
         "kernels": _kernels(scheduled),
         "phases": phases.seconds,
     }
@@ -132,11 +136,11 @@ def _populate(tmp: Path, checkpoint: Any, target: str, profile: Any, passes: str
         "checkpoint": str(checkpoint.path),
         "config": checkpoint.config.to_dict(),
         "profile": repr(profile) if profile is not None else None,
-        "passes": passes,
+        "passes": graphs.passes,
         "target": {"name": resolved.name, "device": resolved.device, "json": str(resolved.target.export())},
         "entries": {name: _signature_dict(sig) for name, sig in lowered.signatures.items()},
         "bounds": {**bounds, "KV_CAP": max_seq},
-        "prefill_buckets": list(buckets),
+        "prefill_buckets": list(graphs.buckets),
         "backend": {"opt_level": backend.opt_level, "threads": backend.threads},
         "max_seq": max_seq,
         "library": library,
@@ -194,9 +198,8 @@ def compile_checkpoint(checkpoint_path: str | Path, targets: list[str], out: str
                        profile: str | None = None, passes: str | None = None, max_seq: int | None = None,
                        use_cache: bool = True) -> list[Path]:
     """Compile for each target; returns the artifact directories (out/<target> when several)."""
-    from rlx.compiler.profile import resolve_profile
+    from rlx.driver.profile_toml import resolve_profile
     from rlx.frontends.checkpoint import open_checkpoint
-    from rlx.targets.artifact import write_atomic
     from rlx.targets.presets import resolve_target
 
     resolved = [resolve_target(t) for t in targets]  # unknown targets fail before any work
@@ -215,13 +218,13 @@ def compile_checkpoint(checkpoint_path: str | Path, targets: list[str], out: str
         phases = Phases(r.name)
         if use_cache and (cached / "manifest.json").is_file():
             print(f"[rlx] {r.name}: compile cache hit ({cached})", file=sys.stderr)
-            written.append(write_atomic(dest, lambda tmp, src=cached: _copy_artifact(src, tmp)))
+            written.append(write_artifact(dest, lambda tmp, src=cached: _copy_artifact(src, tmp)))
             continue
         populate: Callable[[Path], dict[str, Any]] = (
             lambda tmp, r=r, phases=phases: _populate(tmp, checkpoint, r.name, prof, passes, seq, phases))
-        written.append(write_atomic(dest, populate))
+        written.append(write_artifact(dest, populate))
         if use_cache:
-            write_atomic(cached, lambda tmp, src=dest: _copy_artifact(src, tmp))
+            write_artifact(cached, lambda tmp, src=dest: _copy_artifact(src, tmp))
         print(f"[rlx] {r.name}: artifact {dest}", file=sys.stderr)
     return written
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from rlx.compiler.graph import HIR, Node
-from rlx.compiler.ops import Op
-from rlx.compiler.tensor_type import TensorType
-from rlx.compiler.text import _from_json, _to_json
 from rlx.errors import HIRError
+from rlx.hir.graph import HIR, Node
+from rlx.hir.ops import Op
+from rlx.hir.tensor_type import TensorType
+from rlx.hir.text import _from_json, _to_json
 
 FORMAT_VERSION = 1
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from rlx.compiler.graph import HIR
-from rlx.compiler.ops import Op
+from rlx.hir.graph import HIR
+from rlx.hir.ops import Op
 
 _STYLE: dict[Op, str] = {
     Op.INPUT: 'shape=invhouse, style=filled, fillcolor="#cde8ff"',

@@ -14,8 +14,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from rlx.compiler.graph import HIR, Node
-from rlx.compiler.ops import Op
+from rlx.hir.graph import HIR, Node
+from rlx.hir.ops import Op
 
 Predicate = Callable[[Node], bool]
 

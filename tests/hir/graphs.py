@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from hypothesis import strategies as st
 
-from rlx.compiler.dtypes import DType
-from rlx.compiler.graph import HIR
-from rlx.compiler.ops import Op
-from rlx.compiler.shapes import BATCH, SEQ, sym
-from rlx.compiler.tensor_type import TensorType
+from rlx.hir.dtypes import DType
+from rlx.hir.graph import HIR
+from rlx.hir.ops import Op
+from rlx.hir.shapes import BATCH, SEQ, sym
+from rlx.hir.tensor_type import TensorType
 
 B, S = sym(BATCH), sym(SEQ)
 

@@ -12,9 +12,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from rlx.compiler.dtypes import DType
-from rlx.compiler.shapes import Dim, Shape, SymDim, add_dims, eval_dim, parse_dim
-from rlx.compiler.tensor_type import TensorType
+from rlx.hir.dtypes import DType
+from rlx.hir.shapes import Dim, Shape, SymDim, add_dims, eval_dim, parse_dim
+from rlx.hir.tensor_type import TensorType
 
 
 class Op(enum.Enum):
@@ -58,17 +58,13 @@ def _need(cond: bool, msg: str) -> None:
         raise TypeRuleError(msg)
 
 
-def dims_equal(a: Dim, b: Dim) -> bool:
-    return a == b
-
-
 def broadcast_shapes(a: Shape, b: Shape) -> Shape:
     out: list[Dim] = []
     ra, rb = list(reversed(a)), list(reversed(b))
     for i in range(max(len(a), len(b))):
         da = ra[i] if i < len(ra) else 1
         db = rb[i] if i < len(rb) else 1
-        if dims_equal(da, db) or db == 1:
+        if da == db or db == 1:
             out.append(da)
         elif da == 1:
             out.append(db)
@@ -306,12 +302,27 @@ def _linear_epilogue(ins: Sequence[TensorType], attrs: Mapping[str, Any]) -> Ten
     return out
 
 
+class Precision(enum.Enum):
+    """How an op takes part in mixed precision (`rlx/passes/precision.py`): `compute` ops run in their
+    layer's compute dtype (f16 / bf16); `f32` ops are the numerically touchy ones, kept in float32
+    when mixed precision is "auto"; `layout` ops move data and keep their input's dtype; leaves
+    (inputs, params, consts) keep the dtype they are declared with."""
+
+    COMPUTE = "compute"
+    F32 = "f32"
+    LAYOUT = "layout"
+    LEAF = "leaf"
+
+
 @dataclass(frozen=True)
 class OpSpec:
-    """`attrs` maps each attr name to (accepted python types, default or REQUIRED)."""
+    """`attrs` maps each attr name to (accepted python types, default or REQUIRED). Each op's
+    numpy implementation (`interpreter.IMPLS`) and TVM lowering (`targets.lowerings.LOWERINGS`)
+    live with their layer; a test checks that every op has both."""
 
     arity: tuple[int, int]
     infer: TypeRule
+    precision: Precision
     attrs: Mapping[str, tuple[tuple[type, ...], Any]] = field(default_factory=dict)
 
 
@@ -320,43 +331,44 @@ _NUM = (int, float)
 _OPT_INT = (int, type(None))
 
 OPS: dict[Op, OpSpec] = {
-    Op.INPUT: OpSpec((0, 0), _declared, {"name": ((str,), REQUIRED)}),
+    Op.INPUT: OpSpec((0, 0), _declared, Precision.LEAF, {"name": ((str,), REQUIRED)}),
     # a weight, optionally derived at load time as `stored * scale + shift` (constant folding
     # moves the embedding scale and the (1+w) norm offset here, into the stored weight)
-    Op.PARAM: OpSpec((0, 0), _declared, {"name": ((str,), REQUIRED), "scale": (_NUM, 1.0), "shift": (_NUM, 0.0)}),
-    Op.CONST: OpSpec((0, 0), _declared, {"value": ((tuple,), REQUIRED)}),
-    Op.EMBED: OpSpec((2, 2), _embed),
-    Op.SCALE: OpSpec((1, 1), _same_as_first, {"value": (_NUM, REQUIRED)}),
-    Op.ADD: OpSpec((2, 2), _binary),
-    Op.MUL: OpSpec((2, 2), _binary),
-    Op.RMSNORM: OpSpec((1, 2), _rmsnorm, {"eps": (_NUM, REQUIRED), "offset": (_NUM, 0.0)}),
-    Op.LINEAR: OpSpec((2, 2), _linear),
-    Op.GELU_TANH: OpSpec((1, 1), _same_as_first),
-    Op.SOFTCAP: OpSpec((1, 1), _same_as_first, {"cap": (_NUM, REQUIRED)}),
-    Op.RESHAPE: OpSpec((1, 1), _reshape, {"shape": ((tuple,), REQUIRED)}),
-    Op.TRANSPOSE: OpSpec((1, 1), _transpose, {"perm": ((tuple,), REQUIRED)}),
-    Op.REPEAT_KV: OpSpec((1, 1), _repeat_kv, {"repeats": ((int,), REQUIRED)}),
-    Op.ROPE: OpSpec((3, 3), _rope),
+    Op.PARAM: OpSpec((0, 0), _declared, Precision.LEAF,
+                     {"name": ((str,), REQUIRED), "scale": (_NUM, 1.0), "shift": (_NUM, 0.0)}),
+    Op.CONST: OpSpec((0, 0), _declared, Precision.LEAF, {"value": ((tuple,), REQUIRED)}),
+    Op.EMBED: OpSpec((2, 2), _embed, Precision.COMPUTE),
+    Op.SCALE: OpSpec((1, 1), _same_as_first, Precision.COMPUTE, {"value": (_NUM, REQUIRED)}),
+    Op.ADD: OpSpec((2, 2), _binary, Precision.COMPUTE),
+    Op.MUL: OpSpec((2, 2), _binary, Precision.COMPUTE),
+    Op.RMSNORM: OpSpec((1, 2), _rmsnorm, Precision.F32, {"eps": (_NUM, REQUIRED), "offset": (_NUM, 0.0)}),
+    Op.LINEAR: OpSpec((2, 2), _linear, Precision.COMPUTE),
+    Op.GELU_TANH: OpSpec((1, 1), _same_as_first, Precision.COMPUTE),
+    Op.SOFTCAP: OpSpec((1, 1), _same_as_first, Precision.F32, {"cap": (_NUM, REQUIRED)}),
+    Op.RESHAPE: OpSpec((1, 1), _reshape, Precision.LAYOUT, {"shape": ((tuple,), REQUIRED)}),
+    Op.TRANSPOSE: OpSpec((1, 1), _transpose, Precision.LAYOUT, {"perm": ((tuple,), REQUIRED)}),
+    Op.REPEAT_KV: OpSpec((1, 1), _repeat_kv, Precision.LAYOUT, {"repeats": ((int,), REQUIRED)}),
+    Op.ROPE: OpSpec((3, 3), _rope, Precision.F32),
     # x, positions, a [positions, head_dim] table of cos | sin per position (see passes/fold_rope.py)
-    Op.ROPE_TABLE: OpSpec((3, 3), _rope_table),
-    Op.MATMUL: OpSpec((2, 2), _matmul),
-    Op.CAUSAL_MASK: OpSpec((2, 2), _mask, {"window": ((int,), 0), "bidirectional": ((bool,), False)}),
-    Op.SOFTMAX: OpSpec((1, 1), _same_as_first),
-    Op.CONCAT: OpSpec((2, 8), _concat, {"axis": ((int,), REQUIRED)}),
-    Op.SLICE: OpSpec((1, 1), _slice, {"axis": ((int,), REQUIRED), "start": ((int,), REQUIRED),
+    Op.ROPE_TABLE: OpSpec((3, 3), _rope_table, Precision.F32),
+    Op.MATMUL: OpSpec((2, 2), _matmul, Precision.COMPUTE),
+    Op.CAUSAL_MASK: OpSpec((2, 2), _mask, Precision.F32, {"window": ((int,), 0), "bidirectional": ((bool,), False)}),
+    Op.SOFTMAX: OpSpec((1, 1), _same_as_first, Precision.F32),
+    Op.CONCAT: OpSpec((2, 8), _concat, Precision.COMPUTE, {"axis": ((int,), REQUIRED)}),
+    Op.SLICE: OpSpec((1, 1), _slice, Precision.LAYOUT, {"axis": ((int,), REQUIRED), "start": ((int,), REQUIRED),
                                       "stop": (_OPT_INT, None)}),
-    Op.CAST: OpSpec((1, 1), _cast, {"dtype": ((str,), REQUIRED)}),
-    Op.MOE: OpSpec((6, 6), _moe, {"num_experts": ((int,), REQUIRED), "top_k": ((int,), REQUIRED)}),
+    Op.CAST: OpSpec((1, 1), _cast, Precision.LAYOUT, {"dtype": ((str,), REQUIRED)}),
+    Op.MOE: OpSpec((6, 6), _moe, Precision.COMPUTE, {"num_experts": ((int,), REQUIRED), "top_k": ((int,), REQUIRED)}),
     # q, k, v (un-repeated KV heads), positions[, additive bias...]
-    Op.ATTENTION: OpSpec((4, 6), _attention, {"scale": (_NUM, 1.0), "softcap": (_NUM, 0.0),
+    Op.ATTENTION: OpSpec((4, 6), _attention, Precision.COMPUTE, {"scale": (_NUM, 1.0), "softcap": (_NUM, 0.0),
                                               "window": ((int,), 0), "mask": ((str,), "causal")}),
     # norm(a + b) [* (offset + w)]; the sum a + b is `result{index=1}` of this node
-    Op.ADD_RMSNORM: OpSpec((2, 3), _add_rmsnorm, {"eps": (_NUM, REQUIRED), "offset": (_NUM, 0.0)}),
-    Op.RESULT: OpSpec((1, 1), _result, {"index": ((int,), REQUIRED)}),
+    Op.ADD_RMSNORM: OpSpec((2, 3), _add_rmsnorm, Precision.F32, {"eps": (_NUM, REQUIRED), "offset": (_NUM, 0.0)}),
+    Op.RESULT: OpSpec((1, 1), _result, Precision.LAYOUT, {"index": ((int,), REQUIRED)}),
     # gelu_tanh(gate) * up, from two values or one packed [.., gate | up] value
-    Op.GEGLU: OpSpec((1, 2), _geglu),
+    Op.GEGLU: OpSpec((1, 2), _geglu, Precision.COMPUTE),
     # linear, then elementwise steps ("add", "mul" take the next operand; "scale=v", "softcap=v", "gelu_tanh")
-    Op.LINEAR_EPILOGUE: OpSpec((2, 6), _linear_epilogue, {"steps": ((tuple,), REQUIRED)}),
+    Op.LINEAR_EPILOGUE: OpSpec((2, 6), _linear_epilogue, Precision.COMPUTE, {"steps": ((tuple,), REQUIRED)}),
 }
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from rlx.compiler.dtypes import DType
-from rlx.compiler.shapes import Shape, format_shape, parse_shape
+from rlx.hir.dtypes import DType
+from rlx.hir.shapes import Shape, format_shape, parse_shape
 
 _TYPE = re.compile(r"^\s*(\w+)(\[.*\])\s*$")
 

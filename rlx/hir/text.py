@@ -7,7 +7,9 @@
     }
 
 Attr blocks are JSON objects (floats print with repr, so they round-trip bit-exactly). A graph
-with `meta` prints it as a JSON object on the header line: `hir main {"bounds": {"SEQ": 512}} {`.
+with `meta` prints it as a JSON object on the header line: `hir main {"bounds": {"SEQ": 512}} {`;
+a node's meta (`rlx.hir.conventions`: its layer, a linear's role) follows its type:
+`%l3.q = linear(%x, %w) : f32[1, SEQ, 1024] meta {"layer": 3, "role": "q"}`.
 """
 
 from __future__ import annotations
@@ -16,12 +18,13 @@ import json
 import re
 from typing import Any
 
-from rlx.compiler.graph import HIR, Node
-from rlx.compiler.ops import Op
-from rlx.compiler.tensor_type import TensorType
 from rlx.errors import HIRError
+from rlx.hir.graph import HIR, Node
+from rlx.hir.ops import Op
+from rlx.hir.tensor_type import TensorType
 
-_NODE = re.compile(r"^%(?P<id>\S+) = (?P<op>\w+)\((?P<args>[^)]*)\)(?: (?P<attrs>\{.*\}))? : (?P<type>.+)$")
+_NODE = re.compile(r"^%(?P<id>\S+) = (?P<op>\w+)\((?P<args>[^)]*)\)(?: (?P<attrs>\{.*?\}))? : "
+                   r"(?P<type>[^{]+?)(?: meta (?P<meta>\{.*\}))?$")
 _HEADER = re.compile(r"^hir (?P<name>\S+)(?: (?P<meta>\{.*\}))? \{$")
 
 
@@ -36,7 +39,8 @@ def _from_json(value: Any) -> Any:
 def format_node(node: Node) -> str:
     args = ", ".join("%" + i for i in node.inputs)
     attrs = f" {json.dumps({k: _to_json(v) for k, v in node.attrs})}" if node.attrs else ""
-    return f"%{node.id} = {node.op.value}({args}){attrs} : {node.type}"
+    meta = f" meta {json.dumps(node.meta, sort_keys=True)}" if node.meta else ""
+    return f"%{node.id} = {node.op.value}({args}){attrs} : {node.type}{meta}"
 
 
 def print_hir(hir: HIR) -> str:
@@ -74,6 +78,7 @@ def parse_hir(text: str) -> HIR:
             op = Op(nm.group("op"))
             attrs = json.loads(nm.group("attrs")) if nm.group("attrs") else {}
             ttype = TensorType.parse(nm.group("type"))
+            meta = json.loads(nm.group("meta")) if nm.group("meta") else {}
         except (ValueError, json.JSONDecodeError) as e:
             raise HIRError(f"parse line {lineno}: {e}") from None
         inputs = tuple(a.strip()[1:] for a in nm.group("args").split(",") if a.strip())
@@ -81,5 +86,5 @@ def parse_hir(text: str) -> HIR:
             if i not in hir:
                 raise HIRError(f"parse line {lineno}: %{i} used before it is defined")
         node_attrs = tuple(sorted((k, _from_json(v)) for k, v in attrs.items()))
-        hir.insert_raw(Node(nm.group("id"), op, inputs, ttype, node_attrs))
+        hir.insert_raw(Node(nm.group("id"), op, inputs, ttype, node_attrs, meta))
     return hir

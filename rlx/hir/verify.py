@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from rlx.compiler.graph import HIR, Node, param_key
-from rlx.compiler.ops import MULTI_RESULT, OPS, Op, TypeRuleError, complete_attrs
-from rlx.compiler.shapes import SymDim
 from rlx.errors import HIRError
+from rlx.hir.graph import HIR, Node, param_key
+from rlx.hir.ops import MULTI_RESULT, OPS, Op, TypeRuleError, complete_attrs
+from rlx.hir.shapes import SymDim
 
 
 def _rule_acyclic(hir: HIR) -> None:

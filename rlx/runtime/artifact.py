@@ -1,4 +1,5 @@
-"""The artifact directory `rlx compile` writes and `rlx run` loads.
+"""The artifact directory `rlx compile` writes and `rlx run` loads: its format and the checks
+made when one is loaded (`rlx.driver.compile` writes it).
 
     ARTIFACT/
       manifest.json   format, tool versions, model hash, config, profile, target, entry
@@ -9,22 +10,17 @@
       report.json     pass report, kernel list, phase timings
 
 It is written into a hidden temp directory next to the destination and renamed into place
-only when complete, so an interrupted or failed compile leaves no artifact behind.
+only when complete (`rlx.outputs`), so an interrupted or failed compile leaves no artifact behind.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import signal
-import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from rlx.errors import RlxError
+from rlx.version import __version__
 
 FORMAT = "rlx-artifact"
 FORMAT_VERSION = 2  # 2: in-place KV cache buffers (caches, dims in entries)
@@ -38,57 +34,7 @@ class ArtifactError(RlxError):
 def tool_versions() -> dict[str, str]:
     import tvm
 
-    import rlx
-
-    return {"rlx": rlx.__version__, "tvm": str(tvm.__version__)}
-
-
-@contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM raises KeyboardInterrupt so the temp directory is cleaned up like on Ctrl-C."""
-    def handler(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread: leave signals alone
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def write_atomic(dest: Path, populate: Callable[[Path], dict[str, Any]]) -> Path:
-    """`populate(tmp)` fills a temp dir and returns the manifest; then it becomes `dest`."""
-    def fill(tmp: Path) -> None:
-        manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, **populate(tmp)}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
-
-    return replace_dir_atomic(dest, fill)
-
-
-def replace_dir_atomic(dest: Path, fill: Callable[[Path], None]) -> Path:
-    """`fill(tmp)` fills a hidden temp dir next to `dest`, which then replaces `dest` by renames:
-    an exception (or SIGTERM) on the way leaves `dest` as it was and no temp dir behind."""
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
-    try:
-        with _sigterm_as_interrupt():
-            fill(tmp)
-            if dest.exists():
-                old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-                dest.rename(old)
-                tmp.rename(dest)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                tmp.rename(dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return dest
+    return {"rlx": __version__, "tvm": str(tvm.__version__)}
 
 
 def read_manifest(artifact: Path) -> dict[str, Any]:

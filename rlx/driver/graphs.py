@@ -1,0 +1,109 @@
+"""The graphs an engine or artifact needs, built once for every caller.
+
+`target_graphs` is the sequence `rlx compile`, the in-process compiled engine, the reference
+engine and `rlx compare` share: the batch-1 generation graphs (prefill with a dynamic SEQ, decode
+with a dynamic PAST_SEQ; last-token logits, KV cache exported), the profile's `[[layers]]`
+applied to the flow, context bounds recorded, the pass pipeline run (`--passes`, else the
+profile's `[backend.<target>] passes`, else its per-mode pipeline; either followed by the
+profile's `precision` pass), and the `[specialize] SEQ` bucket variants of the prefill.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from rlx.driver.profile import BackendOptions, Profile
+from rlx.frontends.checkpoint import Checkpoint
+from rlx.frontends.config import GemmaConfig
+from rlx.frontends.flow import GemmaFlow, Mode
+from rlx.hir.graph import HIR
+from rlx.hir.pass_infra import parse_pipeline
+from rlx.hir.pass_manager import PassManager, PassReport
+from rlx.hir.shapes import PAST_SEQ, SEQ
+from rlx.passes.specialize import BucketedGraphs, graph_symbols, record_bounds, specialize_buckets
+from rlx.runtime.buckets import DECODE, PREFILL, entry
+
+MODE_FLOWS: dict[Mode, Callable[[GemmaFlow], GemmaFlow]] = {
+    PREFILL: lambda f: f.prefill().dynamic_seq(),
+    DECODE: lambda f: f.decode().dynamic_past(),
+}
+
+
+def context_bounds(max_seq: int) -> dict[str, int]:
+    """Upper bounds of a generation engine's dims at a context of `max_seq` positions: a prefill
+    of up to max_seq tokens, a decode step after up to max_seq - 1 (what `fold-rope` sizes its
+    tables by, and memory planning reads)."""
+    return {SEQ: max_seq, PAST_SEQ: max_seq - 1}
+
+
+def run_pipeline(hir: HIR, mode: Mode, profile: Profile | None = None, passes: str | None = None,
+                 config: GemmaConfig | None = None) -> tuple[HIR, PassReport]:
+    """Run `passes` (default: the profile's pipeline for mode; no profile: nothing) through
+    PassManager. With [fusion] assert_clean, a fusion pattern that matched half-way is an error.
+
+    The profile's precision is part of the model it asks for, not a pass choice: explicit
+    `passes` get its `precision` pass appended too, except the empty pipeline, which asks for
+    the graph as built (`rlx inspect --passes ""`, compile's `before.hir`). `config` (the
+    checkpoint's GemmaConfig) resolves `[[layers]] dtype` patches."""
+    if passes is None:
+        text = profile.pipeline_text(mode, config=config) if profile else ""
+    else:
+        text = profile.with_precision(passes, config) if profile and passes.strip() else passes
+    clean = profile is not None and profile.fusion.assert_clean
+    return PassManager(parse_pipeline(text), assert_clean=clean).run(hir)
+
+
+def profile_buckets(profile: Profile | None, max_seq: int) -> tuple[int, ...]:
+    """The SEQ buckets a profile asks for that fit the context (a bucket past it could never run)."""
+    return tuple(b for b in (profile.buckets(SEQ) if profile is not None else ()) if b <= max_seq)
+
+
+@dataclass
+class TargetGraphs:
+    """What one target's engine runs: per mode the graph as built and after the passes, the pass
+    reports, the prefill buckets and the entries of a compiled module (`entries`: prefill,
+    decode and `prefill_<bucket>` per bucket)."""
+
+    built: dict[Mode, HIR]
+    graphs: dict[Mode, HIR]
+    reports: dict[Mode, PassReport]
+    buckets: tuple[int, ...] = ()
+    bucketed: BucketedGraphs | None = None
+    backend: BackendOptions = field(default_factory=BackendOptions)
+    passes: str | None = None  # the pipeline text asked for (None: the profile's)
+
+    @property
+    def entries(self) -> dict[str, HIR]:
+        variants = {entry(b): g for b, g in self.bucketed.variants.items()} if self.bucketed else {}
+        return {**self.graphs, **variants}
+
+
+def target_graphs(ckpt: Checkpoint, *, target: str | None = None, profile: Profile | None = None,
+                  passes: str | None = None, flow: GemmaFlow | None = None,
+                  bounds: Mapping[str, int] | None = None, max_seq: int | None = None) -> TargetGraphs:
+    """The graphs for `target` (a preset name, whose `[backend.<target>]` options apply; None for
+    the reference interpreter). `max_seq` (default: the model's context) limits the buckets."""
+    backend = profile.backend_for(target) if profile is not None and target else BackendOptions()
+    if passes is None:
+        passes = backend.passes
+    base = (flow or GemmaFlow(ckpt.config, ckpt.weights.shape)).batch(1).last_token_logits().export_kv()
+    if profile is not None:
+        base = profile.apply(base)
+    built, graphs, reports = {}, {}, {}
+    for mode, make in MODE_FLOWS.items():
+        hir = make(base).build()
+        if bounds:
+            record_bounds(hir, {k: v for k, v in bounds.items() if k in graph_symbols(hir)})
+        built[mode] = hir
+        graphs[mode], reports[mode] = run_pipeline(hir, mode, profile, passes, ckpt.config)
+    buckets = profile_buckets(profile, max_seq or ckpt.config.max_position_embeddings)
+    bucketed = specialize_buckets(graphs[PREFILL], SEQ, buckets) if buckets else None
+    return TargetGraphs(built, graphs, reports, buckets, bucketed, backend, passes)
+
+
+def reference_graphs(ckpt: Checkpoint, flow: GemmaFlow | None = None, *, passes: str | None = None,
+                     profile: Profile | None = None) -> tuple[HIR, HIR]:
+    """(prefill, decode) graphs of the reference target; see `target_graphs`."""
+    graphs = target_graphs(ckpt, profile=profile, passes=passes, flow=flow).graphs
+    return graphs[PREFILL], graphs[DECODE]

@@ -1,0 +1,93 @@
+"""The contract between the frontend that builds a graph and everything that reads it.
+
+Passes, the lowering and the engines never parse node or weight names: what they need to know
+about a graph beyond its dataflow is recorded here, by whoever builds the graph, as metadata.
+
+- **Interface names**: the inputs an engine feeds and the outputs it reads (`input_ids`,
+  `positions`, `logits`...).
+- **Node meta** (`Node.meta`, printed by the text form, kept by every pass that rewrites a node):
+  `layer` is the decoder layer a node computes for (absent outside the layer stack: embedding,
+  final norm, LM head); `role` says what a linear projects (`q`, `k`, `v`, `gate`, `up`, ...),
+  so shared-input fusions find their groups.
+- **The KV cache** (`hir.meta["kv"]`): one `KVSlot` per layer and kind (k / v) with the graph
+  input holding the cache so far (`past`, decode graphs) and the output holding it after the
+  call (`present`, graphs built with `export_kv`). Engines pair a step's `present` with the next
+  step's `past` by (layer, kind), the lowering turns them into in-place cache buffers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from rlx.hir.graph import HIR, Node
+
+# ---- graph interface ----
+INPUT_IDS = "input_ids"
+POSITIONS = "positions"
+INPUTS_EMBEDS = "inputs_embeds"
+ATTN_MASK = "attn_mask"
+MEDIA_ATTN_BIAS = "media_attn_bias"
+LAST_TOKEN_SELECT = "last_token_select"  # the one-hot row a bucketed prefill picks its last token with
+LOGITS = "logits"
+HIDDEN = "hidden"
+
+# ---- node meta ----
+LAYER = "layer"
+ROLE = "role"
+ATTENTION_ROLES = ("q", "k", "v", "o")
+MLP_ROLES = ("gate", "up", "down")
+
+# ---- symbolic capacity of the engine-owned KV cache buffers (lowering and runtime agree on it) ----
+KV_CAP = "KV_CAP"
+KV = "kv"
+KV_KINDS = ("k", "v")
+
+
+def layer_of(node: Node) -> int | None:
+    """The decoder layer a node belongs to, or None (embedding, final norm, LM head)."""
+    layer = node.meta.get(LAYER)
+    return layer if isinstance(layer, int) and not isinstance(layer, bool) else None
+
+
+def role_of(node: Node) -> str | None:
+    return node.meta.get(ROLE)
+
+
+@dataclass(frozen=True)
+class KVSlot:
+    """One layer's K or V cache as the graph exposes it (see the module docstring)."""
+
+    layer: int
+    kind: str             # "k" | "v"
+    past: str | None      # input name: the cache before this call
+    present: str | None   # output name: the cache after this call
+
+    def to_json(self) -> dict[str, Any]:
+        return {"layer": self.layer, "kind": self.kind, "past": self.past, "present": self.present}
+
+
+def kv_slots(hir: HIR) -> tuple[KVSlot, ...]:
+    """The graph's cache slots, in the order they were recorded."""
+    return tuple(KVSlot(**s) for s in hir.meta.get(KV, ()))
+
+
+def record_kv(hir: HIR, slots: Iterable[KVSlot]) -> None:
+    """Set the graph's cache slots (the frontend does, once the graph is built)."""
+    entries = [s.to_json() for s in slots if s.past is not None or s.present is not None]
+    if entries:
+        hir.meta[KV] = entries
+    else:
+        hir.meta.pop(KV, None)
+
+
+def past_inputs(hir: HIR) -> dict[str, KVSlot]:
+    """Cache inputs by input name."""
+    return {s.past: s for s in kv_slots(hir) if s.past is not None}
+
+
+def present_outputs(hir: HIR) -> dict[str, KVSlot]:
+    """Cache outputs by output name."""
+    return {s.present: s for s in kv_slots(hir) if s.present is not None}

@@ -1,0 +1,42 @@
+"""Bucketed prefill at run time: `[specialize] SEQ = [32, 128, 512]` in the profile.
+
+Each bucket is a static-SEQ prefill entry (`prefill_32`...; built by `rlx.driver.graphs` from
+`specialize_buckets` variants: end padding and a one-hot last-token select, exact for the reasons
+`rlx/runtime/dispatch.py` gives); a prompt runs in the smallest bucket that holds it, one longer
+than every bucket in the dynamic `prefill`, which stays in the module. Static shapes let TVM
+unroll and vectorize the SEQ axis and drop its bound checks; the price is compile time per
+bucket and up to bucket - n wasted rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from rlx.hir import conventions as cv
+from rlx.runtime.dispatch import pad_seq
+
+PREFILL = "prefill"
+DECODE = "decode"
+
+
+def entry(bucket: int) -> str:
+    return f"{PREFILL}_{bucket}"
+
+
+def choose(n: int, buckets: Sequence[int]) -> int | None:
+    """The smallest bucket holding n tokens; None: run the dynamic prefill."""
+    return next((b for b in sorted(buckets) if b >= n), None)
+
+
+def padded_feeds(feeds: Mapping[str, np.ndarray], bucket: int) -> dict[str, np.ndarray]:
+    """A prompt's `input_ids` / `positions` [1, n] padded at the end to the bucket (ids with 0,
+    positions continuing), plus the one-hot select of the last real token."""
+    n = feeds[cv.INPUT_IDS].shape[1]
+    out = {cv.INPUT_IDS: pad_seq(feeds[cv.INPUT_IDS], 1, bucket - n, continued=False),
+           cv.POSITIONS: pad_seq(feeds[cv.POSITIONS], 1, bucket - n, continued=True)}
+    select = np.zeros((1, 1, bucket), np.float32)
+    select[0, 0, n - 1] = 1.0
+    out[cv.LAST_TOKEN_SELECT] = select
+    return out
