@@ -59,31 +59,43 @@ class Model:
 
 
 def load(path: str | Path, target: str = "reference", *, profile: str | Path | Profile | None = None,
-         passes: str | None = None) -> Model:
-    """Open a checkpoint (HF directory or GGUF file) for generation on `target`.
+         passes: str | None = None, quantize: str | None = None, verify: bool = False) -> Model:
+    """Open a checkpoint (HF directory or GGUF file) for generation on `target`, or an artifact.
 
     `profile` is a `Profile`, a preset name or a `gemma.rlx.toml` path (None: the one next to the
-    weights, else the default); `passes` is pipeline text that replaces the profile's pipeline.
+    weights, else the default); `passes` is pipeline text that replaces the profile's pipeline;
+    `quantize` a scheme that replaces its [quantize] scheme. Profile and passes do not apply to an
+    artifact (compiled already); `quantize` must then name the scheme it was compiled with.
+    `verify` hashes an artifact's files in full.
     """
-    if _is_artifact(path):
-        return _load_artifact(Path(path), target)
+    if is_artifact(path):
+        if profile is not None or passes is not None:
+            raise RlxError(f"{path} is an artifact: profile / passes apply when compiling",
+                           hint="compile again with them, or load without them")
+        return _load_artifact(Path(path), target, verify, quantize)
     if target not in ENGINES:
         raise RlxError(f"unknown target {target!r} for run", hint=f"use one of: {', '.join(ENGINES)}")
-    chosen = resolve_profile(profile, path)  # a bad profile fails before any weight is read
+    chosen = resolve_profile(profile, path, quantize)  # a bad profile fails before any weight is read
     ckpt = open_checkpoint(path)
     engine = ENGINES[target](ckpt, passes=passes, profile=chosen)
     return Model(engine, ckpt.config.eos_token_ids, lambda: Tokenizer.from_checkpoint(ckpt), chosen)
 
 
-def _is_artifact(path: str | Path) -> bool:
+def is_artifact(path: str | Path) -> bool:
+    """A directory `rlx compile` wrote (it has a manifest; whether it is intact is checked on load)."""
     return (Path(path) / "manifest.json").is_file()
 
 
-def _load_artifact(path: Path, target: str) -> Model:
-    """A compiled artifact runs on the target it was compiled for; `--target` may only confirm it."""
+def _load_artifact(path: Path, target: str, verify: bool, quantize: str | None) -> Model:
+    """A compiled artifact runs on the target it was compiled for, with the weights it was compiled
+    with; `--target` / `--quantize` may only confirm them."""
     from rlx.runtime.artifact_engine import ArtifactEngine
 
-    engine = ArtifactEngine(path)
+    engine = ArtifactEngine(path, verify=verify)
+    scheme = engine.manifest["quantize"]["scheme"]
+    if quantize is not None and quantize != scheme:
+        raise RlxError(f"{path} was compiled with --quantize {scheme}, not {quantize}",
+                       hint=f"drop --quantize, or compile again: rlx compile CHECKPOINT --quantize {quantize}")
     if target not in ("reference", engine.name):  # "reference" is the flag's default: not a choice
         raise RlxError(f"{path} is compiled for {engine.name}, not {target}",
                        hint=f"drop --target, or compile for it: rlx compile CHECKPOINT --target {target}")
@@ -95,15 +107,17 @@ def _load_artifact(path: Path, target: str) -> Model:
 def tokenizer_for(path: str | Path) -> Tokenizer:
     """The tokenizer of a checkpoint or artifact, without loading any weights (so a prompt can be
     encoded, and the tokenizer dropped, before the model takes its memory)."""
-    if _is_artifact(path):
+    if is_artifact(path):
         return Tokenizer.from_hf_dir(Path(path))
     return Tokenizer.from_checkpoint(open_checkpoint(path))
 
 
 def compile(checkpoint: str | Path, target: str | list[str] = "cpu", out: str | Path | None = None, *,
-            profile: str | None = None, passes: str | None = None, max_seq: int | None = None) -> list[Path]:
+            profile: str | None = None, passes: str | None = None, max_seq: int | None = None,
+            quantize: str | None = None) -> list[Path]:
     """Compile a checkpoint to artifact directories (one per target); see `rlx compile`."""
     from rlx.driver.compile import compile_checkpoint
 
     targets = target.split(",") if isinstance(target, str) else list(target)
-    return compile_checkpoint(checkpoint, targets, out, profile=profile, passes=passes, max_seq=max_seq)
+    return compile_checkpoint(checkpoint, targets, out, profile=profile, passes=passes, max_seq=max_seq,
+                              quantize=quantize)

@@ -10,15 +10,18 @@ import argparse
 import gc
 import json
 import os
+import signal
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 import numpy as np
 
 from rlx.errors import RlxError
+from rlx.interrupts import Interrupted, handle_interrupts, received
+from rlx.outputs import guard_file_output
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -32,7 +35,7 @@ if TYPE_CHECKING:
 def _flow(ckpt: Checkpoint, args: argparse.Namespace) -> GemmaFlow:
     from rlx.frontends.flow import GemmaFlow
 
-    flow = GemmaFlow(ckpt.config, ckpt.weights.shape).batch(args.batch).last_token_logits().export_kv()
+    flow = GemmaFlow(ckpt.config, ckpt.weights).batch(args.batch).last_token_logits().export_kv()
     if args.mode == "decode":
         return flow.decode().dynamic_past()
     return flow.prefill().dynamic_seq() if args.seq == "dynamic" else flow.prefill(_positive(args.seq, "--seq"))
@@ -40,7 +43,8 @@ def _flow(ckpt: Checkpoint, args: argparse.Namespace) -> GemmaFlow:
 
 def _positive(text: str, flag: str) -> int:
     if not text.isdigit() or int(text) < 1:
-        raise RlxError(f"{flag} {text!r} must be a positive integer or 'dynamic'")
+        raise RlxError(f"{flag} {text!r} must be a positive integer or 'dynamic'",
+                       hint="e.g. --seq 128, or --seq dynamic")
     return int(text)
 
 
@@ -62,7 +66,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from rlx.hir.serialize import hir_to_dict
     from rlx.hir.text import print_hir
 
-    profile = resolve_profile(args.profile, args.checkpoint)
+    profile = resolve_profile(args.profile, args.checkpoint, args.quantize)
     ckpt = open_checkpoint(args.checkpoint)
     hir, report = run_pipeline(profile.apply(_flow(ckpt, args)).build(), args.mode, profile, args.passes, ckpt.config)
     summary = summarize(hir, ckpt.config)
@@ -108,8 +112,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     from rlx.runtime.sampler import Sampler
 
     if (args.prompt is None) == (args.prompt_ids is None):
-        raise RlxError("give exactly one of --prompt TEXT or --prompt-ids 2,818,...")
+        raise RlxError("give exactly one of --prompt TEXT or --prompt-ids 2,818,...",
+                       hint="e.g. --prompt 'The capital of France is'")
     sampler = Sampler(args.temperature, args.top_k, args.top_p, args.seed)
+    artifact = rlx.api.is_artifact(args.model)
+    compile_flags = [flag for flag, value in (("--profile", args.profile), ("--passes", args.passes))
+                     if value is not None]
+    if artifact and compile_flags:
+        raise RlxError(f"{' and '.join(compile_flags)} shape a compile; {args.model} is an artifact, compiled already",
+                       hint="drop them, or compile again with them: rlx compile CHECKPOINT "
+                            + " ".join(f"{f} ..." for f in compile_flags))
+    if args.verify and not artifact:
+        raise RlxError(f"--verify checks an artifact's files; {args.model} is a checkpoint", hint="drop --verify")
+    if args.logits_out:
+        guard_file_output(Path(args.logits_out), "--logits-out")
     if _cpu_artifact(Path(args.model)):  # TVM's runtime is all it needs
         from rlx.runtime.tvm_runtime import import_runtime_only
 
@@ -120,7 +136,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         tokenizer = None  # encoded first, so the tokenizer (350 MB for Gemma 3's) is gone before the weights load
         gc.collect()
     _progress(f"loading {args.model}")
-    model = rlx.load(args.model, target=args.target, profile=args.profile, passes=args.passes)
+    model = rlx.load(args.model, target=args.target, profile=args.profile, passes=args.passes,
+                     quantize=args.quantize, **({"verify": True} if args.verify else {}))
     if tokenizer is not None:  # no small detokenizer to print with: keep the one already built
         model.adopt_tokenizer(tokenizer)
     _progress(f"running on {model.engine.name}")
@@ -175,7 +192,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
     from rlx.driver.compile import compile_checkpoint
 
     for path in compile_checkpoint(args.checkpoint, _targets(args.target), args.out, profile=args.profile,
-                                   passes=args.passes, max_seq=args.max_seq, use_cache=not args.no_cache):
+                                   passes=args.passes, max_seq=args.max_seq, use_cache=not args.no_cache,
+                                   quantize=args.quantize):
         print(path)
     return 0
 
@@ -184,18 +202,19 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from rlx.report import compare
 
     if args.prompt is not None and args.prompt_ids is not None:
-        raise RlxError("give at most one of --prompt TEXT or --prompt-ids 2,818,...")
+        raise RlxError("give at most one of --prompt TEXT or --prompt-ids 2,818,...",
+                       hint="e.g. --prompt 'The capital of France is'")
     ids = _parse_ids(args.prompt_ids) if args.prompt_ids is not None else None
     out = compare(args.checkpoint, _targets(args.targets), args.out, profile=args.profile, passes=args.passes,
-                  prompt=args.prompt, prompt_ids=ids, bench=args.bench)
+                  prompt=args.prompt, prompt_ids=ids, bench=args.bench, quantize=args.quantize)
     _progress(f"report: {out / 'report.html'} (also report.md, report.json)")
     print(out)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rlx", description="Compile and run Gemma models with TVM.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="rlx", description="Compile and run Gemma models with TVM.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("inspect", help="print a checkpoint's HIR and a summary")
     p.add_argument("checkpoint", help="HF directory (config.json + safetensors) or .gguf file")
@@ -231,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    p.add_argument("--verify", action="store_true", help="hash an artifact's files in full before running it "
+                                                         "(default: sizes, quick digests, the weights header)")
     _compile_flags(p)
     p.set_defaults(fn=cmd_run)
 
@@ -252,15 +273,38 @@ def _compile_flags(p: argparse.ArgumentParser) -> None:
                                      "the gemma.rlx.toml next to the weights, else each mode's preset")
     p.add_argument("--passes", metavar="SPEC", help="pass pipeline, e.g. 'fold-constants,cse,dce' "
                                                     "(replaces the profile's; '' runs none)")
+    p.add_argument("--quantize", metavar="SCHEME", help="weights in blocks: gguf (a GGUF's own, as stored), q8, "
+                                                        "q4, q4a (rlx's groups), none; replaces [quantize] scheme")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one command. Bad input prints `rlx: error: ...` with its fix and exits 2; Ctrl-C / SIGTERM
+    print `rlx: interrupted` and exit 130 / 143; anything else is a bug and keeps its traceback."""
     try:
-        return args.fn(args)
+        with handle_interrupts():
+            args = build_parser().parse_args(argv)
+            return args.fn(args)
     except RlxError as e:
+        if (signum := received()) is not None:  # a library turned the interrupt into its own error
+            return _interrupted(signum)
         print(f"rlx: error: {e}", file=sys.stderr)
         return e.exit_code
+    except Interrupted as e:
+        return _interrupted(e.signum)
+    except KeyboardInterrupt:
+        return _interrupted(signal.SIGINT)
+
+
+def _interrupted(signum: int) -> int:
+    print(f"rlx: interrupted ({signal.Signals(signum).name})", file=sys.stderr)
+    return 128 + signum
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its usage errors in rlx's format (`rlx: error:` and a `fix:` line)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise RlxError(f"{self.prog}: {message}", hint=f"see `{self.prog} --help`")
 
 
 if __name__ == "__main__":

@@ -1,54 +1,135 @@
-"""Writing outputs so that a failure leaves nothing half-written.
+"""Writing outputs so that nothing of the user's is lost and nothing is left half-written.
 
-A directory output (an artifact, a report) is filled in a hidden temp directory next to its
-destination and renamed into place when complete.
+A directory output (an artifact, a report, a compile-cache entry) is filled in a hidden temp
+directory next to its destination and renamed into place when complete. Before any work starts,
+`guard_dir_output` refuses destinations whose replacement would destroy something that is not
+ours: a file, a directory holding other files, the checkpoint itself or a directory holding it;
+and it proves the destination writable. Leftovers of runs that died (`.NAME.partial-PID-*`,
+`.NAME.old-PID`) are cleaned at the next run; an old copy whose replacement never arrived is put
+back. A SIGINT / SIGTERM during the work aborts it (`rlx.interrupts`): the destination stays as
+it was.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
-import signal
 import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
+import rlx.interrupts as interrupts
+from rlx.errors import RlxError
 
-@contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM raises KeyboardInterrupt so the temp directory is cleaned up like on Ctrl-C."""
-    def handler(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
+PARTIAL, OLD = "partial", "old"
+_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>partial|old)-(?P<pid>\d+)(?:-.*)?$")
 
+
+class OutputError(RlxError):
+    """An output path cannot be written safely."""
+
+
+def _alive(pid: int) -> bool:
     try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread: leave signals alone
-        yield
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def _nearest_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_writable(directory: Path, what: str, hint: str) -> None:
+    """Prove that a directory could be created at (or inside) `directory` by creating and removing
+    a probe in its nearest existing ancestor (permission bits alone miss read-only mounts, and
+    root passes every permission check)."""
+    base = _nearest_existing(directory)
+    if not base.is_dir():
+        raise OutputError(f"cannot write {what}: {base} is a file, not a directory", hint=hint)
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".rlx-probe-", dir=base))
+    except OSError as e:
+        raise OutputError(f"cannot write {what} under {base}: {e.strerror}", hint=hint) from None
+
+
+def guard_dir_output(dest: str | Path, *, owned: Callable[[Path], bool], what: str,
+                     protect: Iterable[str | Path] = ()) -> Path:
+    """The resolved directory `dest` names, once it is known safe to replace and writable; an
+    `OutputError` otherwise. `owned(path)` says whether an existing directory is one of ours
+    (an artifact, a report) that may be replaced; `protect` lists paths (the checkpoint) that
+    must survive: `dest` may be neither one of them nor a directory holding one."""
+    given = Path(dest).expanduser()
+    real = given.resolve()  # a symlinked --out: replace the directory it points to, keep the link
+    fix = f"choose another {what} path (a new or empty directory, or an earlier rlx {what})"
+    for p in protect:
+        kept = Path(p).expanduser().resolve()
+        if real == kept or real in kept.parents:
+            relation = "the checkpoint" if real == kept else "a directory holding the checkpoint"
+            raise OutputError(f"{what} {given} is {relation} {p}: writing it would delete the checkpoint", hint=fix)
+    if real.exists() and not real.is_dir():
+        raise OutputError(f"{what} {given} is a file, not a directory: rlx writes a directory there", hint=fix)
+    if real.is_dir() and any(real.iterdir()) and not owned(real):
+        raise OutputError(f"{what} {given} is a directory with files rlx did not write: replacing it would "
+                          "delete them", hint=fix)
+    check_writable(real.parent, f"{what} {given}", hint=f"{fix}, in a directory you can write")
+    return real
+
+
+def guard_file_output(path: Path, what: str) -> None:
+    """A file output (`--logits-out`) can be written: not a directory, in a writable directory."""
+    fix = f"choose a {what} path in a directory you can write"
+    if path.is_dir():
+        raise OutputError(f"{what} {path} is a directory; rlx writes a file there", hint=fix)
+    check_writable(path.parent, f"{what} {path}", hint=fix)
+
+
+def clean_leftovers(dest: Path) -> None:
+    """Remove the temp and old copies that runs which died left next to `dest`; an old copy whose
+    replacement never arrived (the run died between its two renames) becomes `dest` again."""
+    if not dest.parent.is_dir():
         return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    for entry in dest.parent.iterdir():
+        m = _LEFTOVER.match(entry.name)
+        if m is None or m["name"] != dest.name or _alive(int(m["pid"])):
+            continue
+        if m["kind"] == OLD and not dest.exists():
+            entry.rename(dest)
+        else:
+            shutil.rmtree(entry, ignore_errors=True)
 
 
-def replace_dir_atomic(dest: Path, fill: Callable[[Path], None]) -> Path:
-    """`fill(tmp)` fills a hidden temp dir next to `dest`, which then replaces `dest` by renames:
-    an exception (or SIGTERM) on the way leaves `dest` as it was and no temp dir behind."""
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
+def replace_dir_atomic(dest: str | Path, fill: Callable[[Path], None], *, owned: Callable[[Path], bool],
+                       what: str, protect: Iterable[str | Path] = ()) -> Path:
+    """`fill(tmp)` fills a hidden temp dir next to `dest`, which then replaces `dest` by renames.
+    An exception or a signal on the way leaves `dest` as it was and no temp dir behind. Returns
+    `dest` as given."""
+    real = guard_dir_output(dest, owned=owned, what=what, protect=protect)
     try:
-        with _sigterm_as_interrupt():
+        real.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot create {real.parent} for {what} {dest}: {e.strerror}",
+                          hint=f"choose a {what} path in a directory you can write") from None
+    clean_leftovers(real)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{real.name}.{PARTIAL}-{os.getpid()}-", dir=real.parent))
+    old = real.with_name(f".{real.name}.{OLD}-{os.getpid()}")
+    try:
+        with interrupts.handle_interrupts():
             fill(tmp)
-            if dest.exists():
-                old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-                dest.rename(old)
-                tmp.rename(dest)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                tmp.rename(dest)
+            interrupts.check()  # a signal some library call swallowed still aborts the write
+            if real.exists():
+                real.rename(old)
+            tmp.rename(real)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not real.exists():  # interrupted between the two renames
+            old.rename(real)
         raise
-    return dest
+    shutil.rmtree(old, ignore_errors=True)
+    return Path(dest)

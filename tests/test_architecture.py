@@ -19,6 +19,7 @@ import networkx as nx
 RLX = Path(__file__).resolve().parents[1] / "rlx"
 
 LAYER_OF_TOP_MODULE = {"errors": "base", "progress": "base", "outputs": "base", "version": "base",
+                       "interrupts": "base",
                        "api": "top", "cli": "top", "demo": "top", "__init__": "top", "__main__": "top"}
 ALLOWED: dict[str, set[str]] = {
     "base": set(),

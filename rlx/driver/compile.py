@@ -12,21 +12,33 @@ artifact instead of building again.
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
 import hashlib
 import json
 import os
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from rlx.errors import RlxError
-from rlx.outputs import replace_dir_atomic
-from rlx.runtime.artifact import FORMAT, FORMAT_VERSION, MANIFEST, tool_versions
+from rlx.outputs import OutputError, check_writable, guard_dir_output, replace_dir_atomic
+from rlx.runtime.artifact import (
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    ArtifactError,
+    file_record,
+    is_artifact_dir,
+    read_manifest,
+    tool_versions,
+    verify_files,
+)
 
 LIBRARY = {"cpu": "lib.so", "cuda": "lib.so", "metal": "lib.tar"}
 WEIGHTS = "weights.safetensors"
@@ -55,16 +67,17 @@ class Phases:
 def _signature_dict(sig: Any) -> dict[str, Any]:
     return {"function": sig.function, "inputs": [[n, str(t)] for n, t in sig.inputs],
             "caches": [[n, str(t)] for n, t in sig.caches], "dims": list(sig.dims),
-            "params": [[p.key, str(p.type)] for p in sig.params], "outputs": list(sig.outputs)}
+            "params": [[p.key, str(p.physical)] for p in sig.params], "outputs": list(sig.outputs)}
 
 
-def write_artifact(dest: Path, populate: Callable[[Path], dict[str, Any]]) -> Path:
-    """`populate(tmp)` fills a temp dir and returns the manifest; then it becomes `dest`."""
+def write_artifact(dest: Path, populate: Callable[[Path], dict[str, Any]], protect: Sequence[str | Path] = ()) -> Path:
+    """`populate(tmp)` fills a temp dir and returns the manifest; then it becomes `dest` (which
+    may be new, empty or an earlier artifact, never anything else: `rlx.outputs`)."""
     def fill(tmp: Path) -> None:
         manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, **populate(tmp)}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
 
-    return replace_dir_atomic(dest, fill)
+    return replace_dir_atomic(dest, fill, owned=is_artifact_dir, what="--out", protect=protect)
 
 
 def _cache_key(model_hash: str, profile: Any, passes: str | None, target: dict[str, Any], max_seq: int) -> str:
@@ -84,16 +97,14 @@ def _kernels(scheduled: Any) -> list[dict[str, str]]:
             for gv, f in scheduled.functions_items() if isinstance(f, tirx.PrimFunc)]
 
 
-def _populate(tmp: Path, checkpoint: Any, target: str, profile: Any, passes: str | None, max_seq: int,
+def _populate(tmp: Path, checkpoint: Any, resolved: Any, profile: Any, passes: str | None, max_seq: int,
               phases: Phases) -> dict[str, Any]:
     from rlx.driver.graphs import context_bounds, target_graphs
     from rlx.frontends.weights import WeightCache
     from rlx.hir.text import print_hir
     from rlx.targets.build import build, build_isolated, schedule_module
     from rlx.targets.lower import lower, param_keys
-    from rlx.targets.presets import resolve_target
 
-    resolved = resolve_target(target)
     with phases("graphs"):
         bounds = context_bounds(max_seq)
         graphs = target_graphs(checkpoint, target=resolved.name, profile=profile, passes=passes, bounds=bounds,
@@ -130,14 +141,22 @@ def _populate(tmp: Path, checkpoint: Any, target: str, profile: Any, passes: str
     }
     (tmp / "report.json").write_text(json.dumps(report, indent=1))
     _save_tokenizer(checkpoint, tmp)
+    with phases("hash"):
+        files = {name: file_record(tmp / name) for name in (library, WEIGHTS)}
     return {
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "files": files,
         "versions": tool_versions(),
         "model_hash": checkpoint.model_hash(),
         "checkpoint": str(checkpoint.path),
         "config": checkpoint.config.to_dict(),
         "profile": repr(profile) if profile is not None else None,
         "passes": graphs.passes,
-        "target": {"name": resolved.name, "device": resolved.device, "json": str(resolved.target.export())},
+        "quantize": {**dataclasses.asdict(profile.quantize),
+                     "tensors": {key: spec.type.quant for key, spec in sorted(specs.items())
+                                 if spec.type.is_quantized}},
+        "target": {"name": resolved.name, "device": resolved.device, "local": resolved.local,
+                   "json": str(resolved.target.export())},
         "entries": {name: _signature_dict(sig) for name, sig in lowered.signatures.items()},
         "bounds": {**bounds, "KV_CAP": max_seq},
         "prefill_buckets": list(graphs.buckets),
@@ -167,11 +186,11 @@ def save_weights_streaming(path: Path, specs: dict[str, Any], cache: Any) -> Non
                 cache.release(name)
         return value
 
-    entries = [(k, str(specs[k].type.dtype.numpy), [int(d) for d in specs[k].type.shape]) for k in keys]
+    entries = [(k, str(specs[k].physical.dtype.numpy), [int(d) for d in specs[k].physical.shape]) for k in keys]
     try:
         write_streaming(path, entries, produce)
     except ValueError as e:
-        raise RlxError(f"weights file {path.name}: {e}") from None
+        raise RlxError(f"weights file {path.name}: {e}", hint="this is a bug in rlx: please report it") from None
 
 
 def _save_tokenizer(checkpoint: Any, out: Path) -> None:
@@ -191,42 +210,68 @@ def _cuda_source(module: Any) -> str:
         if m.kind == "cuda":
             return m.inspect_source()
         stack.extend(m.imports)
-    raise RlxError("the CUDA build holds no CUDA module")
+    raise RlxError("the CUDA build holds no CUDA module", hint="check that nvcc is installed and on PATH")
 
 
 def compile_checkpoint(checkpoint_path: str | Path, targets: list[str], out: str | Path | None = None, *,
                        profile: str | None = None, passes: str | None = None, max_seq: int | None = None,
-                       use_cache: bool = True) -> list[Path]:
-    """Compile for each target; returns the artifact directories (out/<target> when several)."""
+                       use_cache: bool = True, quantize: str | None = None) -> list[Path]:
+    """Compile for each target; returns the artifact directories (out/<target> when several).
+    Everything that can be checked before the work starts is: the targets, the profile, the
+    checkpoint, --max-seq, and every output path (safe to replace, writable), the cache too."""
     from rlx.driver.profile_toml import resolve_profile
     from rlx.frontends.checkpoint import open_checkpoint
     from rlx.targets.presets import resolve_target
 
+    if not targets:
+        raise RlxError("no target given", hint="e.g. --target cpu (presets: cpu, cpu-aarch64, cuda, cuda-sm90, metal)")
     resolved = [resolve_target(t) for t in targets]  # unknown targets fail before any work
-    prof = resolve_profile(profile, checkpoint_path)  # so does a bad profile
+    names = [r.name for r in resolved]
+    if len(set(names)) != len(names):
+        raise RlxError(f"--target lists {', '.join(sorted({n for n in names if names.count(n) > 1}))} twice",
+                       hint="name each target once")
+    prof = resolve_profile(profile, checkpoint_path, quantize)  # so does a bad profile
     checkpoint = open_checkpoint(checkpoint_path)
     limit = checkpoint.config.max_position_embeddings
-    seq = max_seq or limit
+    seq = limit if max_seq is None else max_seq
     if not 1 <= seq <= limit:
-        raise RlxError(f"--max-seq {seq} must be in 1..{limit} (the model's context)")
+        raise RlxError(f"--max-seq {seq} must be in 1..{limit} (the model's context)",
+                       hint=f"give a positive length up to {limit}, or leave --max-seq out for the full context")
     base = Path(out) if out is not None else Path("artifacts") / Path(checkpoint_path).stem
+    dests = [base / r.name if len(resolved) > 1 else base for r in resolved]
+    if len(resolved) > 1 and base.exists() and not base.is_dir():
+        raise OutputError(f"--out {base} is a file: several targets are written into a directory there",
+                          hint="choose another --out path")
+    for dest in dests:
+        guard_dir_output(dest, owned=is_artifact_dir, what="--out", protect=[checkpoint_path])
+    if use_cache:
+        check_writable(cache_root(), f"the compile cache {cache_root()}",
+                       hint="set RLX_CACHE_DIR to a directory you can write, or pass --no-cache")
     written = []
-    for r in resolved:
-        dest = base / r.name if len(resolved) > 1 else base
+    for r, dest in zip(resolved, dests, strict=True):
         key = _cache_key(checkpoint.model_hash(), prof, passes, r.target.export(), seq)
         cached = cache_root() / key
         phases = Phases(r.name)
-        if use_cache and (cached / "manifest.json").is_file():
+        if use_cache and _usable_cache_entry(cached):
             print(f"[rlx] {r.name}: compile cache hit ({cached})", file=sys.stderr)
-            written.append(write_artifact(dest, lambda tmp, src=cached: _copy_artifact(src, tmp)))
+            written.append(write_artifact(dest, lambda tmp, src=cached: _copy_artifact(src, tmp), [checkpoint_path]))
             continue
         populate: Callable[[Path], dict[str, Any]] = (
-            lambda tmp, r=r, phases=phases: _populate(tmp, checkpoint, r.name, prof, passes, seq, phases))
-        written.append(write_artifact(dest, populate))
+            lambda tmp, r=r, phases=phases: _populate(tmp, checkpoint, r, prof, passes, seq, phases))
+        written.append(write_artifact(dest, populate, [checkpoint_path]))
         if use_cache:
             write_artifact(cached, lambda tmp, src=dest: _copy_artifact(src, tmp))
         print(f"[rlx] {r.name}: artifact {dest}", file=sys.stderr)
     return written
+
+
+def _usable_cache_entry(cached: Path) -> bool:
+    """A cache entry is only copied if it is intact (a damaged one is compiled again and replaced)."""
+    try:
+        verify_files(cached, read_manifest(cached))
+    except ArtifactError:
+        return False
+    return True
 
 
 def _link_or_copy(src: str, dst: str) -> None:

@@ -33,10 +33,12 @@ class CompiledEngine(VMEngine):
                  profile: Profile | None = None, target: str = "cpu") -> None:
         resolved = resolve_target(target)
         if not resolved.local and resolved.device == "cpu":
-            raise RunError(f"target {target!r} is a cross target: its module cannot run on this machine")
+            raise RunError(f"target {target!r} is a cross target: its module cannot run on this machine",
+                           hint="compile an artifact (rlx compile CHECKPOINT --target ...) and run it on that machine")
         self.device = DEVICES[resolved.device](0)
         if not self.device.exist:
-            raise RunError(f"target {target!r} needs a {resolved.device} device, and this machine has none")
+            raise RunError(f"target {target!r} needs a {resolved.device} device, and this machine has none",
+                           hint="run on a machine with that device, or use --target cpu")
         self.name = resolved.name
         self.config = ckpt.config
         self.max_seq = ckpt.config.max_position_embeddings

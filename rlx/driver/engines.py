@@ -27,7 +27,8 @@ def reference_engine(ckpt: Checkpoint, flow: GemmaFlow | None = None, *, passes:
     weights = WeightCache(ckpt.weights)
     weights.preload([n.attr("name") for g in graphs.graphs.values() for n in g.params.values()])
     return ReferenceEngine(graphs.graphs[PREFILL], graphs.graphs[DECODE], weights,
-                           max_seq=ckpt.config.max_position_embeddings, bucketed=graphs.bucketed,
+                           max_seq=ckpt.config.max_position_embeddings, vocab_size=ckpt.config.vocab_size,
+                           bucketed=graphs.bucketed,
                            reports=dict(graphs.reports))
 
 

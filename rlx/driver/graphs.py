@@ -87,7 +87,7 @@ def target_graphs(ckpt: Checkpoint, *, target: str | None = None, profile: Profi
     backend = profile.backend_for(target) if profile is not None and target else BackendOptions()
     if passes is None:
         passes = backend.passes
-    base = (flow or GemmaFlow(ckpt.config, ckpt.weights.shape)).batch(1).last_token_logits().export_kv()
+    base = (flow or GemmaFlow(ckpt.config, ckpt.weights)).batch(1).last_token_logits().export_kv()
     if profile is not None:
         base = profile.apply(base)
     built, graphs, reports = {}, {}, {}

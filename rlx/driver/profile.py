@@ -25,9 +25,11 @@ from rlx.frontends.config import LAYER_TYPES, GemmaConfig
 from rlx.frontends.flow import NAMED_STAGES, GemmaFlow, LayerOverrides, Mode, Stage
 from rlx.hir.dtypes import DType
 from rlx.hir.pass_infra import PassError, parse_pipeline
+from rlx.hir.quant import GROUP_SIZES
 from rlx.hir.shapes import SEQ
 from rlx.passes import FUSION_POLICIES, derive_pipeline
 from rlx.passes.precision import Precision
+from rlx.passes.quantize import SCHEMES, Quantize
 
 FLOAT_DTYPES = tuple(d.value for d in DType if d.is_float)
 BUCKETED = (SEQ,)  # specialize_buckets pads at the end, which only SEQ allows; other dims bind to one size
@@ -81,6 +83,15 @@ def choice(*options: str) -> Check:
         _expect(value, (str,), "a string")
         if value not in options:
             raise BadValue(f"must be one of {', '.join(map(repr, options))}, got {value!r}")
+        return value
+    return check
+
+
+def choice_int(*options: int) -> Check:
+    def check(value: Any) -> int:
+        _expect(value, (int,), "an integer")
+        if value not in options:
+            raise BadValue(f"must be one of {', '.join(map(str, options))}, got {value}")
         return value
     return check
 
@@ -157,6 +168,18 @@ class PrecisionOptions:
 
 
 @dataclass(frozen=True)
+class QuantizeOptions:
+    """[quantize]: which weights are stored in blocks (`passes/quantize.py`): `scheme` for all,
+    `embed` for the embedding table (and a tied LM head), `head` for an untied LM head;
+    `[[layers]] quantize` per layer."""
+
+    scheme: str = _key(choice(*SCHEMES), "none")
+    group: int = _key(choice_int(*GROUP_SIZES), 32)
+    embed: str | None = _key(choice(*SCHEMES))
+    head: str | None = _key(choice(*SCHEMES))
+
+
+@dataclass(frozen=True)
 class BackendOptions:
     """[backend.<target>]: per-target overrides; `passes` replaces the pipeline for that target."""
 
@@ -166,6 +189,7 @@ class BackendOptions:
 
 
 SELECTORS = ("index", "range", "type")
+PER_LAYER = ("dtype", "quantize")  # [[layers]] keys that pick a value per layer for a pass
 # [[layers]] key -> LayerOverrides field
 OVERRIDES = {"window": "window", "score_scale": "score_scale", "softcap": "attn_softcap", "rope_theta": "rope_theta"}
 _SELECT: dict[str, Callable[[LayerPatch, int, str], bool]] = {
@@ -199,18 +223,20 @@ class LayerPatch:
     softcap: float | None = _key(number(zero_ok=True))  # 0: no attention softcap
     rope_theta: float | None = _key(number(zero_ok=False))
     dtype: str | None = _key(choice(*FLOAT_DTYPES))     # this layer's compute dtype (layer_dtypes)
+    quantize: str | None = _key(choice(*SCHEMES))       # this layer's weight scheme (per_layer)
     where: str = field(default="[[layers]] (python)", compare=False)  # "file:line: [[layers]] #k"
 
     def __post_init__(self) -> None:
         problem = self.problem(dataclasses.asdict(self))
         if problem:
-            raise ProfileError(f"{self.where} key {problem[0]!r}: {problem[1]}")
+            raise ProfileError(f"{self.where} key {problem[0]!r}: {problem[1]}",
+                               hint="see the [[layers]] keys in the README's Profiles section")
 
     @staticmethod
     def problem(values: Mapping[str, Any]) -> tuple[str, str] | None:
         """The first rule the keys break, as (key, message): selectors and actions that conflict."""
         chosen = [k for k in SELECTORS if values.get(k) is not None]
-        overrides = [k for k in (*OVERRIDES, "dtype") if values.get(k) is not None]
+        overrides = [k for k in (*OVERRIDES, *PER_LAYER) if values.get(k) is not None]
         stages = [k for k in ("drop", "replace") if values.get(k) not in (None, False)]
         if values.get("keep_first") is not None:
             other = chosen + stages + overrides
@@ -221,7 +247,7 @@ class LayerPatch:
             return key, "a [[layers]] patch needs exactly one of index, range, type (or keep_first alone)"
         if not stages + overrides:
             return chosen[0], ("selects layers but changes nothing: add drop, replace, window, score_scale, "
-                               "softcap, rope_theta or dtype")
+                               "softcap, rope_theta, dtype or quantize")
         if len(stages) > 1 or (stages and overrides):
             return (stages + overrides)[1], f"{stages[0]} replaces the whole layer, so this has no effect"
         return None
@@ -249,6 +275,12 @@ class LayerPatch:
     def overrides(self) -> LayerOverrides:
         return LayerOverrides(**{dst: getattr(self, src) for src, dst in OVERRIDES.items()})
 
+    def with_quantize(self, scheme: str) -> Profile:
+        """This profile with [quantize] scheme replaced (`--quantize SCHEME`)."""
+        if scheme not in SCHEMES:
+            raise ProfileError(f"--quantize {scheme!r} is not a scheme", hint=f"use one of {', '.join(SCHEMES)}")
+        return dataclasses.replace(self, quantize=dataclasses.replace(self.quantize, scheme=scheme))
+
     def apply(self, flow: GemmaFlow) -> GemmaFlow:
         """The GemmaFlow call this patch stands for: keep_layers, layer(fn) or override_layers."""
         self.check_bounds(flow.config.num_layers)
@@ -268,6 +300,7 @@ class Profile:
     fusion: FusionOptions = FusionOptions()
     passes: PassOptions = PassOptions()
     precision: PrecisionOptions = PrecisionOptions()
+    quantize: QuantizeOptions = QuantizeOptions()
     backend: tuple[tuple[str, BackendOptions], ...] = ()
     specialize: tuple[tuple[str, tuple[int, ...]], ...] = ()  # dim -> buckets (one bucket: a binding)
     layers: tuple[LayerPatch, ...] = ()
@@ -302,26 +335,43 @@ class Profile:
         f32 (the graphs stay as built). Per-layer dtypes need the model's config: a `type`
         selector reads its layer types, and the pass takes one dtype per layer."""
         compute = self.precision.compute
-        if config is not None:
-            layers = self.layer_dtypes(config)
-        elif any(p.dtype is not None for p in self.layers):
-            raise ProfileError(f"{self.source}: [[layers]] dtype needs the model's config to resolve",
-                               hint="pass config= (the checkpoint's GemmaConfig) where the pipeline is built")
-        else:
-            layers = ()
+        layers = self._per_layer_values("dtype", compute, config)
         if compute == "f32" and all(d == "f32" for d in layers):
             return ""
         per_layer = layers if any(d != compute for d in layers) else ()
         return str(Precision(compute=compute, mixed=self.precision.mixed, layers=per_layer))
 
+    def quantize_pass(self, config: GemmaConfig | None = None) -> str:
+        """The `quantize` pass text for [quantize] and [[layers]] quantize; "" when no weight is
+        quantized."""
+        q = self.quantize
+        layers = self._per_layer_values("quantize", q.scheme, config)
+        if all(s == "none" for s in (q.scheme, *layers, q.embed or "none", q.head or "none")):
+            return ""
+        per_layer = layers if any(s != q.scheme for s in layers) else ()
+        return str(Quantize(scheme=q.scheme, group=q.group, layers=per_layer, embed=q.embed or "",
+                            head=q.head or ""))
+
+    def _per_layer_values(self, key: str, default: str, config: GemmaConfig | None) -> tuple[str, ...]:
+        """One value per layer (a [[layers]] `dtype` / `quantize`), () when no patch sets `key`."""
+        if config is not None:
+            values = self.per_layer(key, default, config)
+            return values if any(getattr(p, key) is not None for p in self.layers) else ()
+        if any(getattr(p, key) is not None for p in self.layers):
+            raise ProfileError(f"{self.source}: [[layers]] {key} needs the model's config to resolve",
+                               hint="pass config= (the checkpoint's GemmaConfig) where the pipeline is built")
+        return ()
+
     def with_precision(self, pipeline: str, config: GemmaConfig | None = None) -> str:
-        """`pipeline` with `precision_pass` appended, last: the casts it inserts would hide the
-        patterns the fusion passes look for, and it knows the fused ops. A pipeline that names a
-        `precision` pass itself is left as it is."""
-        extra = self.precision_pass(config)
-        if not extra or any(p.name == Precision.name for p in parse_pipeline(pipeline)):
-            return pipeline
-        return ",".join(filter(None, (pipeline, extra)))
+        """`pipeline` with the passes that are part of the model the profile asks for, not a pass
+        choice: `quantize_pass` first (fusion must see the weights' formats, to fuse only weights of
+        one format) and `precision_pass` last (the casts it inserts would hide the patterns the
+        fusion passes look for, and it knows the fused ops). A pipeline that names either pass
+        itself keeps its own."""
+        named = {p.name for p in parse_pipeline(pipeline)}
+        first = self.quantize_pass(config) if Quantize.name not in named else ""
+        last = self.precision_pass(config) if Precision.name not in named else ""
+        return ",".join(filter(None, (first, pipeline, last)))
 
     def apply(self, flow: GemmaFlow) -> GemmaFlow:
         """Map [[layers]] onto the builder, in file order (later patches win, as in Python)."""
@@ -331,12 +381,16 @@ class Profile:
 
     def layer_dtypes(self, config: GemmaConfig) -> tuple[str, ...]:
         """Compute dtype per layer: [precision] compute, overridden by [[layers]] dtype patches."""
-        out = [self.precision.compute] * config.num_layers
-        for patch in (p for p in self.layers if p.dtype is not None):
+        return self.per_layer("dtype", self.precision.compute, config)
+
+    def per_layer(self, key: str, default: str, config: GemmaConfig) -> tuple[str, ...]:
+        """`key` (dtype, quantize) per layer: `default`, overridden by the [[layers]] that set it."""
+        out = [default] * config.num_layers
+        for patch in (p for p in self.layers if getattr(p, key) is not None):
             patch.check_bounds(config.num_layers)
             for i in range(config.num_layers):
                 if patch.selects(i, config.layer_type(i)):
-                    out[i] = patch.dtype
+                    out[i] = getattr(patch, key)
         return tuple(out)
 
 

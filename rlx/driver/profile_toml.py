@@ -27,6 +27,7 @@ from rlx.driver.profile import (
     PassOptions,
     PrecisionOptions,
     Profile,
+    QuantizeOptions,
     dim_buckets,
     toml_keys,
 )
@@ -104,7 +105,9 @@ class _Parser:
         line = self.locator.line(key_path)
         key = key_path[-1] if key_path and isinstance(key_path[-1], str) else None
         where = f"{_label(key_path[:-1])} key {key!r}" if key is not None else _label(key_path)
-        return ProfileError(f"{self.path}:{line}: {where}: {message}", hint=hint)
+        fallback = (f"change {key!r} as the message says, or delete it for the default" if key is not None
+                    else "the README's Profiles section lists every section and key")
+        return ProfileError(f"{self.path}:{line}: {where}: {message}", hint=hint or fallback)
 
     def table(self, value: Any, path: KeyPath) -> dict[str, Any]:
         if not isinstance(value, dict):
@@ -175,6 +178,7 @@ _SECTIONS: dict[str, Callable[[_Parser, Any, KeyPath], Any]] = {  # section name
     "fusion": lambda p, v, path: p.options(FusionOptions, v, path),
     "passes": lambda p, v, path: p.options(PassOptions, v, path),
     "precision": lambda p, v, path: p.options(PrecisionOptions, v, path),
+    "quantize": lambda p, v, path: p.options(QuantizeOptions, v, path),
     "backend": _Parser.backend,
     "specialize": _Parser.specialize,
     "layers": _Parser.layers,
@@ -197,7 +201,8 @@ def load_profile(path: str | Path) -> Profile:
         raise ProfileError(f"profile {path} not found", hint=f"give a {PROFILE_FILE} file or a preset name "
                                                              f"({', '.join(PRESETS)})") from None
     except (OSError, UnicodeDecodeError) as e:
-        raise ProfileError(f"cannot read profile {path}: {e}") from None
+        raise ProfileError(f"cannot read profile {path}: {e}",
+                           hint="check the path and that the file is UTF-8 text") from None
     return parse_profile(text, path)
 
 
@@ -213,10 +218,13 @@ def profile_near(weights: str | Path) -> Profile:
     return load_profile(candidate) if candidate.is_file() else DEFAULT_PROFILE
 
 
-def resolve_profile(choice: str | Path | Profile | None, weights: str | Path) -> Profile:
-    """What `--profile` means: a Profile, a preset name or a file; None: `profile_near(weights)`."""
+def resolve_profile(choice: str | Path | Profile | None, weights: str | Path, quantize: str | None = None) -> Profile:
+    """What `--profile` means: a Profile, a preset name or a file; None: `profile_near(weights)`.
+    `quantize` (`--quantize SCHEME`) replaces its [quantize] scheme."""
     if isinstance(choice, Profile):
-        return choice
-    if choice is None:
-        return profile_near(weights)
-    return PRESETS[str(choice)] if str(choice) in PRESETS else load_profile(choice)
+        profile = choice
+    elif choice is None:
+        profile = profile_near(weights)
+    else:
+        profile = PRESETS[str(choice)] if str(choice) in PRESETS else load_profile(choice)
+    return profile if quantize is None else profile.with_quantize(quantize)

@@ -9,10 +9,12 @@ the config, never the generation number.
 from __future__ import annotations
 
 import json
+import math
+import numbers
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -23,6 +25,79 @@ FULL = "full_attention"
 LAYER_TYPES = (SLIDING, FULL)
 
 ROPE_KINDS = ("default", "linear", "proportional")
+# more layers than any model has: a bigger count is corrupt, and per-layer lists must stay small
+MAX_LAYERS = 1 << 16
+
+
+# --------------------------------------------------------------------------------------------
+# Typed values: the one check every reader (config.json, GGUF metadata, manifests) goes through
+# --------------------------------------------------------------------------------------------
+
+ValueKind = Literal["int", "count", "size", "layers", "float", "positive", "fraction", "bool", "str", "object"]
+_INT_LIMIT = 1 << 63  # beyond int64 no shape or id fits numpy / TVM
+
+
+def _is_int(v: Any) -> bool:
+    """An integer (bools excluded), or a float with an integral value (configs sometimes say 2048.0)."""
+    if isinstance(v, bool):
+        return False
+    if isinstance(v, float):
+        return v.is_integer() and abs(v) < _INT_LIMIT
+    return isinstance(v, numbers.Integral) and -_INT_LIMIT <= v < _INT_LIMIT
+
+
+def _is_finite(v: Any) -> bool:
+    """A real number that is not inf / nan (JSON's `Infinity`, `NaN` and `1e999` parse as such)."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        return False
+    try:
+        return math.isfinite(float(v))
+    except OverflowError:  # an int too large for a float
+        return False
+
+
+# kind -> (what the value must be, the test, the conversion)
+VALUE_KINDS: dict[ValueKind, tuple[str, Callable[[Any], bool], Callable[[Any], Any]]] = {
+    "int": ("an integer", _is_int, int),
+    "count": ("a non-negative integer", lambda v: _is_int(v) and v >= 0, int),
+    "size": ("a positive integer", lambda v: _is_int(v) and v > 0, int),
+    "layers": (f"a layer count from 1 to {MAX_LAYERS}", lambda v: _is_int(v) and 0 < v <= MAX_LAYERS, int),
+    "float": ("a finite number", _is_finite, float),
+    "positive": ("a positive finite number", lambda v: _is_finite(v) and v > 0, float),
+    "fraction": ("a number from 0 to 1", lambda v: _is_finite(v) and 0 <= v <= 1, float),
+    "bool": ("a boolean", lambda v: isinstance(v, (bool, np.bool_)), bool),
+    "str": ("a string", lambda v: isinstance(v, str), str),
+    "object": ("an object", lambda v: isinstance(v, Mapping), dict),
+}
+
+
+def describe(kind: ValueKind) -> str:
+    """What a value of `kind` must be ("a positive integer"), for messages and hints."""
+    return VALUE_KINDS[kind][0]
+
+
+def _show(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({type(value).__name__})"
+
+
+def check_value(value: Any, kind: ValueKind, where: str, *, hint: str) -> Any:
+    """`value` converted to `kind`, or a ConfigError saying what `where` (the key and file) must be."""
+    what, ok, convert = VALUE_KINDS[kind]
+    if not ok(value):
+        raise ConfigError(f"{where} must be {what}, got {_show(value)}", hint=hint)
+    return convert(value)
+
+
+def check_list(value: Any, kind: ValueKind, where: str, *, hint: str) -> list[Any]:
+    """A list (or tuple) whose entries are each `kind`, converted; the error names the bad entry."""
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{where} must be a list of values, each {describe(kind)}, got {_show(value)}", hint=hint)
+    ok = VALUE_KINDS[kind][1]
+    bad = next((i for i, v in enumerate(value) if not ok(v)), None)
+    if bad is not None:
+        check_value(value[bad], kind, f"{where}, entry {bad},", hint=hint)
+    return [VALUE_KINDS[kind][2](v) for v in value]
 
 
 # --------------------------------------------------------------------------------------------
@@ -40,21 +115,28 @@ class RopeSpec:
     partial_rotary_factor: float = 1.0  # proportional: fraction of head_dim that rotates
 
     def __post_init__(self) -> None:
+        for name, kind in _ROPE_FIELD_KINDS.items():  # frozen: store the converted value
+            object.__setattr__(self, name, check_value(getattr(self, name), kind, f"RoPE {name}",
+                                                       hint=f"set {name} to {describe(kind)} in the model config"))
         if self.kind not in ROPE_KINDS:
             raise ConfigError(
                 f"RoPE kind {self.kind!r} is not supported",
                 hint=f"use one of {', '.join(ROPE_KINDS)}",
             )
-        if self.theta <= 0 or self.factor <= 0:
-            raise ConfigError(
-                f"RoPE theta ({self.theta}) and factor ({self.factor}) must be positive",
-                hint="fix rope_theta / factor in the model config",
-            )
-        if not 0.0 <= self.partial_rotary_factor <= 1.0:
-            raise ConfigError(
-                f"RoPE partial_rotary_factor {self.partial_rotary_factor} is outside [0, 1]",
-                hint="fix partial_rotary_factor in the model config",
-            )
+
+    @classmethod
+    def from_dict(cls, d: Any, *, where: str) -> RopeSpec:
+        """Inverts `to_dict`; `where` names the entry ("manifest.json: rope.full_attention") in errors."""
+        hint = "write it with RopeSpec.to_dict()"
+        d = check_value(d, "object", where, hint=hint)
+        unknown = sorted(set(d) - set(_ROPE_FIELD_KINDS))
+        if unknown or "theta" not in d:
+            what = f"unknown keys {unknown}" if unknown else "no theta"
+            raise ConfigError(f"{where}: {what} (a RoPE entry has {', '.join(_ROPE_FIELD_KINDS)})", hint=hint)
+        try:
+            return cls(**d)
+        except ConfigError as err:
+            raise ConfigError(f"{where}: {err.message}", hint=err.hint) from None
 
     def inv_freq(self, head_dim: int) -> np.ndarray:
         """float32 [head_dim // 2], computed like transformers' rope init functions.
@@ -83,6 +165,11 @@ class RopeSpec:
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+_ROPE_FIELD_KINDS: dict[str, ValueKind] = {
+    "theta": "positive", "kind": "str", "factor": "positive", "partial_rotary_factor": "fraction",
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -156,13 +243,32 @@ class GemmaConfig:
     _source: str = field(default="<config>", compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        set_ = object.__setattr__  # frozen: normalise containers once, here
-        set_(self, "layer_types", tuple(self.layer_types))
-        set_(self, "eos_token_ids", tuple(int(t) for t in self.eos_token_ids))
-        set_(self, "rope", MappingProxyType(dict(self.rope)))
+        self._check_types()
         self._validate()
 
+    def _check_types(self) -> None:
+        """Every field has its kind (a manifest or a caller may hand in anything); frozen, so the
+        converted values and normalised containers are set once, here."""
+        set_ = object.__setattr__
+        src = self._source
+
+        def hint(name: str, kind: ValueKind) -> str:
+            return f"set {name} to {describe(kind)} (or rebuild the config from the model's config.json)"
+
+        for f in fields(self):
+            value, kind = getattr(self, f.name), _FIELD_KINDS.get(f.name)
+            if kind is not None and not (value is None and str(f.type).endswith("| None")):
+                set_(self, f.name, check_value(value, kind, f"{src}: {f.name}", hint=hint(f.name, kind)))
+        for name, kind in (("layer_types", "str"), ("eos_token_ids", "int")):
+            set_(self, name, tuple(check_list(getattr(self, name), kind, f"{src}: {name}", hint=hint(name, kind))))
+        rope = check_value(self.rope, "object", f"{src}: rope", hint=hint("rope", "object"))
+        bad = next((k for k, v in rope.items() if not isinstance(k, str) or not isinstance(v, RopeSpec)), None)
+        if bad is not None:
+            raise ConfigError(f"{src}: rope[{bad!r}] is not a RopeSpec", hint="build rope with RopeSpec entries")
+        set_(self, "rope", MappingProxyType(rope))
+
     def _validate(self) -> None:
+        """How the (well-typed) fields fit together."""
         src = self._source
 
         def bad(what: str, hint: str) -> ConfigError:
@@ -170,11 +276,6 @@ class GemmaConfig:
 
         if self.generation not in GENERATIONS:
             raise bad(f"generation {self.generation} is not a Gemma generation", "use 1, 2, 3 or 4")
-        positive = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                    "num_kv_heads", "head_dim", "max_position_embeddings")
-        for name in positive:
-            if int(getattr(self, name)) <= 0:
-                raise bad(f"{name} must be positive, got {getattr(self, name)}", f"fix {name}")
         if self.num_heads % self.num_kv_heads:
             raise bad(
                 f"num_heads ({self.num_heads}) is not a multiple of num_kv_heads ({self.num_kv_heads})",
@@ -208,12 +309,15 @@ class GemmaConfig:
                 "use 0 <= num_kv_shared_layers < num_hidden_layers (Gemma 4 only)",
             )
         ple, ple_vocab = self.hidden_size_per_layer_input, self.vocab_size_per_layer_input
-        if ple < 0 or (ple > 0) != (ple_vocab > 0) or (ple and self.generation != 4):
+        if (ple > 0) != (ple_vocab > 0) or (ple and self.generation != 4):
             raise bad(
                 f"hidden_size_per_layer_input={ple} with vocab_size_per_layer_input={ple_vocab} is invalid",
                 "per-layer embeddings (Gemma 4 only) need both positive, or both 0 to turn them off",
             )
-        for i in range(self.num_layers):  # every shared layer needs a producer of its type
+        first_shared = self.num_layers - self.num_kv_shared_layers
+        orphans = set(self.layer_types[first_shared:]) - set(self.layer_types[:first_shared])
+        if orphans:  # every shared layer needs a producer of its type (kv_source_layer)
+            i = next(i for i in range(first_shared, self.num_layers) if self.layer_types[i] in orphans)
             self.kv_source_layer(i)
 
     # ---- identity --------------------------------------------------------------------------
@@ -307,19 +411,36 @@ class GemmaConfig:
         return out
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any], *, source: str = "<dict>") -> GemmaConfig:
-        known = {f.name for f in fields(cls) if not f.name.startswith("_")}
-        unknown = sorted(set(d) - known)
+    def from_dict(cls, d: Any, *, source: str = "<dict>") -> GemmaConfig:
+        """Inverts `to_dict` (an artifact's manifest holds it); every bad key is a ConfigError naming it."""
+        hint = "write it with GemmaConfig.to_dict(), or recompile the artifact"
+        d = check_value(d, "object", f"{source}: the GemmaConfig", hint=hint)
+        public = [f for f in fields(cls) if not f.name.startswith("_")]
+        unknown = sorted(map(str, set(d) - {f.name for f in public}))
         if unknown:
             raise ConfigError(f"{source}: unknown GemmaConfig keys {unknown}", hint="remove them")
-        try:
-            kwargs = dict(d)
-            kwargs["rope"] = {k: RopeSpec(**v) for k, v in d["rope"].items()}
-            kwargs["layer_types"] = tuple(d["layer_types"])
-            kwargs["eos_token_ids"] = tuple(d["eos_token_ids"])
-            return cls(**kwargs, _source=source)
-        except (KeyError, TypeError) as err:
-            raise ConfigError(f"{source}: not a GemmaConfig dict ({err})", hint="write it with to_dict()") from err
+        missing = [f.name for f in public if f.name not in d and f.default is MISSING]
+        if missing:
+            raise ConfigError(f"{source}: GemmaConfig keys {missing} are missing", hint=hint)
+        rope = check_value(d["rope"], "object", f"{source}: rope", hint=hint)
+        kwargs = {**d, "rope": {k: RopeSpec.from_dict(v, where=f"{source}: rope.{k}") for k, v in rope.items()}}
+        return cls(**kwargs, _source=source)
 
 
-__all__ = ["FULL", "GENERATIONS", "LAYER_TYPES", "SLIDING", "GemmaConfig", "GenerationTraits", "RopeSpec"]
+# GemmaConfig field -> its kind (layer_types, eos_token_ids and rope are containers, checked apart);
+# tests/frontends/test_bad_inputs.py checks that every field is covered
+_FIELD_KINDS: dict[str, ValueKind] = {
+    "generation": "int", "model_type": "str", "vocab_size": "size", "hidden_size": "size",
+    "intermediate_size": "size", "num_layers": "layers", "num_heads": "size", "num_kv_heads": "size",
+    "head_dim": "size", "rms_norm_eps": "float", "query_pre_attn_scalar": "positive", "attn_softcap": "positive",
+    "final_softcap": "positive", "sliding_window": "size", "tie_word_embeddings": "bool",
+    "max_position_embeddings": "size", "bos_token_id": "int", "pad_token_id": "int", "hidden_activation": "str",
+    "global_head_dim": "size", "num_global_kv_heads": "size", "attention_k_eq_v": "bool", "enable_moe_block": "bool",
+    "num_experts": "size", "top_k_experts": "size", "moe_intermediate_size": "size",
+    "hidden_size_per_layer_input": "count", "vocab_size_per_layer_input": "count", "num_kv_shared_layers": "count",
+    "use_double_wide_mlp": "bool",
+}
+
+
+__all__ = ["FULL", "GENERATIONS", "LAYER_TYPES", "MAX_LAYERS", "SLIDING", "VALUE_KINDS", "GemmaConfig",
+           "GenerationTraits", "RopeSpec", "ValueKind", "check_list", "check_value", "describe"]

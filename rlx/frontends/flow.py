@@ -26,7 +26,7 @@ import dataclasses
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Literal, Protocol
 
 import numpy as np
 
@@ -57,6 +57,14 @@ class LayerOverrides:
     score_scale: float | None = None
     attn_softcap: float | None = None  # 0 removes the softcap
     rope_theta: float | None = None
+
+
+class WeightInfo(Protocol):
+    """What the builder asks of a checkpoint's weights (a `WeightStore` has both)."""
+
+    def shape(self, name: str) -> tuple[int, ...]: ...
+
+    def dtype(self, name: str) -> str: ...
 
 
 Stage = Callable[["LayerContext", str], str]
@@ -118,10 +126,12 @@ class FlowSpec:
 class GemmaFlow:
     """Immutable builder: each method returns a new flow; `build()` returns verified HIR."""
 
-    def __init__(self, config: GemmaConfig, weight_shapes: Callable[[str], tuple[int, ...]] | None = None,
+    def __init__(self, config: GemmaConfig, weights: WeightInfo | Callable[[str], tuple[int, ...]] | None = None,
                  spec: FlowSpec | None = None) -> None:
+        """`weights` checks every weight's shape as the graph is built: a `WeightStore` (whose
+        storage dtypes also become each param's `stored` meta) or just a shape lookup."""
         self.config = config
-        self.weight_shapes = weight_shapes
+        self.weights = weights
         self.spec = spec or FlowSpec()
         self._layer_fns: tuple[Callable[[LayerContext], Stage | None], ...] = ()
         self._before: tuple[Stage, ...] = ()
@@ -129,7 +139,7 @@ class GemmaFlow:
         self._patches: tuple[Callable[[HIR], HIR | None], ...] = ()
 
     def _with(self, **changes: object) -> GemmaFlow:
-        out = GemmaFlow(self.config, self.weight_shapes, replace(self.spec, **changes))
+        out = GemmaFlow(self.config, self.weights, replace(self.spec, **changes))
         out._layer_fns, out._before, out._after, out._patches = (
             self._layer_fns, self._before, self._after, self._patches)
         return out
@@ -148,7 +158,7 @@ class GemmaFlow:
 
     def batch(self, n: int) -> GemmaFlow:
         if n < 1:
-            raise FlowError(f"batch must be >= 1, got {n}")
+            raise FlowError(f"batch must be >= 1, got {n}", hint="use batch(n) with n >= 1")
         return self._with(batch=n)
 
     def dynamic_batch(self) -> GemmaFlow:
@@ -158,13 +168,13 @@ class GemmaFlow:
         if self.spec.mode == "decode":
             raise FlowError("seq() is for prefill; a decode step has seq 1", hint="use past(n) for decode")
         if n < 1:
-            raise FlowError(f"seq must be >= 1, got {n}")
+            raise FlowError(f"seq must be >= 1, got {n}", hint="use seq(n) with n >= 1")
         return self._with(seq=n)
 
     def past(self, n: int) -> GemmaFlow:
         """Static past length; in prefill this makes a chunked prefill over an existing cache."""
         if n < 0:
-            raise FlowError(f"past must be >= 0, got {n}")
+            raise FlowError(f"past must be >= 0, got {n}", hint="use past(n) with n >= 0")
         return self._with(past=n, has_past=True)
 
     def dynamic_seq(self) -> GemmaFlow:
@@ -219,7 +229,8 @@ class GemmaFlow:
     def keep_layers(self, k: int) -> GemmaFlow:
         """Run only the first k layers (the rest become identity stages)."""
         if not 0 <= k <= self.config.num_layers:
-            raise FlowError(f"keep_layers({k}): the model has {self.config.num_layers} layers")
+            raise FlowError(f"keep_layers({k}): the model has {self.config.num_layers} layers",
+                            hint="keep between 0 and the layer count")
         return self.layer(lambda ctx: identity_stage if ctx.index >= k else None)
 
     def before_layers(self, stage: Stage) -> GemmaFlow:
@@ -238,7 +249,7 @@ class GemmaFlow:
         if spec.seq is None and spec.mode == "prefill" and spec.batch != 1:
             raise FlowError("dynamic_seq needs batch 1 (padded batches need a static seq)",
                             hint="call .batch(1) or give a static .seq(n)")
-        builder = GraphBuilder(self.config, spec, self.weight_shapes)
+        builder = GraphBuilder(self.config, spec, self.weights)
         h = builder.embed()
         for stage in self._before:
             h = stage(LayerContext(builder, -1), h)
@@ -277,9 +288,10 @@ class GraphBuilder:
     """
 
     def __init__(self, config: GemmaConfig, spec: FlowSpec,
-                 weight_shapes: Callable[[str], tuple[int, ...]] | None) -> None:
+                 weights: WeightInfo | Callable[[str], tuple[int, ...]] | None) -> None:
         self.config, self.spec = config, spec
-        self.weight_shapes = weight_shapes
+        self.weight_shapes = weights if callable(weights) or weights is None else weights.shape
+        self.weight_dtypes = None if callable(weights) or weights is None else weights.dtype
         self.hir = HIR(f"gemma{config.generation}_{spec.mode}")
         self.B: Dim = spec.batch if spec.batch is not None else sym(BATCH)
         self.S: Dim = spec.seq if spec.seq is not None else sym(SEQ)
@@ -320,7 +332,10 @@ class GraphBuilder:
                 from rlx.errors import WeightError
                 raise WeightError(f"tensor {name!r} has shape {list(found)}, expected {list(shape)} for this config",
                                   hint="the weights do not belong to this config.json; check the checkpoint")
-        return self.hir.param(name, f32(*shape), meta=self._meta())
+        meta = self._meta()
+        if self.weight_dtypes is not None:
+            meta[cv.STORED] = self.weight_dtypes(name)
+        return self.hir.param(name, f32(*shape), meta=meta)
 
     def op(self, op: Op, *inputs: str, name: str | None = None, role: str | None = None, **attrs: object) -> str:
         return self.hir.add(op, inputs, attrs, name=name, meta=self._meta(role))
@@ -390,7 +405,8 @@ class GraphBuilder:
         cfg = self.config
         p, H, P = f"layers.{i}.", cfg.hidden_size, cfg.hidden_size_per_layer_input
         if self._ple is None:
-            raise FlowError(f"layer {i} needs per-layer inputs, but embed() did not build them")
+            raise FlowError(f"layer {i} needs per-layer inputs, but embed() did not build them",
+                            hint="build this flow with its embedding stage (per-layer inputs come from the token ids)")
         ple = self.op(Op.SLICE, self._ple, name=f"l{i}.ple.input", axis=2, start=i * P, stop=(i + 1) * P)
         g = self.op(Op.LINEAR, h, self.w(p + "per_layer_input_gate.weight", P, H), name=f"l{i}.ple.gate")
         g = self.op(Op.MUL, self.op(Op.GELU_TANH, g, name=f"l{i}.ple.act"), ple, name=f"l{i}.ple.mul")
@@ -553,7 +569,7 @@ class GraphBuilder:
             self.hir.set_output(cv.HIDDEN, h)
         else:
             head = "lm_head.weight" if not cfg.tie_word_embeddings else "embed_tokens.weight"
-            logits = self.op(Op.LINEAR, h, self.w(head, cfg.vocab_size, cfg.hidden_size), name="lm_head")
+            logits = self.linear(h, head, cfg.vocab_size, cfg.hidden_size, "lm_head", cv.HEAD)
             if cfg.final_softcap:
                 logits = self.op(Op.SOFTCAP, logits, name="final_softcap", cap=float(cfg.final_softcap))
             self.hir.set_output(cv.LOGITS, logits)

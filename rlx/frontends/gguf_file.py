@@ -81,8 +81,8 @@ class GGUFFile:
         if mm[:4] != b"GGUF":
             raise WeightError(f"{path} is not a GGUF file (no GGUF magic)", hint="pass a .gguf file")
         try:
-            metadata, tensors = _parse(mm)
-        except (struct.error, IndexError, UnicodeDecodeError, ValueError, KeyError) as err:
+            metadata, tensors = _parse(mm, path)
+        except (struct.error, IndexError, UnicodeDecodeError, ValueError) as err:
             raise WeightError(
                 f"{path} is truncated or corrupt: its GGUF header cannot be parsed ({err})",
                 hint="re-download or re-convert the model",
@@ -113,6 +113,16 @@ class GGUFFile:
 
     # ---- tensors ----------------------------------------------------------------------------
 
+    def require(self, name: str, ndim: int) -> GGUFTensorInfo:
+        """A tensor every reader of this file needs (the embedding...): a WeightError if it is
+        missing or does not have `ndim` dimensions."""
+        info = self.tensors.get(name)
+        if info is None or len(info.shape) != ndim:
+            what = "has no tensor" if info is None else f"has a {len(info.shape)}-D tensor"
+            raise WeightError(f"{self.path} {what} {name} (expected {ndim}-D)",
+                              hint="the file is not a complete model; re-convert it with llama.cpp")
+        return info
+
     def raw(self, name: str) -> np.ndarray:
         """The stored bytes of one tensor, as a read-only uint8 view (no copy)."""
         info = self.tensors[name]
@@ -137,7 +147,31 @@ class GGUFFile:
         return np.ascontiguousarray(out, dtype=np.float32).reshape(info.shape)
 
 
-def _parse(mm: Any) -> tuple[dict[str, Any], dict[str, GGUFTensorInfo]]:
+_MAX_DIMS = 4  # GGML_MAX_DIMS
+_MAX_NESTING = 8  # arrays of arrays: deeper is corrupt (and would exhaust the stack)
+
+
+def _tensor_info(path: Path, name: str, dims: tuple[int, ...], type_id: int, offset: int) -> GGUFTensorInfo:
+    """One tensor table entry, checked: a known ggml type, at most 4 dims, rows whole blocks."""
+    hint = "re-download or re-convert the model"
+    if len(dims) > _MAX_DIMS:
+        raise WeightError(f"{path}: tensor {name} has {len(dims)} dimensions (GGUF allows {_MAX_DIMS})", hint=hint)
+    try:
+        kind = gguf.GGMLQuantizationType(type_id)
+        block, _ = gguf.GGML_QUANT_SIZES[kind]
+    except (ValueError, KeyError):
+        raise WeightError(f"{path}: tensor {name} has unknown ggml type id {type_id}",
+                          hint=f"{hint}; or update rlx's gguf package if the type is new") from None
+    shape = tuple(int(d) for d in reversed(dims))  # GGUF stores ne[0] (the row length) first
+    if dims and dims[0] % block:
+        raise WeightError(f"{path}: tensor {name} has rows of {dims[0]} values, not whole {kind.name} blocks "
+                          f"of {block}", hint=hint)
+    return GGUFTensorInfo(name, shape, kind, offset, _nbytes(kind, shape))
+
+
+def _parse(mm: Any, path: Path) -> tuple[dict[str, Any], dict[str, GGUFTensorInfo]]:
+    """Metadata and tensor table; struct / Index / Unicode / ValueErrors mean damage (the caller
+    names the file), a WeightError names the tensor or key that is wrong."""
     pos = 4
     version, n_tensors, n_kv = struct.unpack_from("<IQQ", mm, pos)
     if version not in _VERSIONS:
@@ -151,7 +185,7 @@ def _parse(mm: Any) -> tuple[dict[str, Any], dict[str, GGUFTensorInfo]]:
             raise IndexError("string runs past the end of the file")
         return mm[at + 8:end].decode("utf-8"), end
 
-    def value(at: int, kind: int) -> tuple[Any, int]:
+    def value(at: int, kind: int, depth: int = 0) -> tuple[Any, int]:
         if kind in _SCALAR:
             fmt = "<" + _SCALAR[kind]
             return struct.unpack_from(fmt, mm, at)[0], at + struct.calcsize(fmt)
@@ -159,6 +193,8 @@ def _parse(mm: Any) -> tuple[dict[str, Any], dict[str, GGUFTensorInfo]]:
             return string(at)
         if kind != _ARRAY:
             raise ValueError(f"unknown metadata value type {kind}")
+        if depth >= _MAX_NESTING:
+            raise ValueError(f"arrays nested more than {_MAX_NESTING} deep")
         item, count = struct.unpack_from("<IQ", mm, at)
         at += 12
         if item in _SCALAR:
@@ -166,7 +202,7 @@ def _parse(mm: Any) -> tuple[dict[str, Any], dict[str, GGUFTensorInfo]]:
             return list(struct.unpack_from(fmt, mm, at)), at + struct.calcsize(fmt)
         items = []
         for _ in range(count):
-            v, at = value(at, item)
+            v, at = value(at, item, depth + 1)
             items.append(v)
         return items, at
 
@@ -184,13 +220,14 @@ def _parse(mm: Any) -> tuple[dict[str, Any], dict[str, GGUFTensorInfo]]:
         pos += 4 + 8 * n_dims
         ggml_type, offset = struct.unpack_from("<IQ", mm, pos)
         pos += 12
-        table.append((name, tuple(int(d) for d in reversed(dims)), gguf.GGMLQuantizationType(ggml_type), offset))
-    align = int(metadata.get("general.alignment", 32))
+        table.append((name, tuple(dims), ggml_type, offset))
+    align = metadata.get("general.alignment", 32)
+    if isinstance(align, bool) or not isinstance(align, int) or align <= 0:
+        raise WeightError(f"{path}: GGUF key general.alignment must be a positive integer, got {align!r}",
+                          hint="re-download or re-convert the model")
     data_start = (pos + align - 1) // align * align
-    tensors = {
-        name: GGUFTensorInfo(name, shape, kind, data_start + offset, _nbytes(kind, shape))
-        for name, shape, kind, offset in table
-    }
+    tensors = {name: _tensor_info(path, name, dims, ggml_type, data_start + offset)
+               for name, dims, ggml_type, offset in table}
     return metadata, tensors
 
 

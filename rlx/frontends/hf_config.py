@@ -12,7 +12,18 @@ from pathlib import Path
 from typing import Any
 
 from rlx.errors import ConfigError
-from rlx.frontends.config import FULL, LAYER_TYPES, ROPE_KINDS, SLIDING, GemmaConfig, RopeSpec
+from rlx.frontends.config import (
+    FULL,
+    LAYER_TYPES,
+    ROPE_KINDS,
+    SLIDING,
+    GemmaConfig,
+    RopeSpec,
+    ValueKind,
+    check_list,
+    check_value,
+    describe,
+)
 
 _LEGACY_LAYER_TYPES = {"attention": FULL}  # transformers' `remap_legacy_layer_types`
 
@@ -20,7 +31,8 @@ _MISSING: Any = object()
 
 
 class _Fields:
-    """Typed access to one config dict, with errors that name the file and the field."""
+    """Typed access to one config object (`prefix` places it in the file: "text_config."), with
+    errors that name the file and the field."""
 
     def __init__(self, d: Mapping[str, Any], source: str, prefix: str = "") -> None:
         self.d, self.source, self.prefix = d, source, prefix
@@ -28,41 +40,37 @@ class _Fields:
     def _where(self, key: str) -> str:
         return f"field '{self.prefix}{key}' in {self.source}"
 
-    def raw(self, key: str, default: Any = _MISSING) -> Any:
-        """The value; an explicit null stays None unless the field is required (no default)."""
+    def sub(self, key: str) -> _Fields:
+        """The object under `key` (which must be one), addressed as `prefix.key.`."""
+        return _Fields(self.get(key, "object"), self.source, f"{self.prefix}{key}.")
+
+    def get(self, key: str, kind: ValueKind, default: Any = _MISSING) -> Any:
+        """The value as `kind`. A missing field takes `default`; an explicit null is None where the
+        default is None (an optional field), else an error (the field needs a value)."""
         value = self.d.get(key)
-        if value is not None:
-            return value
-        if default is _MISSING:
-            state = "null" if key in self.d else "missing"
-            raise ConfigError(f"{state} {self._where(key)}", hint=f"set '{self.prefix}{key}' in the model config")
-        return None if key in self.d else default
-
-    def _typed(self, key: str, default: Any, kinds: tuple[type, ...], convert: Callable[[Any], Any]) -> Any:
-        value = self.raw(key, default)
         if value is None:
-            return None
-        if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
-            names = "a boolean" if bool in kinds else "a string" if str in kinds else "a number"
-            raise ConfigError(f"{self._where(key)} must be {names}, got {value!r}",
-                              hint=f"set '{self.prefix}{key}' to {names} in the model config")
-        return convert(value)
+            if key not in self.d and default is not _MISSING:
+                return default
+            if key in self.d and default is None:
+                return None
+            state = "null" if key in self.d else "missing"
+            raise ConfigError(f"{state} {self._where(key)}",
+                              hint=f"set '{self.prefix}{key}' to {describe(kind)} in the model config")
+        return check_value(value, kind, self._where(key),
+                           hint=f"set '{self.prefix}{key}' to {describe(kind)} in the model config")
 
-    def int(self, key: str, default: Any = _MISSING) -> Any:
-        value = self._typed(key, default, (int, float), lambda v: v)
-        if value is not None and float(value) != int(value):
-            raise ConfigError(f"{self._where(key)} must be an integer, got {value!r}",
-                              hint=f"set '{self.prefix}{key}' to an integer in the model config")
-        return None if value is None else int(value)
+    def get_list(self, key: str, kind: ValueKind) -> list[Any] | None:
+        """A list of `kind` values, or None where the field is missing or null."""
+        value = self.d.get(key)
+        hint = f"set '{self.prefix}{key}' to a list of values, each {describe(kind)}, in the model config"
+        return None if value is None else check_list(value, kind, self._where(key), hint=hint)
 
-    def float(self, key: str, default: Any = _MISSING) -> Any:
-        return self._typed(key, default, (int, float), float)
-
-    def bool(self, key: str, default: Any = _MISSING) -> Any:
-        return self._typed(key, default, (bool,), bool)
-
-    def str(self, key: str, default: Any = _MISSING) -> Any:
-        return self._typed(key, default, (str,), str)
+    def token_ids(self, key: str) -> tuple[int, ...]:
+        """A token id or a list of them (`eos_token_id`); null means none."""
+        value = self.d.get(key)
+        if isinstance(value, (list, tuple)):
+            return tuple(self.get_list(key, "int") or ())
+        return () if value is None else (self.get(key, "int"),)
 
 
 @dataclass(frozen=True)
@@ -110,12 +118,6 @@ SUPPORTED_MODEL_TYPES = tuple(sorted([*_FAMILIES, *_WRAPPERS]))
 _REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
 
-def _token_ids(value: Any) -> tuple[int, ...]:
-    if value is None:
-        return ()
-    return tuple(int(v) for v in (value if isinstance(value, (list, tuple)) else [value]))
-
-
 def default_layer_types(gen: int, n: int, period: int) -> list[str]:
     """transformers' default pattern: Gemma 1 all full, 2 alternating, 3/4 every `period`-th full."""
     if gen == 1:
@@ -126,17 +128,12 @@ def default_layer_types(gen: int, n: int, period: int) -> list[str]:
 
 
 def _layer_types(f: _Fields, gen: int, n: int) -> list[str]:
-    given = f.raw("layer_types", None)
+    given = f.get_list("layer_types", "str")
     if given is None:
         # only Gemma3TextConfig reads the legacy sliding_window_pattern; Gemma 4 hard-codes 6
-        period = f.int("sliding_window_pattern", 6) if gen == 3 else 6
-        if period <= 0:
-            raise ConfigError(f"{f._where('sliding_window_pattern')} must be positive", hint="fix it")
-        types = default_layer_types(gen, n, period)
+        types = default_layer_types(gen, n, f.get("sliding_window_pattern", "size", 6) if gen == 3 else 6)
     elif gen == 1:
         raise ConfigError(f"{f._where('layer_types')}: Gemma 1 has only full attention", hint="remove it")
-    elif not isinstance(given, list) or not all(isinstance(t, str) for t in given):
-        raise ConfigError(f"{f._where('layer_types')} must be a list of strings", hint="fix layer_types")
     else:
         types = [_LEGACY_LAYER_TYPES.get(t, t) for t in given]
     if gen == 4 and types:
@@ -144,48 +141,42 @@ def _layer_types(f: _Fields, gen: int, n: int) -> list[str]:
     return types
 
 
-def _rope_spec(params: Mapping[str, Any], where: str) -> RopeSpec:
-    """`where` names the field and file, e.g. "field 'rope_parameters.full_attention' in config.json"."""
-    if not isinstance(params, Mapping):
-        raise ConfigError(f"{where} must be an object", hint="fix rope_parameters")
-    kind = params.get("rope_type", params.get("type", "default"))
+def _rope_spec(p: _Fields) -> RopeSpec:
+    """One layer type's merged RoPE parameters (`p` is addressed as rope_parameters.<type>.)."""
+    where = f"field '{p.prefix[:-1]}' in {p.source}"
+    kind = p.get("rope_type", "str") if "rope_type" in p.d else p.get("type", "str", "default")
     if kind not in ROPE_KINDS:
         raise ConfigError(
             f"{where}: rope_type {kind!r} is not supported",
             hint=f"Gemma uses {', '.join(ROPE_KINDS)}; other scalings (yarn, dynamic...) are not implemented",
         )
-    if params.get("rope_theta") is None:
-        raise ConfigError(f"{where}: rope_theta is missing", hint="add rope_theta")
-    if kind == "linear" and params.get("factor") is None:
-        raise ConfigError(f"{where}: factor is missing for linear RoPE scaling", hint="add factor")
-    partial = float(params.get("partial_rotary_factor", 1.0) or 1.0)
+    partial = p.get("partial_rotary_factor", "fraction" if kind == "proportional" else "float", 1.0) or 1.0
     if kind == "linear" and partial != 1.0:
         raise ConfigError(f"{where}: partial rotary with linear scaling is not supported",
                           hint="remove partial_rotary_factor")
     return RopeSpec(
-        theta=float(params["rope_theta"]),
+        theta=p.get("rope_theta", "positive"),
         kind=kind,
-        factor=float(params.get("factor", 1.0)) if kind != "default" else 1.0,
+        # linear scaling needs its factor; default RoPE ignores one
+        factor=1.0 if kind == "default" else p.get("factor", "positive", _MISSING if kind == "linear" else 1.0),
         partial_rotary_factor=partial if kind == "proportional" else 1.0,
     )
 
 
-def _split_rope(rp: Any, types: Iterable[str], where: str) -> dict[str, dict[str, Any]]:
-    """A `rope_parameters` value as {layer_type: params}; a flat dict applies to every type."""
-    if rp is None:
+def _split_rope(f: _Fields, key: str, types: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """A `rope_parameters`-style field as {layer_type: params}; a flat object applies to every type."""
+    if f.get(key, "object", None) is None:
         return {}
-    if not isinstance(rp, Mapping):
-        raise ConfigError(f"{where} must be an object", hint="fix rope_parameters")
-    if any(k in LAYER_TYPES for k in rp):
-        return {k: dict(v) for k, v in rp.items() if k in LAYER_TYPES and v is not None}
-    return {t: dict(rp) for t in types}
+    rp = f.sub(key)
+    if any(k in LAYER_TYPES for k in rp.d):
+        return {t: rp.get(t, "object") for t in LAYER_TYPES if rp.d.get(t) is not None}
+    return {t: dict(rp.d) for t in types}
 
 
 def _rope_gen12(f: _Fields, types: list[str]) -> dict[str, dict[str, Any]]:
     # PreTrainedConfig.convert_rope_params_to_dict: legacy rope_scaling wins, theta defaults to 1e4
-    rp = _split_rope(f.raw("rope_scaling", None) or f.raw("rope_parameters", None), set(types),
-                     f._where("rope_parameters"))
-    theta = f.float("rope_theta", 10_000.0)
+    rp = _split_rope(f, "rope_scaling" if f.get("rope_scaling", "object", None) else "rope_parameters", set(types))
+    theta = f.get("rope_theta", "positive", 10_000.0)
     for t in set(types):
         rp.setdefault(t, {}).setdefault("rope_theta", theta)
     return rp
@@ -193,14 +184,12 @@ def _rope_gen12(f: _Fields, types: list[str]) -> dict[str, dict[str, Any]]:
 
 def _rope_gen3(f: _Fields, types: list[str]) -> dict[str, dict[str, Any]]:
     # Gemma3TextConfig.convert_rope_params_to_dict
-    rp = _split_rope(f.raw("rope_parameters", None), LAYER_TYPES, f._where("rope_parameters"))
+    rp = _split_rope(f, "rope_parameters", LAYER_TYPES)
     rp.setdefault(FULL, {"rope_type": "default"})
     rp.setdefault(SLIDING, {"rope_type": "default"})
-    scaling = f.raw("rope_scaling", None)
-    if scaling is not None:
-        rp[FULL].update(scaling)
-    rp[FULL].setdefault("rope_theta", f.float("rope_theta", 1_000_000.0))
-    rp[SLIDING].setdefault("rope_theta", f.float("rope_local_base_freq", 10_000.0))
+    rp[FULL].update(f.get("rope_scaling", "object", None) or {})
+    rp[FULL].setdefault("rope_theta", f.get("rope_theta", "positive", 1_000_000.0))
+    rp[SLIDING].setdefault("rope_theta", f.get("rope_local_base_freq", "positive", 10_000.0))
     return rp
 
 
@@ -212,7 +201,7 @@ _GEMMA4_ROPE = {
 
 def _rope_gen4(f: _Fields, types: list[str]) -> dict[str, dict[str, Any]]:
     # Gemma4TextConfig: no legacy forms; a missing type falls back to the class default
-    rp = _split_rope(f.raw("rope_parameters", None), LAYER_TYPES, f._where("rope_parameters"))
+    rp = _split_rope(f, "rope_parameters", LAYER_TYPES)
     for t, default in _GEMMA4_ROPE.items():
         rp.setdefault(t, dict(default)).setdefault("rope_theta", default["rope_theta"])
     return rp
@@ -223,127 +212,123 @@ _ROPE_READERS: dict[int, Callable[[_Fields, list[str]], dict[str, dict[str, Any]
 }
 
 
-def _gemma4_fields(f: _Fields, types: list[str]) -> dict[str, Any]:
+def _gemma4_fields(f: _Fields, types: list[str], head_dim: int) -> dict[str, Any]:
     """Gemma 4 extras; full layers' head_dim / kv heads come from `per_layer_config` when saved."""
-    k_eq_v = f.bool("attention_k_eq_v", False)
-    global_head_dim = f.int("global_head_dim", 512)
-    global_kv = f.int("num_global_key_value_heads", None) if k_eq_v else None
-    overrides = f.raw("per_layer_config", None)
-    if overrides is not None:
-        full = {i for i, t in enumerate(types) if t == FULL}
-        seen: set[tuple[tuple[str, Any], ...]] = set()
-        for key, value in dict(overrides).items():
-            if int(key) not in full or not isinstance(value, Mapping) or set(value) - {"head_dim",
-                                                                                        "num_key_value_heads"}:
+    k_eq_v = bool(f.get("attention_k_eq_v", "bool", None))  # null: off, as transformers reads it
+    global_head_dim = f.get("global_head_dim", "size", 512)
+    global_kv = f.get("num_global_key_value_heads", "size", None) if k_eq_v else None
+    if f.get("per_layer_config", "object", None) is not None:
+        overrides = f.sub("per_layer_config")
+        full = {str(i) for i, t in enumerate(types) if t == FULL}
+        seen: set[tuple[tuple[str, int], ...]] = set()
+        for key, value in overrides.d.items():
+            if str(key) not in full or not isinstance(value, Mapping) or \
+                    set(value) - {"head_dim", "num_key_value_heads"}:
                 raise ConfigError(
                     f"{f._where('per_layer_config')}: only full-attention head_dim / num_key_value_heads "
                     f"overrides are supported, got layer {key}: {value}",
                     hint="rlx models Gemma 4's global layers only",
                 )
-            seen.add(tuple(sorted(value.items())))
+            layer = overrides.sub(key)
+            seen.add(tuple(sorted((name, layer.get(name, "size")) for name in value)))
         if len(seen) > 1:
-            raise ConfigError(f"{f._where('per_layer_config')}: full layers differ ({seen})", hint="fix it")
+            raise ConfigError(f"{f._where('per_layer_config')}: full layers differ ({seen})",
+                              hint="give every full-attention layer the same head_dim / num_key_value_heads")
         values = dict(seen.pop()) if seen else {}
-        global_head_dim = int(values.get("head_dim", f.int("head_dim", 256)))
+        global_head_dim = values.get("head_dim", head_dim)
         global_kv = values.get("num_key_value_heads")
         if global_kv is not None and not k_eq_v:
             raise ConfigError(
                 f"{f._where('per_layer_config')} changes full layers' KV heads without attention_k_eq_v",
                 hint="rlx supports separate global KV heads only with attention_k_eq_v",
             )
-    moe = f.bool("enable_moe_block", False)
-    ple = f.int("hidden_size_per_layer_input", 256) or 0
+    moe = bool(f.get("enable_moe_block", "bool", None))
+    ple = f.get("hidden_size_per_layer_input", "count", None) or 0  # null: per-layer embeddings off
     return {
         "global_head_dim": global_head_dim,
         "num_global_kv_heads": global_kv,
         "attention_k_eq_v": k_eq_v,
         "enable_moe_block": moe,
-        "num_experts": f.int("num_experts", None),
-        "top_k_experts": f.int("top_k_experts", None),
-        "moe_intermediate_size": f.int("moe_intermediate_size", None),
+        "num_experts": f.get("num_experts", "size", None),
+        "top_k_experts": f.get("top_k_experts", "size", None),
+        "moe_intermediate_size": f.get("moe_intermediate_size", "size", None),
         "hidden_size_per_layer_input": ple,
         # Gemma4TextConfig's default; 0 when PLE is off, where the GGUF reader has no table to size
-        "vocab_size_per_layer_input": f.int("vocab_size_per_layer_input", 262_144) if ple else 0,
-        "num_kv_shared_layers": f.int("num_kv_shared_layers", 0),
-        "use_double_wide_mlp": f.bool("use_double_wide_mlp", False),
+        "vocab_size_per_layer_input": f.get("vocab_size_per_layer_input", "size", 262_144) if ple else 0,
+        "num_kv_shared_layers": f.get("num_kv_shared_layers", "count", 0),
+        "use_double_wide_mlp": bool(f.get("use_double_wide_mlp", "bool", None)),
     }
 
 
-def _special_ids(text: Mapping[str, Any], outer: Mapping[str, Any], key: str, default: Any) -> Any:
+def _special(text: _Fields, outer: _Fields, key: str, default: Any, *, many: bool = False) -> Any:
     """Explicit text_config value, else explicit wrapper value, else the class default."""
-    for d in (text, outer):
-        if key in d:
-            return d[key]
+    for f in (text, outer):
+        if key in f.d:
+            return f.token_ids(key) if many else f.get(key, "int", None)
     return default
 
 
 def hf_config_from_dict(d: Mapping[str, Any], *, source: str = "config.json") -> GemmaConfig:
     """A config.json's contents (`source` names it in errors)."""
-    model_type = d.get("model_type")
-    text: Mapping[str, Any] = d
-    prefix = ""
-    family_name = model_type
+    outer = _Fields(check_value(d, "object", source, hint="re-download the model's config.json"), source)
+    model_type = outer.get("model_type", "str", None)
+    text, family_name = outer, model_type
     if model_type in _WRAPPERS:
         family_name = _WRAPPERS[model_type]
-        text = d.get("text_config") or {}
-        prefix = "text_config."
-        if not isinstance(text, Mapping):
-            raise ConfigError(f"field 'text_config' in {source} must be an object", hint="fix text_config")
+        text = outer.sub("text_config") if outer.d.get("text_config") is not None else \
+            _Fields({}, source, "text_config.")
     family = _FAMILIES.get(family_name)  # type: ignore[arg-type]
     if family is None:
         what = f"model_type {model_type!r} is not a supported Gemma model" if model_type else "has no model_type"
         raise ConfigError(f"{source}: {what}", hint=f"supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}")
     gen = family.generation
-    f = _Fields({**family.defaults, **text}, source, prefix)
+    f = _Fields({**family.defaults, **text.d}, source, text.prefix)
     for key in _REQUIRED:
-        f.int(key)  # raises naming the field and file
-    bidirectional = text.get("use_bidirectional_attention")
+        f.get(key, "size")  # raises naming the field and file
+    bidirectional = text.d.get("use_bidirectional_attention")
     if bidirectional is True or bidirectional == "all":
         raise ConfigError(
             f"{source}: use_bidirectional_attention={bidirectional!r} (an encoder such as EmbeddingGemma)",
             hint="rlx compiles causal decoders only",
         )
-    n = f.int("num_hidden_layers")
-    heads = f.int("num_attention_heads")
+    n = f.get("num_hidden_layers", "layers")
+    heads = f.get("num_attention_heads", "size")
     types = _layer_types(f, gen, n)
-    activation = f.str(family.activation_key, "gelu_pytorch_tanh")
+    activation = f.get(family.activation_key, "str", "gelu_pytorch_tanh")
     if gen == 1 and activation == "gelu":
         activation = "gelu_pytorch_tanh"  # GemmaConfig.__post_init__: legacy name of the tanh form
-    rope = {t: _rope_spec(p, f"field '{prefix}rope_parameters.{t}' in {source}")
+    rope = {t: _rope_spec(_Fields(p, source, f"{text.prefix}rope_parameters.{t}."))
             for t, p in _ROPE_READERS[gen](f, types).items()}
-    head_dim = f.int("head_dim", None) or f.int("hidden_size") // heads
-    extras = _gemma4_fields(f, types) if gen == 4 else {}
+    head_dim = f.get("head_dim", "count", None) or f.get("hidden_size", "size") // heads  # 0 / null: derive
+    extras = _gemma4_fields(f, types, head_dim) if gen == 4 else {}
     # transformers ties a wrapper's LM head by the wrapper's own flag, not text_config's
-    tie = _Fields(d, source).bool("tie_word_embeddings", True) if prefix else f.bool("tie_word_embeddings")
-    eos = _special_ids(text, d, "eos_token_id", family.defaults["eos_token_id"])
+    tie = outer.get("tie_word_embeddings", "bool", True) if text is not outer else f.get("tie_word_embeddings", "bool")
     return GemmaConfig(
         generation=gen,
         model_type=str(model_type),
-        vocab_size=f.int("vocab_size"),
-        hidden_size=f.int("hidden_size"),
-        intermediate_size=f.int("intermediate_size"),
+        vocab_size=f.get("vocab_size", "size"),
+        hidden_size=f.get("hidden_size", "size"),
+        intermediate_size=f.get("intermediate_size", "size"),
         num_layers=n,
         num_heads=heads,
-        num_kv_heads=f.int("num_key_value_heads", heads),
+        num_kv_heads=f.get("num_key_value_heads", "size", heads),
         head_dim=head_dim,
-        rms_norm_eps=f.float("rms_norm_eps"),
-        query_pre_attn_scalar=f.float("query_pre_attn_scalar", None) if gen in (2, 3) else None,
-        attn_softcap=f.float("attn_logit_softcapping", None) if gen in (2, 3) else None,
-        final_softcap=f.float("final_logit_softcapping", None) if gen > 1 else None,
-        sliding_window=f.int("sliding_window", None) if SLIDING in types else None,
+        rms_norm_eps=f.get("rms_norm_eps", "float"),
+        query_pre_attn_scalar=f.get("query_pre_attn_scalar", "positive", None) if gen in (2, 3) else None,
+        attn_softcap=f.get("attn_logit_softcapping", "positive", None) if gen in (2, 3) else None,
+        final_softcap=f.get("final_logit_softcapping", "positive", None) if gen > 1 else None,
+        sliding_window=f.get("sliding_window", "size", None) if SLIDING in types else None,
         layer_types=tuple(types),
         rope=rope,
-        tie_word_embeddings=bool(tie),
-        max_position_embeddings=f.int("max_position_embeddings"),
-        bos_token_id=_special_ids(text, d, "bos_token_id", family.defaults["bos_token_id"]),
-        eos_token_ids=_token_ids(eos),
-        pad_token_id=_special_ids(text, d, "pad_token_id", family.defaults["pad_token_id"]),
+        tie_word_embeddings=tie,
+        max_position_embeddings=f.get("max_position_embeddings", "size"),
+        bos_token_id=_special(text, outer, "bos_token_id", family.defaults["bos_token_id"]),
+        eos_token_ids=_special(text, outer, "eos_token_id", (family.defaults["eos_token_id"],), many=True),
+        pad_token_id=_special(text, outer, "pad_token_id", family.defaults["pad_token_id"]),
         hidden_activation=activation,
         **extras,
         _source=source,
     )
-
-
 
 
 def read_hf_config(path: str | Path) -> GemmaConfig:
@@ -351,19 +336,24 @@ def read_hf_config(path: str | Path) -> GemmaConfig:
     path = Path(path)
     if path.is_dir():
         path = path / "config.json"
+    hint = "fix the file or re-download it"
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_bytes().decode("utf-8")
     except FileNotFoundError as err:
         raise ConfigError(f"no config file at {path}", hint="point at a Hugging Face model directory") from err
+    except OSError as err:
+        raise ConfigError(f"cannot read {path}: {err.strerror}", hint="check the path and its permissions") from err
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {err.start}: {err.reason})", hint=hint) from err
     try:
         d = json.loads(text)
     except json.JSONDecodeError as err:
-        raise ConfigError(
-            f"{path} is not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}",
-            hint="fix the file or re-download it",
-        ) from err
+        raise ConfigError(f"{path} is not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}",
+                          hint=hint) from err
+    except (ValueError, RecursionError) as err:  # an integer of > 4300 digits, nesting deeper than Python's stack
+        raise ConfigError(f"{path} is not valid JSON ({err})", hint=hint) from err
     if not isinstance(d, dict):
-        raise ConfigError(f"{path} must hold a JSON object", hint="re-download the config")
+        raise ConfigError(f"{path} must hold a JSON object, not {type(d).__name__}", hint=hint)
     return hf_config_from_dict(d, source=str(path))
 
 

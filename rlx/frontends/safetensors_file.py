@@ -10,9 +10,10 @@ tensors by the artifact engine) and the compare report (sizes) all go through he
 
 from __future__ import annotations
 
+import io
 import json
-import struct
 from collections.abc import Callable, Sequence
+from math import prod
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -24,14 +25,78 @@ DTYPE_CODES: dict[str, str] = {"float32": "F32", "float16": "F16", "bfloat16": "
 DTYPE_NAMES: dict[str, str] = {code: name for name, code in DTYPE_CODES.items()}
 
 
+# bits per element of every dtype the format defines (rlx reads a subset: DTYPE_NAMES, frontends.weights);
+# a header naming another dtype is corrupt or from a newer format version
+DTYPE_BITS: dict[str, int] = {
+    "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8,
+    "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32, "C64": 64, "F64": 64,
+    "I64": 64, "U64": 64, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
+}
+
+
+_MAX_HEADER = 100_000_000  # the safetensors library's own limit
+
+
+def _is_index(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _check_entry(name: str, info: Any, data_size: int) -> tuple[int, int]:
+    """The (begin, end) of one tensor's bytes, after checking its entry against the data size."""
+    where = f"tensor {name!r}"
+    if not isinstance(info, dict):
+        raise ValueError(f"{where}: its header entry is {type(info).__name__}, not an object")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
+        raise ValueError(f"{where}: " + ("no dtype" if dtype is None else f"unknown dtype {dtype!r}"))
+    if not isinstance(shape, list) or not all(_is_index(d) for d in shape):
+        raise ValueError(f"{where}: shape {shape!r} is not a list of non-negative integers")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_index(o) for o in offsets):
+        raise ValueError(f"{where}: data_offsets {offsets!r} is not a pair of non-negative integers")
+    begin, end = offsets
+    if begin > end:
+        raise ValueError(f"{where}: data_offsets {offsets} are reversed")
+    if end > data_size:
+        raise ValueError(f"{where}: data_offsets {offsets} run past the end of the data ({data_size} bytes): "
+                         "the file is truncated")
+    bits = prod(shape) * DTYPE_BITS[dtype]
+    if bits != 8 * (end - begin):
+        raise ValueError(f"{where}: {dtype} {shape} takes {bits / 8:g} bytes, "
+                         f"data_offsets {offsets} hold {end - begin}")
+    return begin, end
+
+
 def read_header(f: BinaryIO) -> tuple[dict[str, dict[str, Any]], int]:
-    """(tensor entries, absolute offset of the data); raises struct.error / ValueError on garbage."""
-    (size,) = struct.unpack("<Q", f.read(8))
-    header = json.loads(f.read(size))
+    """(tensor entries, absolute offset of the data) of the file `f` (read from its start), every
+    entry checked against the file: a known dtype, a shape of non-negative integers, and
+    data_offsets inside the file that hold exactly dtype x shape bytes and overlap no other
+    tensor. Damage raises ValueError naming the tensor; callers add the file and their error type."""
+    size = f.seek(0, io.SEEK_END)
+    f.seek(0)
+    prefix = f.read(8)
+    if len(prefix) < 8:
+        raise ValueError(f"the file is truncated: {size} bytes, too few for the 8-byte header length")
+    n = int.from_bytes(prefix, "little")
+    if n > _MAX_HEADER:
+        raise ValueError(f"the header length says {n} bytes, more than the format's {_MAX_HEADER}: not safetensors")
+    if n > size - 8:
+        raise ValueError(f"the header length says {n} bytes but only {size - 8} follow: the file is truncated "
+                         "or not safetensors")
+    try:
+        header = json.loads(f.read(n).decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise ValueError(f"the header is not UTF-8 (byte {err.start}: {err.reason})") from None
+    except (ValueError, RecursionError) as err:
+        raise ValueError(f"the header is not valid JSON ({err})") from None
     if not isinstance(header, dict):
-        raise ValueError("the header is not a JSON object")
+        raise ValueError(f"the header is a JSON {type(header).__name__}, not an object")
     header.pop("__metadata__", None)
-    return header, 8 + size
+    spans = sorted((*_check_entry(name, info, size - 8 - n), name) for name, info in header.items())
+    filled = [s for s in spans if s[1] > s[0]]  # empty tensors take no bytes
+    for (_, end, first), (begin, _, second) in zip(filled, filled[1:], strict=False):
+        if begin < end:
+            raise ValueError(f"tensors {first!r} and {second!r} overlap (their data_offsets share bytes)")
+    return header, 8 + n
 
 
 def tensor_bytes(path: Path) -> int:

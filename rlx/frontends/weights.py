@@ -10,11 +10,9 @@ one at a time from memory maps and returned as fresh float32 arrays in HF layout
 from __future__ import annotations
 
 import difflib
-import io
 import json
 import mmap
 import re
-import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from math import prod
@@ -27,6 +25,7 @@ from rlx.errors import WeightError
 from rlx.frontends.config import GemmaConfig
 from rlx.frontends.gguf_file import GGUFFile
 from rlx.frontends.safetensors_file import read_header
+from rlx.hir.quant import QuantFormat, gguf_format_of
 from rlx.progress import track
 
 LM_HEAD, EMBED = "lm_head.weight", "embed_tokens.weight"
@@ -136,25 +135,14 @@ class _SafetensorsFile:
         self.path = path
         hint = "re-download the checkpoint"
         try:
-            size = path.stat().st_size
             with open(path, "rb") as fh:
-                self.mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+                header, self.data_start = read_header(fh)  # checks every entry against the file
+                self.mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
         except OSError as err:
             raise WeightError(f"cannot read weight file {path}: {err.strerror}", hint=hint) from err
-        try:
-            (n,) = struct.unpack_from("<Q", self.mm, 0)
-            if 8 + n > size:
-                raise ValueError(f"header of {n} bytes in a {size}-byte file")
-            header, self.data_start = read_header(io.BytesIO(self.mm[: 8 + n]))
-        except (struct.error, ValueError) as err:
-            raise WeightError(f"{path} is truncated or not a safetensors file ({err})", hint=hint) from err
+        except ValueError as err:
+            raise WeightError(f"{path} is not a valid safetensors file: {err}", hint=hint) from err
         self.header: dict[str, dict[str, Any]] = header
-        end = max((int(h["data_offsets"][1]) for h in header.values()), default=0)
-        if self.data_start + end > size:
-            raise WeightError(
-                f"{path} is truncated: its header describes {self.data_start + end} bytes, the file has {size}",
-                hint=hint,
-            )
 
     def read(self, name: str) -> np.ndarray:
         h = self.header[name]
@@ -165,13 +153,8 @@ class _SafetensorsFile:
                 hint=f"convert the checkpoint to one of {', '.join(_ST_DTYPES)}",
             )
         _, storage, to_f32 = _ST_DTYPES[dtype]
-        begin, end = (int(x) for x in h["data_offsets"])
-        shape = tuple(int(d) for d in h["shape"])
-        count = (end - begin) // np.dtype(storage).itemsize
-        if count != prod(shape):
-            raise WeightError(f"{self.path}: tensor {name} holds {count} values for shape {shape}",
-                              hint="re-download the checkpoint")
-        raw = np.frombuffer(self.mm, dtype=storage, count=count, offset=self.data_start + begin)
+        shape = tuple(h["shape"])  # read_header checked that data_offsets hold exactly this many values
+        raw = np.frombuffer(self.mm, dtype=storage, count=prod(shape), offset=self.data_start + h["data_offsets"][0])
         return np.ascontiguousarray(to_f32(raw), dtype=np.float32).reshape(shape)
 
 
@@ -185,10 +168,13 @@ def _safetensors_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
         try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            weight_map = json.loads(index.read_bytes().decode("utf-8"))["weight_map"]
+        except (OSError, ValueError, RecursionError, KeyError, TypeError) as err:  # ValueError: also not UTF-8
             raise WeightError(f"{index} is not a valid safetensors index ({err})",
                               hint="re-download the checkpoint") from err
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise WeightError(f"{index}: weight_map must map tensor names to shard file names",
+                              hint="re-download the checkpoint")
         files = [path / f for f in dict.fromkeys(weight_map.values())]
         missing = [f.name for f in files if not f.is_file()]
         if missing:
@@ -215,6 +201,7 @@ class _Entry:
     shape: tuple[int, ...]
     read: Callable[[], np.ndarray]
     shift: float = 0.0  # subtracted after reading (GGUF Gemma 1-3 norms hold 1 + w)
+    blocks: Callable[[], np.ndarray] | None = None  # a GGUF tensor's stored bytes (no copy)
 
 
 class WeightStore:
@@ -253,6 +240,7 @@ class WeightStore:
     @classmethod
     def from_gguf(cls, gf: GGUFFile, config: GemmaConfig) -> WeightStore:
         """A store over an already-parsed GGUF (shared with the config and tokenizer readers)."""
+        gf.require("token_embd.weight", 2)  # every Gemma reads it; a file without it is not a model
         entries: dict[str, _Entry] = {}
         for name, info in gf.tensors.items():
             canonical = canonical_gguf_name(name, config.generation)
@@ -260,7 +248,7 @@ class WeightStore:
                 continue
             shift = config.norm_shift if canonical.endswith("norm.weight") else 0.0
             entries[canonical] = _Entry(name, gf.path, info.type_name, info.shape,
-                                        lambda name=name: gf.array(name), shift)
+                                        lambda name=name: gf.array(name), shift, lambda name=name: gf.raw(name))
         return cls(gf.path, config, entries, [gf.path], gf)
 
     # ---- lookup -----------------------------------------------------------------------------
@@ -310,6 +298,15 @@ class WeightStore:
             array -= np.float32(entry.shift)
         return array
 
+    def stored_blocks(self, name: str) -> np.ndarray | None:
+        """A GGUF tensor's stored bytes as rows [rows, row_bytes] (a read-only view of the file),
+        or None for tensors stored as plain numbers (safetensors, or GGUF floats)."""
+        entry = self._entry(name)
+        if entry.blocks is None or entry.shift or gguf_format_of(entry.dtype) is None:
+            return None
+        raw = entry.blocks()
+        return raw.reshape(*entry.shape[:-1], raw.size // max(1, prod(entry.shape[:-1])))
+
     def require(self, name: str, shape: tuple[int, ...]) -> None:
         """WeightError unless `name` exists with exactly `shape`."""
         entry = self._entry(name)
@@ -344,6 +341,13 @@ class WeightCache:
     def release(self, name: str) -> None:
         """Drop a tensor nobody needs any more (it would be loaded again if asked for)."""
         self._cache.pop(name, None)
+
+    def packed(self, name: str, fmt: QuantFormat) -> np.ndarray | None:
+        """The tensor's blocks when the checkpoint stores it in `fmt` (a GGUF's own, kept exactly
+        as stored and never dequantized), else None (the caller quantizes the float values)."""
+        if fmt.gguf_type is None or self._store.dtype(name) != fmt.gguf_type:
+            return None
+        return self._store.stored_blocks(name)
 
     def preload(self, names: list[str]) -> None:
         """Load (dequantize) every tensor up front, with progress, so timings measure compute."""

@@ -7,8 +7,9 @@ about a graph beyond its dataflow is recorded here, by whoever builds the graph,
   `positions`, `logits`...).
 - **Node meta** (`Node.meta`, printed by the text form, kept by every pass that rewrites a node):
   `layer` is the decoder layer a node computes for (absent outside the layer stack: embedding,
-  final norm, LM head); `role` says what a linear projects (`q`, `k`, `v`, `gate`, `up`, ...),
-  so shared-input fusions find their groups.
+  final norm, LM head); `role` says what a linear projects (`q`, `k`, `v`, `gate`, `up`, ...,
+  `head`), so shared-input fusions find their groups; a param's `stored` is how the checkpoint
+  stores it, so `quantize{scheme=gguf}` can keep GGUF blocks as they are.
 - **The KV cache** (`hir.meta["kv"]`): one `KVSlot` per layer and kind (k / v) with the graph
   input holding the cache so far (`past`, decode graphs) and the output holding it after the
   call (`present`, graphs built with `export_kv`). Engines pair a step's `present` with the next
@@ -37,8 +38,10 @@ HIDDEN = "hidden"
 # ---- node meta ----
 LAYER = "layer"
 ROLE = "role"
+STORED = "stored"  # a param's storage dtype in the checkpoint ("Q8_0", "F32", "bfloat16"...)
 ATTENTION_ROLES = ("q", "k", "v", "o")
 MLP_ROLES = ("gate", "up", "down")
+HEAD = "head"  # the LM head linear
 
 # ---- symbolic capacity of the engine-owned KV cache buffers (lowering and runtime agree on it) ----
 KV_CAP = "KV_CAP"

@@ -16,6 +16,7 @@ class DType(enum.Enum):
     BF16 = "bf16"
     I32 = "i32"
     I64 = "i64"
+    U8 = "u8"  # packed quantized blocks, as a compiled module takes them
     BOOL = "bool"
 
     @property
@@ -49,5 +50,6 @@ _NUMPY: dict[DType, np.dtype] = {
     DType.BF16: np.dtype(ml_dtypes.bfloat16),
     DType.I32: np.dtype(np.int32),
     DType.I64: np.dtype(np.int64),
+    DType.U8: np.dtype(np.uint8),
     DType.BOOL: np.dtype(np.bool_),
 }

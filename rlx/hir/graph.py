@@ -75,15 +75,17 @@ class HIR:
         node_id = self._fresh(name or op.value)
         for i in inputs:
             if i not in self._g:
-                raise HIRError(f"{node_id}: input %{i} is not defined")
+                raise HIRError(f"{node_id}: input %{i} is not defined", hint="add a node after the nodes it reads")
         try:
             full = complete_attrs(op, attrs or {})
             inferred = OPS[op].infer([self.node(i).type for i in inputs], full)
         except TypeRuleError as e:
-            raise HIRError(f"{node_id} ({op.value}): {e}") from None
+            raise HIRError(f"{node_id} ({op.value}): {e}",
+                           hint="check the op's inputs and attrs against rlx.hir.ops.OPS") from None
         out_type = type if inferred is None else inferred
         if out_type is None:
-            raise HIRError(f"{node_id}: op {op.value} needs an explicit type")
+            raise HIRError(f"{node_id}: op {op.value} needs an explicit type",
+                           hint="give type= for input / param / const nodes")
         node = Node(node_id, op, tuple(inputs), out_type, tuple(sorted(full.items())), dict(meta or {}))
         self._insert(node)
         return node_id
@@ -103,7 +105,7 @@ class HIR:
 
     def set_output(self, name: str, node_id: str) -> None:
         if node_id not in self._g:
-            raise HIRError(f"output {name}: %{node_id} is not defined")
+            raise HIRError(f"output {name}: %{node_id} is not defined", hint="set an output to a node the graph holds")
         self._outputs[name] = node_id
 
     def _fresh(self, base: str) -> str:
@@ -129,7 +131,7 @@ class HIR:
         try:
             return self._g.nodes[node_id]["node"]
         except KeyError:
-            raise HIRError(f"no node %{node_id}") from None
+            raise HIRError(f"no node %{node_id}", hint="use a node id the graph holds (print_hir lists them)") from None
 
     def __contains__(self, node_id: str) -> bool:
         return node_id in self._g
@@ -198,7 +200,8 @@ class HIR:
 
     def remove(self, node_id: str, *, force: bool = False) -> None:
         if not force and (any(True for _ in self._g.successors(node_id)) or node_id in self._outputs.values()):
-            raise HIRError(f"cannot remove %{node_id}: it is still used")
+            raise HIRError(f"cannot remove %{node_id}: it is still used",
+                           hint="replace its uses first (replace_uses), or remove with force=True")
         edges_out = [(node_id, s, d) for s, d in self._g.succ[node_id].items()] if force else []
         self._g.remove_node(node_id)
         for src, dst, data in edges_out:  # keep users' edges so replace_node can re-add the node

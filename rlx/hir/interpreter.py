@@ -26,6 +26,7 @@ from rlx.errors import HIRError
 from rlx.hir.dtypes import DType
 from rlx.hir.graph import HIR, Node, param_key
 from rlx.hir.ops import EPILOGUE_STEPS, Op, attr_dim, parse_step
+from rlx.hir.quant import QuantFormat, QuantizedArray, dequantized, quant_format
 from rlx.hir.shapes import bind_shape, eval_dim
 
 F32 = np.float32
@@ -38,6 +39,25 @@ def masked_value(dtype: np.dtype | str) -> float:
 
 def _f32(x: np.ndarray) -> np.ndarray:
     return x.astype(F32, copy=False)
+
+
+def _dense(w: np.ndarray | QuantizedArray) -> np.ndarray:
+    """A weight as float values: a quantized one dequantized (once per array, kept with it: the
+    reference engine reads every weight each step)."""
+    return dequantized(w) if isinstance(w, QuantizedArray) else w
+
+
+def _embed(table: np.ndarray | QuantizedArray, ids: np.ndarray) -> np.ndarray:
+    """Rows of the table; a quantized table dequantizes only the rows it is asked for."""
+    if isinstance(table, QuantizedArray):
+        return table.rows(ids).dequantize()
+    return table[ids]
+
+
+def _concat(values: list[Any], axis: int) -> Any:
+    if isinstance(values[0], QuantizedArray):  # whole rows of one format: the blocks concatenate
+        return QuantizedArray(values[0].format, np.concatenate([v.blocks for v in values], axis=axis))
+    return np.concatenate(values, axis=axis)
 
 
 def _mm(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -89,7 +109,8 @@ def rope_cos_sin_table(inv_freq: np.ndarray, positions: int) -> np.ndarray:
 def _rope_from_table(x: np.ndarray, pos: np.ndarray, table: np.ndarray) -> np.ndarray:
     if pos.size and not 0 <= int(pos.min()) <= int(pos.max()) < len(table):
         raise HIRError(f"rope_table: positions {int(pos.min())}..{int(pos.max())} are outside the table's "
-                       f"0..{len(table) - 1} (the graph's position bound)")
+                       f"0..{len(table) - 1} (the graph's position bound)",
+                       hint="bound the graph by the positions it sees (rlx compile --max-seq), or keep rope unfolded")
     rows = table[pos]  # [B, S, D]
     half = table.shape[-1] // 2
     return _rotate(x, rows[..., :half], rows[..., half:])
@@ -171,7 +192,7 @@ _STEPS: dict[str, Callable[[np.ndarray, np.ndarray | None, float | None], np.nda
 
 
 def _linear_epilogue(ins: list[np.ndarray], at: dict[str, Any]) -> np.ndarray:
-    y = _mm(ins[0], ins[1].T)
+    y = _mm(ins[0], _dense(ins[1]).T)
     operands = list(ins[2:])
     for step in at["steps"]:
         kind, value = parse_step(step)
@@ -190,12 +211,12 @@ def _slice(x: np.ndarray, attrs: dict[str, Any]) -> np.ndarray:
 
 
 IMPLS: dict[Op, Impl] = {
-    Op.EMBED: lambda a, at, env: a[0][a[1]],
+    Op.EMBED: lambda a, at, env: _embed(a[0], a[1]),
     Op.SCALE: lambda a, at, env: (a[0] * F32(at["value"])).astype(F32),
     Op.ADD: lambda a, at, env: a[0] + a[1],
     Op.MUL: lambda a, at, env: a[0] * a[1],
     Op.RMSNORM: lambda a, at, env: _rmsnorm(a[0], a[1] if len(a) > 1 else None, at["eps"], at["offset"]),
-    Op.LINEAR: lambda a, at, env: _mm(a[0], a[1].T),
+    Op.LINEAR: lambda a, at, env: _mm(a[0], _dense(a[1]).T),
     Op.GELU_TANH: lambda a, at, env: _gelu_tanh(a[0]),
     Op.SOFTCAP: lambda a, at, env: (np.tanh(a[0] / F32(at["cap"])) * F32(at["cap"])).astype(F32),
     Op.RESHAPE: lambda a, at, env: _reshape(a[0], at, env),
@@ -206,7 +227,7 @@ IMPLS: dict[Op, Impl] = {
     Op.MATMUL: lambda a, at, env: _mm(a[0], a[1]),
     Op.CAUSAL_MASK: lambda a, at, env: _causal_mask(a[0], a[1], at["window"], at["bidirectional"]),
     Op.SOFTMAX: lambda a, at, env: _softmax(a[0]),
-    Op.CONCAT: lambda a, at, env: np.concatenate(a, axis=at["axis"]),
+    Op.CONCAT: lambda a, at, env: _concat(a, at["axis"]),
     Op.SLICE: lambda a, at, env: _slice(a[0], at),
     Op.CAST: lambda a, at, env: a[0].astype(DType.parse(at["dtype"]).numpy),
     Op.MOE: lambda a, at, env: _moe(a, at["top_k"]),
@@ -217,10 +238,15 @@ IMPLS: dict[Op, Impl] = {
 }
 
 WeightSource = Mapping[str, np.ndarray] | Callable[[str], np.ndarray]
+"""Float32 weights by stored name. A source may also offer `packed(name, format)`: the tensor's
+blocks as stored, when it is stored in that quantized format (a GGUF's), else None; without it
+(or with None) a quantized param is quantized from the float32 tensor."""
 
 
 def _rounded(value: np.ndarray, dtype: DType) -> np.ndarray:
     """An op's result in its node's dtype: the one rounding a kernel storing it would do."""
+    if isinstance(value, QuantizedArray):
+        return value
     want = dtype.numpy
     return value if value.dtype == want else value.astype(want)
 
@@ -235,6 +261,7 @@ class Interpreter:
         self._order = hir.nodes()
         self._weights = weights if weights is not None else {}
         self._cache: dict[str, np.ndarray] = {}
+        self._quantized: dict[str, QuantizedArray] = {}
         last_use: dict[str, int] = {}
         for step, node in enumerate(self._order):
             for i in node.inputs:
@@ -248,16 +275,31 @@ class Interpreter:
             self._cache[name] = np.ascontiguousarray(value, dtype=F32)
         return self._cache[name]
 
-    def param(self, node: Node) -> np.ndarray:
-        name, scale, shift = param_key(node)
+    def _float_param(self, name: str, scale: float, shift: float) -> np.ndarray:
         if (scale, shift) == (1.0, 0.0):
-            value = self.weight(name)
-        else:
-            key = f"{name}*{scale!r}+{shift!r}"
-            if key not in self._cache:
-                self._cache[key] = (self.weight(name) * F32(scale) + F32(shift)).astype(F32)
-            value = self._cache[key]
-        return _rounded(value, node.type.dtype)
+            return self.weight(name)
+        key = f"{name}*{scale!r}+{shift!r}"
+        if key not in self._cache:
+            self._cache[key] = (self.weight(name) * F32(scale) + F32(shift)).astype(F32)
+        return self._cache[key]
+
+    def param(self, node: Node) -> np.ndarray | QuantizedArray:
+        name, scale, shift = param_key(node)
+        if node.type.is_quantized:
+            return self._quantized_param(name, scale, shift, quant_format(node.type.quant))  # type: ignore[arg-type]
+        return _rounded(self._float_param(name, scale, shift), node.type.dtype)
+
+    def _quantized_param(self, name: str, scale: float, shift: float, fmt: QuantFormat) -> QuantizedArray:
+        """The blocks as stored when the source has the tensor in this format (a GGUF's, never
+        dequantized), else quantized here from the float32 tensor: the value rlx computes with."""
+        key = f"{name}*{scale!r}+{shift!r}@{fmt.name}"
+        if key not in self._quantized:
+            packed = getattr(self._weights, "packed", None)
+            blocks = packed(name, fmt) if packed is not None and (scale, shift) == (1.0, 0.0) else None
+            if blocks is None:
+                blocks = fmt.quantize(self._float_param(name, scale, shift))
+            self._quantized[key] = QuantizedArray(fmt, blocks)
+        return self._quantized[key]
 
     def _leaf(self, node: Node, feeds: Mapping[str, np.ndarray], env: dict[str, int]) -> np.ndarray:
         if node.op is Op.PARAM:
@@ -267,12 +309,13 @@ class Interpreter:
                 [int(d) for d in node.type.shape])  # type: ignore[arg-type]
         name = node.attr("name")
         if name not in feeds:
-            raise HIRError(f"missing input {name!r} (graph inputs: {sorted(self.hir.inputs)})")
+            raise HIRError(f"missing input {name!r} (graph inputs: {sorted(self.hir.inputs)})",
+                           hint="feed every graph input")
         value = np.asarray(feeds[name])
         try:
             bind_shape(node.type.shape, value.shape, env, f"input {name}")
         except ValueError as e:
-            raise HIRError(str(e)) from None
+            raise HIRError(str(e), hint="feed inputs of the declared shapes") from None
         return value.astype(node.type.dtype.numpy)
 
     def run(self, feeds: Mapping[str, np.ndarray], *, env: dict[str, int] | None = None) -> dict[str, np.ndarray]:

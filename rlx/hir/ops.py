@@ -199,8 +199,9 @@ def _mask(ins: Sequence[TensorType], attrs: Mapping[str, Any]) -> TensorType:
 def _concat(ins: Sequence[TensorType], attrs: Mapping[str, Any]) -> TensorType:
     a = ins[0]
     axis = attrs["axis"] % a.rank
+    _need(not a.quant or axis != a.rank - 1, f"quantized {a} can only be concatenated along whole rows")
     for b in ins[1:]:
-        _need(a.rank == b.rank and a.dtype == b.dtype, f"concat of {a} and {b}")
+        _need(a.rank == b.rank and a.dtype == b.dtype and a.quant == b.quant, f"concat of {a} and {b}")
         for i, (da, db) in enumerate(zip(a.shape, b.shape, strict=True)):
             _need(i == axis or da == db, f"concat dims differ off axis {axis}: {a} vs {b}")
     shape = list(a.shape)
@@ -324,6 +325,7 @@ class OpSpec:
     infer: TypeRule
     precision: Precision
     attrs: Mapping[str, tuple[tuple[type, ...], Any]] = field(default_factory=dict)
+    quantized_inputs: frozenset[int] = frozenset()  # input positions that may be quantized weights
 
 
 REQUIRED = object()
@@ -337,12 +339,12 @@ OPS: dict[Op, OpSpec] = {
     Op.PARAM: OpSpec((0, 0), _declared, Precision.LEAF,
                      {"name": ((str,), REQUIRED), "scale": (_NUM, 1.0), "shift": (_NUM, 0.0)}),
     Op.CONST: OpSpec((0, 0), _declared, Precision.LEAF, {"value": ((tuple,), REQUIRED)}),
-    Op.EMBED: OpSpec((2, 2), _embed, Precision.COMPUTE),
+    Op.EMBED: OpSpec((2, 2), _embed, Precision.COMPUTE, quantized_inputs=frozenset({0})),
     Op.SCALE: OpSpec((1, 1), _same_as_first, Precision.COMPUTE, {"value": (_NUM, REQUIRED)}),
     Op.ADD: OpSpec((2, 2), _binary, Precision.COMPUTE),
     Op.MUL: OpSpec((2, 2), _binary, Precision.COMPUTE),
     Op.RMSNORM: OpSpec((1, 2), _rmsnorm, Precision.F32, {"eps": (_NUM, REQUIRED), "offset": (_NUM, 0.0)}),
-    Op.LINEAR: OpSpec((2, 2), _linear, Precision.COMPUTE),
+    Op.LINEAR: OpSpec((2, 2), _linear, Precision.COMPUTE, quantized_inputs=frozenset({1})),
     Op.GELU_TANH: OpSpec((1, 1), _same_as_first, Precision.COMPUTE),
     Op.SOFTCAP: OpSpec((1, 1), _same_as_first, Precision.F32, {"cap": (_NUM, REQUIRED)}),
     Op.RESHAPE: OpSpec((1, 1), _reshape, Precision.LAYOUT, {"shape": ((tuple,), REQUIRED)}),
@@ -354,7 +356,8 @@ OPS: dict[Op, OpSpec] = {
     Op.MATMUL: OpSpec((2, 2), _matmul, Precision.COMPUTE),
     Op.CAUSAL_MASK: OpSpec((2, 2), _mask, Precision.F32, {"window": ((int,), 0), "bidirectional": ((bool,), False)}),
     Op.SOFTMAX: OpSpec((1, 1), _same_as_first, Precision.F32),
-    Op.CONCAT: OpSpec((2, 8), _concat, Precision.COMPUTE, {"axis": ((int,), REQUIRED)}),
+    Op.CONCAT: OpSpec((2, 8), _concat, Precision.COMPUTE, {"axis": ((int,), REQUIRED)},
+                      quantized_inputs=frozenset(range(8))),  # rows of one format (fused projections)
     Op.SLICE: OpSpec((1, 1), _slice, Precision.LAYOUT, {"axis": ((int,), REQUIRED), "start": ((int,), REQUIRED),
                                       "stop": (_OPT_INT, None)}),
     Op.CAST: OpSpec((1, 1), _cast, Precision.LAYOUT, {"dtype": ((str,), REQUIRED)}),
@@ -368,7 +371,8 @@ OPS: dict[Op, OpSpec] = {
     # gelu_tanh(gate) * up, from two values or one packed [.., gate | up] value
     Op.GEGLU: OpSpec((1, 2), _geglu, Precision.COMPUTE),
     # linear, then elementwise steps ("add", "mul" take the next operand; "scale=v", "softcap=v", "gelu_tanh")
-    Op.LINEAR_EPILOGUE: OpSpec((2, 6), _linear_epilogue, Precision.COMPUTE, {"steps": ((tuple,), REQUIRED)}),
+    Op.LINEAR_EPILOGUE: OpSpec((2, 6), _linear_epilogue, Precision.COMPUTE, {"steps": ((tuple,), REQUIRED)},
+                               quantized_inputs=frozenset({1})),
 }
 
 

@@ -103,7 +103,8 @@ def _parse_value(text: str, annotation: Any, where: str) -> Any:
         if annotation is str:
             return text
     except ValueError:
-        raise PassError(f"{where}: {text!r} is not a {annotation.__name__}") from None
+        raise PassError(f"{where}: {text!r} is not a {annotation.__name__}",
+                        hint="check the option's type in the pass's documentation") from None
     return text  # composite options parse themselves from text (see the pass's __post_init__)
 
 
@@ -126,7 +127,8 @@ def parse_pipeline(text: str) -> list[Pass]:
         for item in filter(None, (s.strip() for s in (m.group(2) or "").split(","))):
             key, eq, value = item.partition("=")
             if not eq:
-                raise PassError(f"pass {m.group(1)!r}: option {item!r} needs key=value")
+                raise PassError(f"pass {m.group(1)!r}: option {item!r} needs key=value",
+                                hint="write options as name{key=value,...}")
             opts[key.strip()] = value
         out.append(make_pass(m.group(1), opts))
         pos = m.end()

@@ -32,7 +32,7 @@ def hir_to_dict(hir: HIR) -> dict[str, Any]:
 def hir_from_dict(data: dict[str, Any]) -> HIR:
     if data.get("format") != "rlx-hir" or data.get("version") != FORMAT_VERSION:
         raise HIRError(f"not an rlx-hir v{FORMAT_VERSION} document (format={data.get('format')!r}, "
-                       f"version={data.get('version')!r})")
+                       f"version={data.get('version')!r})", hint="write it with rlx.hir.serialize.dumps")
     hir = HIR(data["name"])
     hir.meta = dict(data.get("meta", {}))
     try:
@@ -41,7 +41,7 @@ def hir_from_dict(data: dict[str, Any]) -> HIR:
             hir.insert_raw(Node(n["id"], Op(n["op"]), tuple(n["inputs"]), TensorType.parse(n["type"]), attrs,
                                 dict(n.get("meta", {}))))
     except (KeyError, ValueError) as e:
-        raise HIRError(f"bad HIR JSON node: {e}") from None
+        raise HIRError(f"bad HIR JSON node: {e}", hint="write it with rlx.hir.serialize.dumps") from None
     for name, nid in data["outputs"].items():
         hir.raw_set_output(name, nid)
     return hir

@@ -1,4 +1,5 @@
-"""The type of an HIR value: element dtype plus a (possibly symbolic) shape."""
+"""The type of an HIR value: element dtype plus a (possibly symbolic) shape, and for a quantized
+weight the block format it is stored in (`rlx.hir.quant`; text form `q8_0[262144, 640]`)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import re
 from dataclasses import dataclass
 
 from rlx.hir.dtypes import DType
+from rlx.hir.quant import is_quant_name
 from rlx.hir.shapes import Shape, format_shape, parse_shape
 
 _TYPE = re.compile(r"^\s*(\w+)(\[.*\])\s*$")
@@ -15,23 +17,34 @@ _TYPE = re.compile(r"^\s*(\w+)(\[.*\])\s*$")
 class TensorType:
     dtype: DType
     shape: Shape
+    quant: str | None = None  # a format of rlx.hir.quant: stored in blocks, read as `dtype` (float32)
+
+    @property
+    def is_quantized(self) -> bool:
+        return self.quant is not None
 
     @property
     def rank(self) -> int:
         return len(self.shape)
 
     def with_shape(self, shape: Shape) -> TensorType:
-        return TensorType(self.dtype, tuple(shape))
+        return TensorType(self.dtype, tuple(shape), self.quant)
 
     def with_dtype(self, dtype: DType) -> TensorType:
         return TensorType(dtype, self.shape)
 
+    def with_quant(self, quant: str | None) -> TensorType:
+        return TensorType(DType.F32 if quant else self.dtype, self.shape, quant)
+
     def __str__(self) -> str:
-        return f"{self.dtype.value}{format_shape(self.shape)}"
+        return f"{self.quant or self.dtype.value}{format_shape(self.shape)}"
 
     @staticmethod
     def parse(text: str) -> TensorType:
         m = _TYPE.match(text)
         if not m:
             raise ValueError(f"bad type {text!r}: expected e.g. f32[BATCH, SEQ, 640]")
-        return TensorType(DType.parse(m.group(1)), parse_shape(m.group(2)))
+        name, shape = m.group(1), parse_shape(m.group(2))
+        if is_quant_name(name):
+            return TensorType(DType.F32, shape, name)
+        return TensorType(DType.parse(name), shape)

@@ -25,6 +25,7 @@ from rlx.hir.tensor_type import TensorType
 
 _NODE = re.compile(r"^%(?P<id>\S+) = (?P<op>\w+)\((?P<args>[^)]*)\)(?: (?P<attrs>\{.*?\}))? : "
                    r"(?P<type>[^{]+?)(?: meta (?P<meta>\{.*\}))?$")
+_SYNTAX = "the text form is `hir NAME {`, `%id = op(%a, %b) {attrs} : type`, `return name=%id`, `}`"
 _HEADER = re.compile(r"^hir (?P<name>\S+)(?: (?P<meta>\{.*\}))? \{$")
 
 
@@ -56,35 +57,36 @@ def parse_hir(text: str) -> HIR:
     """Parse the text form. Nodes keep their ids; types are taken as written (verify() checks them)."""
     lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip() and not ln.strip().startswith("#")]
     if len(lines) < 2 or not (m := _HEADER.match(lines[0])) or lines[-1] != "}":
-        raise HIRError("parse: expected 'hir NAME {' ... '}'")
+        raise HIRError("parse: expected 'hir NAME {' ... '}'", hint=_SYNTAX)
     hir = HIR(m.group("name"))
     if m.group("meta"):
         try:
             hir.meta = json.loads(m.group("meta"))
         except json.JSONDecodeError as e:
-            raise HIRError(f"parse line 1: bad graph meta: {e}") from None
+            raise HIRError(f"parse line 1: bad graph meta: {e}", hint=_SYNTAX) from None
     for lineno, line in enumerate(lines[1:-1], start=2):
         if line.startswith("return"):
             for item in filter(None, (s.strip() for s in line[len("return"):].split(","))):
                 name, _, ref = item.partition("=%")
                 if not ref:
-                    raise HIRError(f"parse line {lineno}: bad output {item!r}, expected name=%id")
+                    raise HIRError(f"parse line {lineno}: bad output {item!r}, expected name=%id", hint=_SYNTAX)
                 hir.raw_set_output(name, ref)
             continue
         nm = _NODE.match(line)
         if not nm:
-            raise HIRError(f"parse line {lineno}: cannot read {line!r}")
+            raise HIRError(f"parse line {lineno}: cannot read {line!r}", hint=_SYNTAX)
         try:
             op = Op(nm.group("op"))
             attrs = json.loads(nm.group("attrs")) if nm.group("attrs") else {}
             ttype = TensorType.parse(nm.group("type"))
             meta = json.loads(nm.group("meta")) if nm.group("meta") else {}
         except (ValueError, json.JSONDecodeError) as e:
-            raise HIRError(f"parse line {lineno}: {e}") from None
+            raise HIRError(f"parse line {lineno}: {e}", hint=_SYNTAX) from None
         inputs = tuple(a.strip()[1:] for a in nm.group("args").split(",") if a.strip())
         for i in inputs:
             if i not in hir:
-                raise HIRError(f"parse line {lineno}: %{i} used before it is defined")
+                raise HIRError(f"parse line {lineno}: %{i} used before it is defined",
+                               hint="define each node before the nodes that read it")
         node_attrs = tuple(sorted((k, _from_json(v)) for k, v in attrs.items()))
         hir.insert_raw(Node(nm.group("id"), op, inputs, ttype, node_attrs, meta))
     return hir

@@ -35,6 +35,8 @@ def _derived(hir: HIR, param: str, scale: float, shift: float) -> str:
 def _fold_embed_scale(hir: HIR, m: Match) -> str | None:
     if len(hir.users(m["table"])) > 1:
         return None  # a tied LM head reads the same table: a scaled copy would double its bytes
+    if hir.node(m["table"]).type.is_quantized:
+        return None  # scaling blocks would quantize them again (and a GGUF's would lose their bits)
     s = hir.node(m.root).attr("value")
     table = _derived(hir, m["table"], s, 0.0)
     return hir.add(Op.EMBED, [table, m["ids"]], name=m["embed"] + ".folded")

@@ -33,12 +33,14 @@ class _FuseSharedInput(Pass):
     roles: ClassVar[tuple[str, ...]] = ()
 
     def _groups(self, hir: HIR, x: str) -> list[list[Node]]:
-        """Projections of one layer reading x, in role order."""
-        by_module: dict[int | None, dict[str, Node]] = {}
+        """Projections of one layer reading x, in role order, grouped by their weights' type: one
+        matmul needs one weight format (a GGUF may store v in another block type than q and k)."""
+        by_module: dict[tuple[int | None, str], dict[str, Node]] = {}
         for u in hir.users(x):
             key = _role(hir, u, self.roles)
             if key is not None and u.inputs[0] == x:
-                by_module.setdefault(key[0], {})[key[1]] = u
+                weight_type = str(hir.node(u.inputs[1]).type)
+                by_module.setdefault((key[0], weight_type.split("[")[0]), {})[key[1]] = u
         return [[g[r] for r in self.roles if r in g] for g in by_module.values()]
 
     def run(self, hir: HIR) -> PassResult:

@@ -90,7 +90,8 @@ class Precision(Pass):
     def __post_init__(self) -> None:
         _float_dtype(self.compute, "compute")
         if self.mixed not in MIXED:
-            raise PassError(f"precision: mixed={self.mixed!r} must be one of {', '.join(MIXED)}")
+            raise PassError(f"precision: mixed={self.mixed!r} must be one of {', '.join(MIXED)}",
+                            hint="use mixed=auto or mixed=off")
         layers = self.layers.split("|") if isinstance(self.layers, str) else self.layers
         object.__setattr__(self, "layers", tuple(_float_dtype(d, "layers").value for d in layers if d.strip()))
 
@@ -111,7 +112,8 @@ class Precision(Pass):
         if kind is Class.F32 and self.mixed == "auto":
             return DType.F32
         if kind not in (Class.COMPUTE, Class.F32):
-            raise PassError(f"precision: %{node.id}: no precision rule for op {node.op.value}")
+            raise PassError(f"precision: %{node.id}: no precision rule for op {node.op.value}",
+                            hint="add the op to a precision class in rlx/hir/ops.py")
         return self.layer_dtype(cv.layer_of(node))
 
     def run(self, hir: HIR) -> PassResult:
@@ -133,8 +135,8 @@ class _Rewrite:
     def read(self, value: str, dtype: DType) -> str:
         """`value` as `dtype`: itself, or its (shared) cast. Ints and exact matches pass through."""
         node = self.out.node(value)
-        if not node.type.dtype.is_float or node.type.dtype == dtype:
-            return value
+        if not node.type.dtype.is_float or node.type.dtype == dtype or node.type.is_quantized:
+            return value  # a quantized weight is read as its blocks, whatever the compute dtype
         key = (value, dtype)
         if key not in self.casts:
             name = f"{value}.{dtype.value}"
@@ -152,7 +154,8 @@ class _Rewrite:
         try:
             inferred = OPS[node.op].infer([self.out.node(i).type for i in inputs], node.attr_dict)
         except TypeRuleError as e:  # a dtype rule this pass does not know about
-            raise PassError(f"precision: %{node.id} ({node.op.value}): {e}") from None
+            raise PassError(f"precision: %{node.id} ({node.op.value}): {e}",
+                            hint="this is a bug in the precision pass: please report it") from None
         return Node(node.id, node.op, inputs, inferred or node.type, node.attrs, dict(node.meta))
 
     def run(self) -> PassResult:

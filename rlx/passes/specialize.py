@@ -71,7 +71,7 @@ def parse_dims(dims: DimsSpec) -> tuple[tuple[str, int], ...]:
         if name not in SYMBOLS:
             raise PassError(f"specialize: unknown symbol {name!r}", hint=f"bind one of {', '.join(SYMBOLS)}")
         if name in out:
-            raise PassError(f"specialize: {name} is bound twice")
+            raise PassError(f"specialize: {name} is bound twice", hint="bind each symbol once")
         out[name] = _positive(name, raw)
     return tuple(sorted(out.items()))
 
@@ -139,7 +139,8 @@ class Specialize(Pass):
         try:
             verify(out)
         except HIRError as e:  # e.g. a static slice past the new size
-            raise PassError(f"{self}: the graph does not hold at these sizes: {e}") from None
+            raise PassError(f"{self}: the graph does not hold at these sizes: {e}",
+                            hint="bind sizes the graph can take (SEQ at least as long as its static slices)") from None
         return PassResult(out, True, {"retyped": retyped})
 
 
@@ -188,7 +189,8 @@ def select_last_token(hir: HIR, dim: str) -> tuple[HIR, str | None]:
         if select is None:
             select = out.input(SELECT_INPUT, sel_type)
         elif out.node(select).type != sel_type:
-            raise PassError(f"cannot bucket {dim}: last-token slices of {out.node(select).type} and {sel_type}")
+            raise PassError(f"cannot bucket {dim}: last-token slices of {out.node(select).type} and {sel_type}",
+                            hint="bucket graphs with one last-token output shape")
         picked = out.add(Op.MATMUL, [select, n.inputs[0]], name=n.id + ".select")
         out.replace_uses(n.id, picked)
         out.remove(n.id)
@@ -204,18 +206,21 @@ def _check_paddable(hir: HIR, dim: str) -> None:
         raise PassError(f"cannot bucket {dim}: graph {hir.name} has no {dim} dim", hint="build it with dynamic_seq()")
     for name in UNPADDABLE_INPUTS:
         if name in hir.inputs:
-            raise PassError(f"cannot bucket {dim}: input {name!r} may let real tokens attend to pads")
+            raise PassError(f"cannot bucket {dim}: input {name!r} may let real tokens attend to pads",
+                            hint="drop [specialize] SEQ buckets for graphs with custom masks or media bias")
     for n in hir.nodes():
         attrs = n.attr_dict
         if attrs.get("bidirectional") is True or attrs.get("mask") == "bidirectional":
-            raise PassError(f"cannot bucket {dim}: %{n.id} attends bidirectionally, so real tokens would see pads")
+            raise PassError(f"cannot bucket {dim}: %{n.id} attends bidirectionally, so real tokens would see pads",
+                            hint="drop [specialize] SEQ buckets for models with bidirectional layers")
 
 
 def specialize_buckets(hir: HIR, dim: str = SEQ, buckets: Sequence[int] = (1, 32, 128, 512)) -> BucketedGraphs:
     """One `specialize{dim=b}` variant per bucket; each records the largest bucket as its bound."""
     sizes = sorted({_positive(dim, b) for b in buckets})
     if not sizes:
-        raise PassError("specialize_buckets needs at least one bucket")
+        raise PassError("specialize_buckets needs at least one bucket",
+                        hint="give buckets, e.g. [specialize] SEQ = [32, 128]")
     _check_paddable(hir, dim)
     base, select = select_last_token(hir, dim)
     variants: dict[int, HIR] = {}

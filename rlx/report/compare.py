@@ -29,7 +29,7 @@ REPORT_VERSION = 1
 DECODE_STEPS = 16
 DEFAULT_PROMPT = "The capital of France is"
 
-# why an artifact of this device compiles here but cannot run (`runnable_targets` says whether it can)
+# why an artifact of this device compiles here but cannot run (`can_run` says whether it can)
 NOT_EXECUTED = {
     "cuda": "compiled, not executed: no GPU",
     "metal": "compiled, not executed: needs an Apple GPU",
@@ -268,8 +268,7 @@ def _prompt_ids(checkpoint: Any, prompt: str | None, prompt_ids: list[int] | Non
         raise RlxError(f"cannot tokenize the prompt: {e.message}", hint="pass --prompt-ids 2,818,...") from None
 
 
-def _compile_one(checkpoint_path: Path, target: str, dest: Path, profile: str | None,
-                 passes: str | None) -> dict[str, Any]:
+def _compile_one(checkpoint_path: Path, target: str, dest: Path, profile: Any, passes: str | None) -> dict[str, Any]:
     """Compile one target; a failure becomes {"status": "failed", "error": ...} so the others go on."""
     from rlx.driver.compile import compile_checkpoint
 
@@ -283,7 +282,8 @@ def _compile_one(checkpoint_path: Path, target: str, dest: Path, profile: str | 
 
 def compare(checkpoint_path: str | Path, targets: list[str], out: str | Path | None = None, *,
             profile: str | None = None, passes: str | None = None, prompt: str | None = None,
-            prompt_ids: list[int] | None = None, bench: str | Path | None = None) -> Path:
+            prompt_ids: list[int] | None = None, bench: str | Path | None = None,
+            quantize: str | None = None) -> Path:
     """Compile every target (through the compile cache), run the runnable ones, write the report
     directory atomically; returns it. Bad input (unknown target, bad profile, missing bench file,
     prompt too long) fails before anything compiles."""
@@ -291,13 +291,13 @@ def compare(checkpoint_path: str | Path, targets: list[str], out: str | Path | N
     from rlx.frontends.checkpoint import open_checkpoint
     from rlx.outputs import replace_dir_atomic
     from rlx.report.render import write_reports
-    from rlx.runtime.artifact_engine import runnable_targets
+    from rlx.runtime.artifact_engine import can_run
     from rlx.targets.presets import resolve_target
 
     if not targets:
         raise RlxError("--targets is empty", hint="e.g. --targets cpu,cuda,metal")
     resolved = {t: resolve_target(t) for t in targets}
-    prof = resolve_profile(profile, checkpoint_path)
+    prof = resolve_profile(profile, checkpoint_path, quantize)
     if bench is not None and not Path(bench).is_file():
         raise RlxError(f"--bench {bench}: no such file", hint="write one with bench/bench_cpu.py --json FILE")
     checkpoint = open_checkpoint(checkpoint_path)
@@ -306,17 +306,16 @@ def compare(checkpoint_path: str | Path, targets: list[str], out: str | Path | N
         raise RlxError(f"the prompt has {len(ids)} tokens; the walk needs 1..."
                        f"{checkpoint.config.max_position_embeddings - DECODE_STEPS}", hint="shorten the prompt")
     dest = Path(out) if out is not None else Path("reports") / Path(checkpoint_path).stem
-    runnable = runnable_targets()
 
     def fill(tmp: Path) -> None:
         vocabulary = op_vocabulary()
         results: dict[str, dict[str, Any]] = {}
         for name, r in resolved.items():
-            result = _compile_one(Path(checkpoint_path), name, tmp / "artifacts" / name, profile, passes)
+            result = _compile_one(Path(checkpoint_path), name, tmp / "artifacts" / name, prof, passes)
             if result["status"] == "compiled":
                 art = result.pop("artifact")
                 result.update(collect_artifact(art, vocabulary), artifact=str(art.relative_to(tmp)))
-                result["status"] = "executed" if name in runnable else NOT_EXECUTED[r.device]
+                result["status"] = "executed" if can_run(r.device, r.local) else NOT_EXECUTED[r.device]
             results[name] = result
         executed = [n for n, t in results.items() if t["status"] == "executed"]
         reference = reference_walk(checkpoint, prof, passes, ids) if executed else None
@@ -335,4 +334,12 @@ def compare(checkpoint_path: str | Path, targets: list[str], out: str | Path | N
         }
         write_reports(tmp, data)
 
-    return replace_dir_atomic(dest, fill)
+    return replace_dir_atomic(dest, fill, owned=is_report_dir, what="--out", protect=[checkpoint_path])
+
+
+def is_report_dir(path: Path) -> bool:
+    """Whether `path` holds an `rlx compare` report (which a new report may replace)."""
+    try:
+        return json.loads((Path(path) / "report.json").read_text()).get("format") == REPORT_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False

@@ -1,30 +1,42 @@
-"""The artifact directory `rlx compile` writes and `rlx run` loads: its format and the checks
-made when one is loaded (`rlx.driver.compile` writes it).
+"""The artifact directory `rlx compile` writes and `rlx run` loads: its format, and the checks made
+before one is trusted (`rlx.driver.compile` writes it).
 
     ARTIFACT/
       manifest.json   format, tool versions, model hash, config, profile, target, entry
-                      signatures, symbolic-dim bounds, file names
+                      signatures, symbolic-dim bounds, file names, sizes and hashes, `created`
       <lib>.so|.tar   the compiled module (.tar of objects for cross targets)
       weights.safetensors   every param in the layout the kernels take (derived params materialised)
       hir/            HIR text before and after passes, per entry
       report.json     pass report, kernel list, phase timings
 
-It is written into a hidden temp directory next to the destination and renamed into place
-only when complete (`rlx.outputs`), so an interrupted or failed compile leaves no artifact behind.
+It is written into a hidden temp directory next to the destination and renamed into place only
+when complete (`rlx.outputs`), so an interrupted or failed compile leaves no artifact behind.
+
+Loading checks, in order (`load_checked`): the manifest parses and has every key with the right
+type (`SCHEMA`, errors name the key); the format and tool versions match; every file the
+manifest lists exists with its recorded size and quick digest (sha256 of its size, first and
+last MiB: catches truncation and most damage in milliseconds; `--verify` hashes whole files);
+the weights file's header lists exactly the tensors the entries take, each with the dtype,
+shape and byte count the manifest declares.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from rlx.errors import RlxError
+from rlx.hir.tensor_type import TensorType
 from rlx.version import __version__
 
 FORMAT = "rlx-artifact"
-FORMAT_VERSION = 2  # 2: in-place KV cache buffers (caches, dims in entries)
+FORMAT_VERSION = 4  # 3: file sizes / hashes, target.local, created; 4: quantized weights
 MANIFEST = "manifest.json"
+_EDGE = 1 << 20  # bytes a quick digest reads from each end of a file
+RECOMPILE = "compile the artifact again: rlx compile CHECKPOINT --out DIR"
 
 
 class ArtifactError(RlxError):
@@ -37,29 +49,190 @@ def tool_versions() -> dict[str, str]:
     return {"rlx": __version__, "tvm": str(tvm.__version__)}
 
 
+def is_artifact_dir(path: Path) -> bool:
+    """Whether `path` holds an rlx artifact (any version): what `rlx compile --out` may replace."""
+    try:
+        return json.loads((Path(path) / MANIFEST).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+# ---- the manifest's schema: a spec is a type, a tuple of types, [item spec], {key: spec} (fixed
+# keys, all required) or {str: spec} (a mapping of any keys) ----
+
+Spec = Any
+_TYPE = (str,)
+_ENTRY: Spec = {"function": str, "inputs": [[str]], "params": [[str]], "outputs": [str], "caches": [[str]],
+                "dims": [str]}
+SCHEMA: dict[str, Spec] = {
+    "format": str, "format_version": int, "versions": {"rlx": str, "tvm": str}, "created": str,
+    "model_hash": str, "config": {str: object}, "target": {"name": str, "device": str, "local": bool, "json": str},
+    "entries": {str: _ENTRY}, "max_seq": int, "prefill_buckets": [int],
+    "backend": {"opt_level": (int, type(None)), "threads": (int, type(None))},
+    "library": str, "weights": str, "files": {str: {"bytes": int, "quick": str, "sha256": str}},
+    "quantize": {"scheme": str, "group": int, "embed": (str, type(None)), "head": (str, type(None)),
+                 "tensors": {str: str}},
+}
+_KINDS = {str: "a string", int: "an integer", bool: "a boolean", list: "a list", dict: "an object",
+          type(None): "null", object: "a value"}
+
+
+def _describe(spec: Spec) -> str:
+    if isinstance(spec, tuple):
+        return " or ".join(_describe(s) for s in spec)
+    if isinstance(spec, list):
+        return "a list"
+    if isinstance(spec, dict):
+        return "an object"
+    return _KINDS.get(spec, spec.__name__)
+
+
+def _check(value: Any, spec: Spec, where: str) -> None:
+    """Raise ArtifactError naming `where` (a key path) when `value` does not fit `spec`."""
+    def bad() -> ArtifactError:
+        return ArtifactError(f"{MANIFEST}: key {where} must be {_describe(spec)}, got {value!r:.80}", hint=RECOMPILE)
+
+    if isinstance(spec, list):
+        if not isinstance(value, list):
+            raise bad()
+        for i, item in enumerate(value):
+            _check(item, spec[0], f"{where}[{i}]")
+    elif isinstance(spec, dict):
+        if not isinstance(value, dict):
+            raise bad()
+        if list(spec) == [str]:
+            for key, item in value.items():
+                _check(item, spec[str], f"{where}.{key}")
+            return
+        for key, item_spec in spec.items():
+            if key not in value:
+                raise ArtifactError(f"{MANIFEST}: key {where}.{key} is missing", hint=RECOMPILE)
+            _check(value[key], item_spec, f"{where}.{key}")
+    elif spec is not object:
+        kinds = spec if isinstance(spec, tuple) else (spec,)
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            raise bad()
+
+
 def read_manifest(artifact: Path) -> dict[str, Any]:
+    """The manifest, checked against `SCHEMA` and this rlx's format version."""
     path = Path(artifact) / MANIFEST
     if not path.is_file():
         raise ArtifactError(f"{artifact} is not an rlx artifact (no {MANIFEST})",
                             hint="pass a directory written by `rlx compile`, or a checkpoint")
     try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ArtifactError(f"{path} is damaged: {e}", hint="compile the artifact again") from None
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ArtifactError(f"{path} is damaged: {e}", hint=RECOMPILE) from None
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"{path} is damaged: not a JSON object", hint=RECOMPILE)
     if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
         raise ArtifactError(f"{path}: artifact format {manifest.get('format')!r} v{manifest.get('format_version')} "
                             f"is not {FORMAT} v{FORMAT_VERSION}", hint="compile it again with this rlx")
+    for key, spec in SCHEMA.items():
+        if key not in manifest:
+            raise ArtifactError(f"{MANIFEST}: key {key} is missing", hint=RECOMPILE)
+        _check(manifest[key], spec, key)
+    for name, entry in manifest["entries"].items():
+        for group in ("inputs", "params", "caches"):
+            for i, pair in enumerate(entry[group]):
+                where = f"entries.{name}.{group}[{i}]"
+                if len(pair) != 2:
+                    raise ArtifactError(f"{MANIFEST}: key {where} must be [name, type]", hint=RECOMPILE)
+                try:
+                    TensorType.parse(pair[1])
+                except ValueError as e:
+                    raise ArtifactError(f"{MANIFEST}: key {where}: {e}", hint=RECOMPILE) from None
     return manifest
 
 
-def check_compatible(manifest: dict[str, Any], artifact: Path, *, runnable_targets: tuple[str, ...]) -> None:
-    """Refuse artifacts from another rlx / TVM version, or for a target this machine cannot run."""
-    built = manifest.get("versions", {})
-    target = manifest.get("target", {}).get("name")
+def check_compatible(manifest: dict[str, Any], artifact: Path, *,
+                     runnable: Callable[[Mapping[str, Any]], bool]) -> None:
+    """Refuse artifacts from another rlx / TVM version, or for a target this machine cannot run
+    (`runnable(manifest["target"])`)."""
+    target = manifest["target"]
     for tool, version in tool_versions().items():
-        if built.get(tool) != version:
-            raise ArtifactError(f"{artifact} was compiled with {tool} {built.get(tool)}, this is {tool} {version}",
-                                hint=f"recompile: rlx compile CHECKPOINT --target {target}")
-    if target not in runnable_targets:
-        raise ArtifactError(f"{artifact} is compiled for target {target!r}, which cannot run here",
-                            hint=f"targets that run on this machine: {', '.join(runnable_targets)}")
+        if manifest["versions"].get(tool) != version:
+            raise ArtifactError(f"{artifact} was compiled with {tool} {manifest['versions'].get(tool)}, "
+                                f"this is {tool} {version}", hint=f"recompile: rlx compile CHECKPOINT --target "
+                                                                  f"{target['name']}")
+    if not runnable(target):
+        raise ArtifactError(f"{artifact} is compiled for target {target['name']!r}, which cannot run here "
+                            f"(device {target['device']}{'' if target['local'] else ', cross-compiled'})",
+                            hint="run it where that device is, or compile for this machine: --target cpu")
+
+
+# ---- files: sizes and digests ----
+
+def quick_digest(path: Path) -> str:
+    """sha256 of the file's size and its first and last MiB (see the module docstring)."""
+    size = path.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        digest.update(f.read(_EDGE))
+        if size > _EDGE:
+            f.seek(max(_EDGE, size - _EDGE))
+            digest.update(f.read())
+    return digest.hexdigest()
+
+
+def full_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_record(path: Path) -> dict[str, Any]:
+    """What the manifest records of one file (`files`)."""
+    return {"bytes": path.stat().st_size, "quick": quick_digest(path), "sha256": full_digest(path)}
+
+
+def verify_files(artifact: Path, manifest: Mapping[str, Any], *, full: bool = False) -> None:
+    """Every file the manifest lists exists with its size and quick digest (and, `full`, its sha256)."""
+    for name in (manifest["library"], manifest["weights"]):
+        if name not in manifest["files"]:
+            raise ArtifactError(f"{MANIFEST}: key files.{name} is missing", hint=RECOMPILE)
+    for name, record in manifest["files"].items():
+        path = artifact / name
+        if not path.is_file():
+            raise ArtifactError(f"{artifact}: {name} is missing", hint=RECOMPILE)
+        size = path.stat().st_size
+        if size != record["bytes"]:
+            raise ArtifactError(f"{artifact}: {name} has {size} bytes, the manifest says {record['bytes']} "
+                                f"({'truncated' if size < record['bytes'] else 'grown'})", hint=RECOMPILE)
+        if quick_digest(path) != record["quick"] or (full and full_digest(path) != record["sha256"]):
+            raise ArtifactError(f"{artifact}: {name} does not match the hash in the manifest (damaged or changed)",
+                                hint=RECOMPILE)
+
+
+def check_weights(artifact: Path, manifest: Mapping[str, Any], header: Mapping[str, Mapping[str, Any]],
+                  dtype_names: Mapping[str, str]) -> None:
+    """The weights file's header (`safetensors_file.read_header`) holds exactly the params the
+    entries take, each with the declared dtype, shape and byte count."""
+    declared: dict[str, TensorType] = {}
+    for entry in manifest["entries"].values():
+        for key, text in entry["params"]:
+            declared[key] = TensorType.parse(text)
+    where = f"{artifact / manifest['weights']}"
+    missing = sorted(set(declared) - set(header))
+    if missing:
+        raise ArtifactError(f"{where} lacks {len(missing)} tensor(s) the code takes: {', '.join(missing[:3])}",
+                            hint=RECOMPILE)
+    for key, t in declared.items():
+        info = header[key]
+        shape = [int(d) for d in t.shape]  # type: ignore[arg-type]  # params are static
+        start, end = info["data_offsets"]
+        itemsize = t.dtype.itemsize
+        if dtype_names.get(info["dtype"]) != str(t.dtype.numpy) or list(info["shape"]) != shape \
+                or end - start != itemsize * int(_prod(shape)):
+            raise ArtifactError(f"{where}: tensor {key} is {info['dtype']} {list(info['shape'])} "
+                                f"({end - start} bytes), the code takes {t}", hint=RECOMPILE)
+
+
+def _prod(shape: list[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n

@@ -7,9 +7,10 @@ outputs); the weights file holds every param already in the kernels' layout. The
 
 from __future__ import annotations
 
-import json
+import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import tvm
@@ -19,7 +20,15 @@ from rlx.frontends.config import GemmaConfig
 from rlx.frontends.safetensors_file import DTYPE_NAMES, read_header
 from rlx.hir.pass_manager import PassReport
 from rlx.hir.tensor_type import TensorType
-from rlx.runtime.artifact import check_compatible, read_manifest
+from rlx.runtime.artifact import (
+    MANIFEST,
+    RECOMPILE,
+    ArtifactError,
+    check_compatible,
+    check_weights,
+    read_manifest,
+    verify_files,
+)
 from rlx.runtime.vm_engine import DEVICES, VMEngine
 
 
@@ -48,13 +57,27 @@ class EntrySignature:
                               tuple(entry["outputs"]), typed(entry["caches"]), tuple(entry["dims"]))
 
 
+def weights_header(path: Path) -> tuple[dict[str, dict[str, Any]], int]:
+    """The weights file's tensor table and data offset; a damaged header is an ArtifactError."""
+    try:
+        with open(path, "rb") as f:
+            header, base = read_header(f)
+        end = max((int(h["data_offsets"][1]) for h in header.values()), default=0)
+    except (OSError, ValueError, KeyError, TypeError, IndexError, struct.error) as e:
+        raise ArtifactError(f"{path}: unreadable safetensors header ({e})", hint=RECOMPILE) from None
+    if base + end > path.stat().st_size:
+        raise ArtifactError(f"{path} is truncated: its header describes {base + end} bytes, the file has "
+                            f"{path.stat().st_size}", hint=RECOMPILE)
+    return header, base
+
+
 def load_weights(path: Path, device: tvm.runtime.Device) -> dict[str, tvm.runtime.Tensor]:
     """A safetensors file straight into device tensors, one at a time and never mmapped. On the
     CPU the file is read directly into the tensor's memory (a DLPack view), so the weights are
     held once; elsewhere through one host tensor at a time."""
     out: dict[str, tvm.runtime.Tensor] = {}
+    header, base = weights_header(path)
     with open(path, "rb") as f:
-        header, base = read_header(f)
         for key, info in sorted(header.items()):
             start, end = info["data_offsets"]
             f.seek(base + start)
@@ -68,29 +91,40 @@ def load_weights(path: Path, device: tvm.runtime.Device) -> dict[str, tvm.runtim
     return out
 
 
-def runnable_targets() -> tuple[str, ...]:
-    """Artifact targets this machine can execute."""
-    out = ["cpu"]
-    if tvm.cuda(0).exist:
-        out += ["cuda", "cuda-sm90"]
-    return tuple(out)
+def can_run(device: str, local: bool) -> bool:
+    """Whether a module for `device` runs on this machine (a CPU one only if built for this
+    host, not cross-compiled; a CUDA one where a GPU is)."""
+    return (device == "cpu" and local) or (device == "cuda" and bool(tvm.cuda(0).exist))
 
 
 class ArtifactEngine(VMEngine):
-    def __init__(self, artifact: str | Path) -> None:
+    """Run an artifact directory; `verify` hashes its files in full (default: sizes, quick digests
+    and the weights header against the manifest, see `rlx.runtime.artifact`)."""
+
+    def __init__(self, artifact: str | Path, *, verify: bool = False) -> None:
         root = Path(artifact)
         manifest = read_manifest(root)
-        check_compatible(manifest, root, runnable_targets=runnable_targets())
+        check_compatible(manifest, root, runnable=lambda t: t["device"] in DEVICES and can_run(t["device"], t["local"]))
+        verify_files(root, manifest, full=verify)
+        header, _ = weights_header(root / manifest["weights"])
+        check_weights(root, manifest, header, DTYPE_NAMES)
         self.manifest = manifest
         self.name = manifest["target"]["name"]
         self.device = DEVICES[manifest["target"]["device"]](0)
-        self.config = GemmaConfig.from_dict(manifest["config"])
-        self.max_seq = int(manifest["max_seq"])
-        self.buckets = tuple(manifest.get("prefill_buckets", ()))
+        self.config = GemmaConfig.from_dict(manifest["config"], source=str(root / MANIFEST))
+        self.max_seq = manifest["max_seq"]
+        self.buckets = tuple(manifest["prefill_buckets"])
         self.signatures = {name: EntrySignature.from_manifest(e) for name, e in manifest["entries"].items()}
-        self._vm = VirtualMachine(tvm.runtime.load_module(str(root / manifest["library"])), self.device)
+        self._vm = VirtualMachine(_load_library(root / manifest["library"]), self.device)
         self._weights = load_weights(root / manifest["weights"], self.device)
-        self._set_threads(manifest.get("backend", {}).get("threads"))
+        self._set_threads(manifest["backend"]["threads"])
         self.reports: dict[str, PassReport] = {}  # the passes ran at compile time: see report.json
-        self.report = json.loads((root / "report.json").read_text())
         self._reset()
+
+
+def _load_library(path: Path) -> tvm.runtime.Module:
+    try:
+        return tvm.runtime.load_module(str(path))
+    except Exception as e:  # noqa: BLE001  (TVM raises its own error types for a bad library)
+        raise ArtifactError(f"cannot load the compiled library {path}: {str(e).splitlines()[0] if str(e) else e!r}",
+                            hint=RECOMPILE) from None

@@ -20,6 +20,8 @@ from typing import Any
 
 from rlx.errors import RlxError
 
+_NO_DETOK = "this tokenizer's decoder is not covered: the artifact keeps tokenizer.json, which prints the text"
+
 FILE = "detokenizer.json"
 _BYTE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
@@ -27,7 +29,7 @@ _BYTE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 def _replace(tokens: list[str], step: dict[str, Any]) -> list[str]:
     pattern, content = step["pattern"], step["content"]
     if "String" not in pattern:
-        raise RlxError(f"decoder Replace with a regex pattern {pattern!r} is not supported")
+        raise RlxError(f"decoder Replace with a regex pattern {pattern!r} is not supported", hint=_NO_DETOK)
     return [t.replace(pattern["String"], content) for t in tokens]
 
 
@@ -80,11 +82,11 @@ STEPS: dict[str, Callable[[list[str], dict[str, Any]], list[str]]] = {
 
 def _flatten(decoder: dict[str, Any] | None) -> list[dict[str, Any]]:
     if decoder is None:
-        raise RlxError("the tokenizer has no decoder")
+        raise RlxError("the tokenizer has no decoder", hint=_NO_DETOK)
     if decoder["type"] == "Sequence":
         return [s for d in decoder["decoders"] for s in _flatten(d)]
     if decoder["type"] not in STEPS:
-        raise RlxError(f"decoder step {decoder['type']!r} is not supported by the detokenizer")
+        raise RlxError(f"decoder step {decoder['type']!r} is not supported by the detokenizer", hint=_NO_DETOK)
     return [decoder]
 
 

@@ -97,10 +97,11 @@ class Dispatcher:
                 try:
                     bind_shape(node.type.shape, arrays[name].shape, env, f"input {name}")
                 except ValueError as e:
-                    raise RunError(str(e)) from None
+                    raise RunError(str(e), hint="feed inputs of the graph's shapes") from None
         n = env.get(self.dim)
         if not n:
-            raise RunError(f"no {self.dim} positions to run (empty prompt or no input with a {self.dim} axis)")
+            raise RunError(f"no {self.dim} positions to run (empty prompt or no input with a {self.dim} axis)",
+                           hint="pass at least one token")
         bucket = self.bucket_for(n)
         first_pad = env.get(PAST_SEQ, 0) + n
         positions = arrays.get(cv.POSITIONS)

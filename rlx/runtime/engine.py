@@ -17,6 +17,7 @@ from rlx.hir.pass_manager import PassReport
 class Engine(Protocol):
     name: str
     max_seq: int
+    vocab_size: int  # prompt ids must be in 0..vocab_size-1
     reports: Mapping[str, PassReport]  # per graph (e.g. "prefill", "decode"): the passes that built it
 
     def prefill(self, ids: list[int], capacity: int | None = None) -> np.ndarray:

@@ -47,7 +47,14 @@ def generate(
 ) -> Generation:
     """Generate up to `max_new_tokens`; the last token is sampled without a further step."""
     if max_new_tokens < 1:
-        raise RunError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+        raise RunError(f"--max-new-tokens must be >= 1, got {max_new_tokens}", hint="e.g. --max-new-tokens 32")
+    if not prompt_ids:
+        raise RunError("empty prompt", hint="pass --prompt TEXT or --prompt-ids 2,818,...")
+    bad = [t for t in prompt_ids if not 0 <= t < engine.vocab_size]
+    if bad:
+        raise RunError(f"prompt id {bad[0]} is outside the vocabulary (ids 0..{engine.vocab_size - 1})"
+                       + (f"; {len(bad) - 1} more" if len(bad) > 1 else ""),
+                       hint="pass ids the model's tokenizer produces, or --prompt TEXT")
     total = len(prompt_ids) + max_new_tokens - 1
     if total > engine.max_seq:
         raise RunError(
@@ -62,7 +69,13 @@ def generate(
     gen.prefill_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     while True:
-        gen.logits.append(np.asarray(logits, dtype=np.float32))
+        logits = np.asarray(logits, dtype=np.float32)
+        if not np.isfinite(logits).all():
+            where = "the prefill" if not gen.tokens else f"decode step {len(gen.tokens)}"
+            raise RunError(f"{engine.name}: the logits of {where} hold NaN or inf values; generation stopped",
+                           hint="a numerics problem in the model or its weights: check the checkpoint, or run "
+                                "--target reference to compare")
+        gen.logits.append(logits)
         token = sampler(logits)
         gen.tokens.append(token)
         if on_token:

@@ -22,9 +22,10 @@ from rlx.runtime.dispatch import BucketFamily, Dispatcher, Runner
 class ReferenceEngine:
     name = "reference"
 
-    def __init__(self, prefill: HIR, decode: HIR, weights: WeightSource, *, max_seq: int,
+    def __init__(self, prefill: HIR, decode: HIR, weights: WeightSource, *, max_seq: int, vocab_size: int,
                  bucketed: BucketFamily | None = None, reports: dict[str, PassReport] | None = None) -> None:
         self.max_seq = max_seq
+        self.vocab_size = vocab_size
         self.reports: dict[str, PassReport] = dict(reports or {})
         self._graphs = {PREFILL: prefill, DECODE: decode}
         self._prefill, self._decode = Interpreter(prefill, weights), Interpreter(decode, weights)
@@ -55,5 +56,5 @@ class ReferenceEngine:
 
     def step(self, token: int) -> np.ndarray:
         if not self._kv:
-            raise RunError("step() before prefill()")
+            raise RunError("step() before prefill()", hint="call prefill(prompt) first")
         return self._run(DECODE, self._decode, [token])

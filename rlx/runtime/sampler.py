@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -18,12 +19,15 @@ class Sampler:
     _rng: np.random.Generator = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise RunError(f"--temperature must be >= 0, got {self.temperature}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise RunError(f"--temperature must be a finite number >= 0, got {self.temperature}",
+                           hint="0 for greedy decoding, e.g. 0.7 to sample")
         if self.top_k < 0:
-            raise RunError(f"--top-k must be >= 0, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise RunError(f"--top-p must be in (0, 1], got {self.top_p}")
+            raise RunError(f"--top-k must be >= 0, got {self.top_k}", hint="0 keeps every token, e.g. 40")
+        if not 0 < self.top_p <= 1:  # NaN fails this too
+            raise RunError(f"--top-p must be in (0, 1], got {self.top_p}", hint="1 keeps every token, e.g. 0.9")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise RunError(f"--seed must be in 0..2**63-1, got {self.seed}", hint="e.g. --seed 42")
         self._rng = np.random.default_rng(self.seed)
 
     def __call__(self, logits: np.ndarray) -> int:

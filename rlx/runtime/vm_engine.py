@@ -21,6 +21,7 @@ import tvm
 from tvm.runtime.vm import VirtualMachine
 
 from rlx.errors import RunError
+from rlx.frontends.config import GemmaConfig
 from rlx.hir import conventions as cv
 from rlx.hir.pass_manager import PassReport
 from rlx.hir.shapes import BATCH, PAST_SEQ, eval_shape
@@ -51,12 +52,17 @@ class VMEngine:
 
     name: str
     max_seq: int
+    config: GemmaConfig
     reports: Mapping[str, PassReport]
     device: tvm.runtime.Device
     signatures: Mapping[str, EntryLike]
     buckets: tuple[int, ...] = ()  # static prefill entries (`prefill_buckets`)
     _vm: VirtualMachine
     _weights: dict[str, tvm.runtime.Tensor]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
 
     @staticmethod
     def _set_threads(threads: int | None) -> None:
@@ -98,7 +104,8 @@ class VMEngine:
             known = {PAST_SEQ: self._pos}
             missing = [d for d in sig.dims if d not in known]
             if missing:
-                raise RunError(f"{sig.function}: the engine cannot supply dims {missing}")
+                raise RunError(f"{sig.function}: the engine cannot supply dims {missing}",
+                               hint="compile the artifact again with this rlx")
             args.append(tvm.runtime.ShapeTuple([known[d] for d in sig.dims]))
         args.extend(self._weights[p.key] for p in sig.params)
         return dict(zip(sig.outputs, self._vm[sig.function](*args), strict=True))
@@ -131,5 +138,5 @@ class VMEngine:
 
     def step(self, token: int) -> np.ndarray:
         if not getattr(self, "_caches", None):
-            raise RunError("step() before prefill()")
+            raise RunError("step() before prefill()", hint="call prefill(prompt) first")
         return self._run(DECODE, [token])

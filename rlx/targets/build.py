@@ -14,6 +14,7 @@ caller.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -31,11 +32,14 @@ from tvm.relax.backend.cuda import pipeline as cuda_pipeline
 from tvm.relax.backend.gpu_generic import pipeline as gpu_pipeline
 from tvm.s_tir.dlight.base import ScheduleRule
 
+import rlx.interrupts as interrupts
 from rlx.errors import RlxError
 from rlx.hir.graph import HIR
 from rlx.hir.serialize import hir_from_dict, hir_to_dict
 from rlx.targets.presets import ResolvedTarget, resolve_target
 from rlx.targets.schedules import apply_schedules, cpu_rules, gpu_rules, schedule_report
+
+_EXCEPTION_LINE = re.compile(r"^[\w.]*(Error|Exception|Interrupt)\b")  # a traceback's last word
 
 
 class BuildError(RlxError):
@@ -109,12 +113,15 @@ def build(mod: tvm.IRModule, target: str | ResolvedTarget, *, opt_level: int | N
     """Compile in this process (for devices not marked `isolate`)."""
     resolved = _resolve(target)
     if BACKENDS[resolved.device].isolate:
-        raise BuildError(f"{resolved.name} builds can crash the process; use build_isolated()")
+        raise BuildError(f"{resolved.name} builds can crash the process; use build_isolated()",
+                         hint="use build_isolated() for this target")
     t0 = time.perf_counter()
     try:
         ex, scheduled = _compile(mod, resolved, opt_level)
     except (RuntimeError, ValueError) as e:
-        raise BuildError(f"TVM failed to compile for {resolved.name}: {str(e).splitlines()[0]}") from e
+        interrupts.check()  # TVM turns a Ctrl-C in a Python pass into its own error: it is an interrupt
+        raise BuildError(f"TVM failed to compile for {resolved.name}: {str(e).splitlines()[0]}",
+                         hint="check the error; a smaller --max-seq or another target may work") from e
     return Built(ex, scheduled, resolved, time.perf_counter() - t0)
 
 
@@ -132,12 +139,15 @@ def build_isolated(graphs: Mapping[str, HIR], target: str, out: Path, *, timeout
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
-            raise BuildError(f"{target} build timed out after {timeout:.0f} s") from None
+            raise BuildError(f"{target} build timed out after {timeout:.0f} s",
+                             hint="try again on a less loaded machine") from None
     if proc.returncode != 0:
         lines = [ln for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip()]
-        why = next((ln for ln in lines if "Segfault" in ln), lines[-1] if lines else "")  # else the exception
+        exception = next((ln for ln in reversed(lines) if _EXCEPTION_LINE.match(ln)), lines[-1] if lines else "")
+        why = next((ln for ln in lines if "Segfault" in ln), exception)
         how = f"signal {-proc.returncode}" if proc.returncode < 0 else f"exit {proc.returncode}"
-        raise BuildError(f"{target} build failed in its child process ({how}): {why.strip()}")
+        raise BuildError(f"{target} build failed in its child process ({how}): {why.strip()}",
+                         hint="the error is TVM's; compile the other targets on their own")
     return out
 
 

@@ -16,12 +16,13 @@ from rlx.errors import HIRError
 from rlx.hir.conventions import KV_CAP
 from rlx.hir.dtypes import DType
 from rlx.hir.graph import HIR
+from rlx.hir.quant import QuantFormat
 from rlx.hir.shapes import Dim, Shape, dim_symbols
 from rlx.hir.tensor_type import TensorType
 
 TVM_DTYPES: dict[DType, str] = {
     DType.F32: "float32", DType.F16: "float16", DType.BF16: "bfloat16",
-    DType.I32: "int32", DType.I64: "int64", DType.BOOL: "bool",
+    DType.I32: "int32", DType.I64: "int64", DType.U8: "uint8", DType.BOOL: "bool",
 }
 
 
@@ -74,11 +75,22 @@ class FunctionBuilder:
         got = var.ty
         want = self.ty(t)
         if not isinstance(got, relax.TensorType) or got.dtype != want.dtype or got.ndim != want.ndim:
-            raise HIRError(f"lowering {what}: Relax type {got} does not match HIR type {t}")
+            raise HIRError(f"lowering {what}: Relax type {got} does not match HIR type {t}",
+                           hint="this is a bug in the lowering: please report it")
         analyzer = Analyzer()
         same = got.shape is not None and all(
             analyzer.can_prove_equal(a, b) for a, b in zip(got.shape.values, want.shape.values, strict=True))
         return var if same else self.bb.match_cast(var, want)
+
+
+@dataclass(frozen=True)
+class QuantView:
+    """A quantized weight as a function takes it: its blocks (uint8 [..., row_bytes]) and their
+    format; the lowerings of the ops that read blocks (`OpSpec.quantized_inputs`) decode them in
+    their kernels (`quant_decode.py`)."""
+
+    format: QuantFormat
+    blocks: relax.Var
 
 
 @dataclass(frozen=True)

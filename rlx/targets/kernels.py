@@ -1,12 +1,14 @@
-"""TE computes for the HIR ops Relax has no operator for (or none we can schedule).
+"""TE computes for the HIR ops Relax has no operator for (or none we can schedule, or, like top-k,
+one that calls a library an artifact's runtime-only TVM lacks).
 
-Each is one TE stage, so Relax's FuseOps can fuse elementwise epilogues into it, and the
-contractions carry a known block name so that `schedules.py` finds them after fusion (the
-contraction kind decides the schedule, see `CONTRACTIONS`). Every compute mirrors the numpy
-reference in `rlx/compiler/interpreter.py`, same operation order where it matters. Dtypes follow
-the operands: contractions of f16 / bf16 operands accumulate in float32 and return float32 (the
-lowering rounds to the node's dtype after any fused epilogue, as the interpreter does), RoPE
-computes in float32 and rounds back, and masks fill with the scores' dtype-min.
+Each is one TE stage (but top-k: k + 2, nothing fuses with it), so Relax's FuseOps can fuse
+elementwise epilogues into it, and the contractions carry a known block name so that
+`schedules.py` finds them after fusion (the contraction kind decides the schedule, see
+`CONTRACTIONS`). Every compute mirrors the numpy reference in `rlx/hir/interpreter.py`, same
+operation order where it matters. Dtypes follow the operands: contractions of f16 / bf16 operands
+accumulate in float32 and return float32 (the lowering rounds to the node's dtype after any fused
+epilogue, as the interpreter does), RoPE computes in float32 and rounds back, and masks fill with
+the scores' dtype-min.
 """
 
 from __future__ import annotations
@@ -174,6 +176,72 @@ def moe_down(act: te.Tensor, down: te.Tensor, experts: te.Tensor) -> te.Tensor:
     return te.compute((act.shape[0], act.shape[1], down.shape[1]),
                       lambda n, j, c: te.sum(_product(act[n, j, i], down[experts[n, j], c, i]), axis=i),
                       name=MOE_DOWN)
+
+
+TOPK = "rlx_topk"
+
+
+def _before(a: Sequence[tirx.PrimExpr], b: Sequence[tirx.PrimExpr]) -> tirx.PrimExpr:
+    """Whether (value, index) `a` sorts before `b`: larger value first, the lower index on ties
+    (the order of numpy's `argsort(-x, kind="stable")`, which the interpreter routes with)."""
+    return tirx.any(a[0] > b[0], tirx.all(a[0] == b[0], a[1] < b[1]))
+
+
+def _first(a: Sequence[tirx.PrimExpr], b: Sequence[tirx.PrimExpr]) -> tuple[tirx.PrimExpr, tirx.PrimExpr]:
+    """`_ARGMAX`'s combiner: whichever of the two sorts first."""
+    keep = _before(a, b)
+    return tirx.Select(keep, a[0], b[0]), tirx.Select(keep, a[1], b[1])
+
+
+def _nothing(value_dtype: str, index_dtype: str) -> tuple[tirx.PrimExpr, tirx.PrimExpr]:
+    """The identity of `_ARGMAX`: every real element, even -inf, sorts before it."""
+    return tirx.const(float("-inf"), value_dtype), tirx.max_value(index_dtype)
+
+
+# (value, index) -> the element that sorts first: a total order, so commutative and associative
+_ARGMAX = te.comm_reducer(_first, _nothing, name="rlx_argmax")
+
+
+def _next_pick(x: te.Tensor, prev: Sequence[te.Tensor] | None, name: str) -> list[te.Tensor]:
+    """Per row of x, the first element (in `_before` order) that sorts after `prev` (its value,
+    int64 index): one pass over the row, which makes k picks O(k * E) and needs no "taken" mask."""
+    j = te.reduce_axis((0, x.shape[1]), name="j")
+    nothing = _nothing(str(x.dtype), "int64")
+
+    def body(n: tirx.PrimExpr) -> tuple[tirx.PrimExpr, tirx.PrimExpr]:
+        item = (x[n, j], j.var.astype("int64"))
+        if prev is not None:
+            after = _before((prev[0][n], prev[1][n]), item)
+            item = (tirx.Select(after, item[0], nothing[0]), tirx.Select(after, item[1], nothing[1]))
+        return _ARGMAX(item, axis=j)
+
+    return te.compute((x.shape[0],), body, name=name)
+
+
+def topk(x: te.Tensor, k: int) -> list[te.Tensor]:
+    """The k largest values of each row of `x [N, E]` and their int64 indices, largest first, ties
+    to the lower index: `np.argsort(-x, kind="stable")[:, :k]`, so compiled MoE routing picks the
+    interpreter's experts. Relax's `topk` would call TVM's sort library, which is not in the
+    runtime-only library an artifact loads. This is k argmax passes per row (fine for E up to a
+    few hundred), pass s skipping what sorts before pick s - 1; one block lays the indices out as
+    [N, k] and the values are read back through them (two blocks: one writing both outputs
+    defeats the schedule rules). `schedules.RowReduction` runs a row's passes and both outputs
+    under one parallel row loop."""
+    if isinstance(x.shape[1], tirx.IntImm) and not 0 < k <= x.shape[1].value:
+        raise ValueError(f"top-{k} of {x.shape[1].value} values")
+    picks: list[list[te.Tensor]] = []
+    for s in range(k):
+        picks.append(_next_pick(x, picks[-1] if picks else None, f"{TOPK}_{s}"))
+
+    def index(n: tirx.PrimExpr, s: tirx.PrimExpr) -> tirx.PrimExpr:
+        out = picks[-1][1][n]
+        for t in range(k - 2, -1, -1):
+            out = tirx.Select(s == t, picks[t][1][n], out)
+        return out
+
+    indices = te.compute((x.shape[0], k), index, name=f"{TOPK}_indices")
+    values = te.compute((x.shape[0], k), lambda n, s: x[n, indices[n, s]], name=f"{TOPK}_values")
+    return [values, indices]
 
 
 KV_WRITE = "rlx_kv_write"

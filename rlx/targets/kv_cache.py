@@ -61,11 +61,13 @@ def plan(hir: HIR) -> tuple[CacheSlot, ...]:
         first = hir.node(node.inputs[0]) if node.inputs else None
         if node.op is Op.CONCAT and first is not None and first.op is Op.INPUT:
             if node.attr("axis") % node.type.rank != 2:
-                raise HIRError(f"%{nid}: a KV cache concat must be along the sequence axis 2")
+                raise HIRError(f"%{nid}: a KV cache concat must be along the sequence axis 2",
+                               hint="build the cache with GemmaFlow (export_kv)")
             past, new, offset = first.attr("name"), node.inputs[1], first.type.shape[2]
             readers = [n.id for n in hir.users(first.id)]
             if readers != [nid]:
-                raise HIRError(f"KV cache input {past!r} is read by {readers}, not only by its concat %{nid}")
+                raise HIRError(f"KV cache input {past!r} is read by {readers}, not only by its concat %{nid}",
+                               hint="read the cache only through its concat (GemmaFlow builds it so)")
         slots.append(CacheSlot(output, caches[output].layer, caches[output].kind, nid, new, offset, past,
                                TensorType(node.type.dtype, (b, h, sym(KV_CAP), d))))
     return tuple(slots)

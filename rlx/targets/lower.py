@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,13 +34,15 @@ import tvm
 from tvm import relax
 
 from rlx.errors import HIRError
+from rlx.hir.dtypes import DType
 from rlx.hir.graph import HIR, param_key
-from rlx.hir.interpreter import Interpreter
+from rlx.hir.interpreter import Interpreter, WeightSource
 from rlx.hir.ops import Op
+from rlx.hir.quant import QuantizedArray, quant_format
 from rlx.hir.shapes import dim_symbols
 from rlx.hir.tensor_type import TensorType
 from rlx.targets import kernels, kv_cache
-from rlx.targets.function_builder import TVM_DTYPES, CacheView, FunctionBuilder
+from rlx.targets.function_builder import TVM_DTYPES, CacheView, FunctionBuilder, QuantView
 from rlx.targets.lowerings import CACHE_READERS, LOWERINGS, lower_const
 
 
@@ -56,7 +58,7 @@ class ParamSpec:
     """
 
     key: str
-    type: TensorType
+    type: TensorType  # as the graph sees it: a quantized weight is q4_0[N, K] (rlx.hir.quant)
     program: HIR
 
     @property
@@ -64,10 +66,26 @@ class ParamSpec:
         """The stored tensors it reads."""
         return tuple(sorted({param_key(n)[0] for n in self.program.params.values()}))
 
-    def materialize(self, load: Callable[[str], np.ndarray]) -> np.ndarray:
-        """Compute it on the host from the stored tensors (`load(name)`), in the param's dtype."""
+    @property
+    def physical(self) -> TensorType:
+        """What the function takes: a quantized weight's blocks as uint8 [..., row_bytes]."""
+        return physical_type(self.type)
+
+    def materialize(self, load: WeightSource) -> np.ndarray:
+        """Compute it on the host from the stored tensors (`load(name)`; `load.packed` gives a
+        GGUF's blocks as stored), as `physical` says."""
         value = Interpreter(self.program, load).run({})["value"]
+        if isinstance(value, QuantizedArray):
+            return np.ascontiguousarray(value.blocks)
         return np.ascontiguousarray(value, dtype=self.type.dtype.numpy)
+
+
+def physical_type(t: TensorType) -> TensorType:
+    if not t.is_quantized:
+        return t
+    fmt = quant_format(t.quant)  # type: ignore[arg-type]
+    k = t.shape[-1]
+    return TensorType(DType.U8, (*t.shape[:-1], fmt.row_bytes(k)))  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -165,11 +183,11 @@ def _lower_function(bb: relax.BlockBuilder, hir: HIR, sig: Signature, writers: M
     inputs = {name: relax.Var(_var_name(name), fn.ty(t)) for name, t in sig.inputs}
     caches = {name: relax.Var(_var_name(name), fn.ty(t)) for name, t in sig.caches}
     dims = [relax.Var("dims", relax.ShapeType([fn.dims[d] for d in sig.dims]))] if sig.dims else []
-    params = [relax.Var("w_" + _var_name(node_of[p.key]), fn.ty(p.type)) for p in sig.params]
+    params = [relax.Var("w_" + _var_name(node_of[p.key]), fn.ty(p.physical)) for p in sig.params]
     for name, var in inputs.items():
         fn.values[hir.inputs[name].id] = var
     for p, var in zip(sig.params, params, strict=True):
-        fn.values[node_of[p.key]] = var
+        fn.values[node_of[p.key]] = QuantView(quant_format(p.type.quant), var) if p.type.is_quantized else var
     slots = {s.node: s for s in kv_cache.plan(hir)}
     written: dict[str, relax.Var] = {}  # present_* output -> its cache buffer after this call's write
 
@@ -198,7 +216,8 @@ def _lower_function(bb: relax.BlockBuilder, hir: HIR, sig: Signature, writers: M
                     continue
                 lowering = LOWERINGS.get(node.op)
                 if lowering is None:
-                    raise HIRError(f"%{node.id}: op {node.op.value} has no TVM lowering")
+                    raise HIRError(f"%{node.id}: op {node.op.value} has no TVM lowering",
+                                   hint="add a lowering for the op in rlx/targets/lowerings.py")
                 raw = node.op in CACHE_READERS
                 out = lowering(fn, node, [fn.views[i] if raw and i in fn.views else fn.value(i) for i in node.inputs])
                 if isinstance(out, relax.Tuple):  # multi-result op: result 0 is the node's value
@@ -219,7 +238,8 @@ def lower(graphs: Mapping[str, HIR]) -> Lowered:
     signatures: dict[str, Signature] = {}
     for function, hir in graphs.items():
         if not re.fullmatch(r"[A-Za-z_]\w*", function):
-            raise HIRError(f"function name {function!r} must be an identifier")
+            raise HIRError(f"function name {function!r} must be an identifier",
+                           hint="name functions with letters, digits and _")
         signatures[function] = signature_of(hir, function)
     dtypes = sorted({TVM_DTYPES[t.dtype] for sig in signatures.values() for _, t in sig.caches})
     writers = {dtype: bb.add_func(kernels.kv_write(dtype), f"kv_write_{dtype}") for dtype in dtypes}

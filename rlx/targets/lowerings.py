@@ -22,8 +22,8 @@ from rlx.hir.graph import Node
 from rlx.hir.ops import EPILOGUE_STEPS, Op, attr_dim, parse_step
 from rlx.hir.shapes import Dim
 from rlx.hir.tensor_type import TensorType
-from rlx.targets import kernels
-from rlx.targets.function_builder import TVM_DTYPES, CacheView
+from rlx.targets import kernels, quant_kernels
+from rlx.targets.function_builder import TVM_DTYPES, CacheView, QuantView
 from rlx.targets.function_builder import FunctionBuilder as _Fn
 
 CACHE_READERS = frozenset({Op.ATTENTION})  # lowerings that take a CacheView instead of a tensor
@@ -166,10 +166,24 @@ _STEPS: dict[str, Callable[[relax.Expr, relax.Expr | None, float | None], relax.
 }
 
 
+def _contraction(fn: _Fn, x: relax.Expr, w: relax.Expr | QuantView) -> relax.Expr:
+    """`x @ w.T` as a kernel's float32 accumulator; a quantized w is decoded inside the kernel."""
+    if isinstance(w, QuantView):
+        return fn.te(quant_kernels.qlinear, x, w.blocks, fmt=w.format.name)
+    return fn.te(kernels.linear, x, w)
+
+
+def _embed(fn: _Fn, node: Node, table: relax.Expr | QuantView, ids: relax.Expr) -> relax.Expr:
+    """Rows of the table; a quantized table decodes only the rows looked up."""
+    if isinstance(table, QuantView):
+        return fn.te(quant_kernels.qembed, table.blocks, ids, fmt=table.format.name, dtype=TVM_DTYPES[node.type.dtype])
+    return relax.op.take(table, ids, axis=0)
+
+
 def _linear_epilogue(fn: _Fn, node: Node, args: list[relax.Expr]) -> relax.Expr:
     """The steps run on the linear's accumulator (float32 for f16 / bf16 operands, operands
     widened to it) and the result is rounded once, as the interpreter does."""
-    y = fn.te(kernels.linear, args[0], args[1])
+    y = _contraction(fn, args[0], args[1])
     operands = list(args[2:])
     for step in node.attr("steps"):
         kind, value = parse_step(step)
@@ -189,7 +203,7 @@ def _moe(fn: _Fn, node: Node, args: list[relax.Expr]) -> relax.Expr:
     xt = fn.emit(relax.op.reshape(x, [tokens, hidden]))
     rt = fn.emit(relax.op.reshape(router_x, [tokens, hidden]))
     probs = fn.emit(relax.op.nn.softmax(fn.te(kernels.linear, rt, proj), axis=-1))
-    top = fn.emit(relax.op.topk(probs, top_k, axis=-1, ret_type="both", largest=True, dtype="int64"))
+    top = fn.te(kernels.topk, probs, top_k)  # not relax.op.topk: see kernels.topk
     values, experts = fn.emit(relax.TupleGetItem(top, 0)), fn.emit(relax.TupleGetItem(top, 1))
     norm = fn.emit(relax.op.divide(values, relax.op.sum(values, axis=-1, keepdims=True)))
     weights = fn.emit(relax.op.multiply(norm, _as(fn.emit(relax.op.take(per_expert, experts, axis=0)),
@@ -214,13 +228,13 @@ def _input_type(fn: _Fn, node: Node, i: int) -> TensorType:
 
 
 LOWERINGS: dict[Op, Lowering] = {
-    Op.EMBED: lambda fn, n, a: relax.op.take(a[0], a[1], axis=0),
+    Op.EMBED: lambda fn, n, a: _embed(fn, n, a[0], a[1]),
     Op.SCALE: lambda fn, n, a: _scale(a[0], n.attr("value")),
     Op.ADD: lambda fn, n, a: relax.op.add(a[0], a[1]),
     Op.MUL: lambda fn, n, a: relax.op.multiply(a[0], a[1]),
     Op.RMSNORM: lambda fn, n, a: _rmsnorm(fn, a[0], a[1] if len(a) > 1 else None, n.attr("eps"), n.attr("offset"),
                                           n.type.shape[-1]),
-    Op.LINEAR: lambda fn, n, a: _rounded(n, fn.te(kernels.linear, a[0], a[1])),
+    Op.LINEAR: lambda fn, n, a: _rounded(n, _contraction(fn, a[0], a[1])),
     Op.GELU_TANH: lambda fn, n, a: _in_f32(relax.op.nn.gelu_tanh, a[0]),
     Op.SOFTCAP: lambda fn, n, a: _softcap(a[0], n.attr("cap")),
     Op.RESHAPE: lambda fn, n, a: relax.op.reshape(a[0], fn.shape(tuple(attr_dim(d) for d in n.attr("shape")))),

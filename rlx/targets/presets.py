@@ -105,7 +105,8 @@ def _from_json(text: str) -> ResolvedTarget:
         raise RlxError(f"target {text!r} is not valid JSON: {e.msg}",
                        hint='give a preset name or a dict like {"kind": "llvm", "mcpu": "znver4"}') from None
     if not isinstance(spec, dict) or "kind" not in spec:
-        raise RlxError(f"target JSON {text!r} must be an object with a \"kind\"")
+        raise RlxError(f"target JSON {text!r} must be an object with a \"kind\"",
+                       hint='give a dict like {"kind": "llvm", "mcpu": "znver4"}')
     host = spec.pop("host", None)
     device = _DEVICE_OF_KIND.get(spec["kind"])
     if device is None:
@@ -114,7 +115,8 @@ def _from_json(text: str) -> ResolvedTarget:
     try:
         target = tvm.target.Target(spec, host=host) if host else tvm.target.Target(spec)
     except (RuntimeError, ValueError, TypeError) as e:
-        raise RlxError(f"TVM rejects target {text!r}: {str(e).splitlines()[0]}") from None
+        raise RlxError(f"TVM rejects target {text!r}: {str(e).splitlines()[0]}",
+                       hint="check the target keys against TVM's target kinds") from None
     local = device == "cpu" and "mtriple" not in spec
     return ResolvedTarget(spec["kind"], device, target, local)
 

@@ -16,7 +16,7 @@ and dlight has no CPU matmul rule, so the heavy kernels get our own:
   `vectorize` is applied while the block still has its init (no `decompose_reduction`): after
   decomposing, TVM 0.27 refuses it (the update block has no compact dataflow).
   Fused elementwise epilogues are computed where each output element is produced.
-- `RowReduction` for norms and softmax (rows in parallel, each row's blocks under its loop).
+- `RowReduction` for norms, softmax and top-k (rows in parallel, each row's blocks under its loop).
 - `ParallelOuter`: anything else gets its leading spatial loops fused and run in parallel.
 
 A rule that raises a schedule error, or whose schedule the first TIR lowering steps reject, is
@@ -157,9 +157,20 @@ def _leading_spatial(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV) -> int
     return n
 
 
+def _writes_output(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV) -> bool:
+    """Whether a root-level block writes a buffer of the function's (not one the root allocates)."""
+    local = sch.mod["main"].body.block.alloc_buffers
+    return any(not any(w.source.same_as(b) for b in local) for w in sch.get(block).writes)
+
+
 class RowReduction(ScheduleRule):
-    """Row-wise reductions with elementwise neighbours (RMSNorm, softmax, their fused adds):
-    one parallel loop over the rows, every block computed per row under it.
+    """Row-wise reductions with elementwise neighbours (RMSNorm, softmax, their fused adds, the
+    top-k passes): one parallel loop over the rows, every block computed per row under it.
+
+    The row loop is the one of the first block after the last reduction that writes an output of
+    the function (usually the last block): `compute_at` cannot move an output block, so with
+    several (top-k's indices, then its values read through them) the later ones are moved under
+    the first one's loop with `reverse_compute_at`.
 
     dlight's `cpu.Reduction` was tried first and dropped: on a decode-shaped RMSNorm
     ([1, 1, 640]) it parallelised the 640 output columns and recomputed the whole row's sum of
@@ -171,17 +182,21 @@ class RowReduction(ScheduleRule):
             return None
         sch = s_tir.Schedule(func)
         blocks = _root_blocks(sch)
-        reductions = [b for b in blocks if _is_reduction(sch, b)]
-        if not reductions or _is_reduction(sch, blocks[-1]):
+        reductions = [i for i, b in enumerate(blocks) if _is_reduction(sch, b)]
+        if not reductions or reductions[-1] == len(blocks) - 1:
             return None
-        rows = min(_leading_spatial(sch, b) for b in reductions)
-        loops = sch.get_loops(blocks[-1])
+        anchor = next((i for i in range(reductions[-1] + 1, len(blocks)) if _writes_output(sch, blocks[i])),
+                      len(blocks) - 1)
+        rows = min(_leading_spatial(sch, blocks[i]) for i in reductions)
+        loops = sch.get_loops(blocks[anchor])
         if rows == 0 or len(loops) <= rows:
             return None
         row = sch.fuse(*loops[:rows]) if rows > 1 else loops[0]
         sch.parallel(row)
-        for b in reversed(blocks[:-1]):
+        for b in reversed(blocks[:anchor]):
             sch.compute_at(b, row, preserve_unit_loops=True)
+        for b in blocks[anchor + 1:]:
+            sch.reverse_compute_at(b, row, preserve_unit_loops=True)
         return sch
 
 
@@ -255,7 +270,7 @@ def apply_schedules(rules: Sequence[tuple[str, ScheduleRule]]) -> tvm.transform.
                 updated[gv] = scheduled
                 break
             else:
-                if "T.call_packed(" in func.script():  # e.g. topk: a call into TVM's sort library
+                if "T.call_packed(" in func.script():  # e.g. Relax's sort / topk: TVM's sort library
                     updated[gv] = func.with_attr(SCHEDULE_ATTR, EXTERN)
         for gv, func in updated.items():
             mod[gv] = func

@@ -23,7 +23,7 @@ def _base() -> tuple[HIR, str]:
 
 
 def test_valid_graph_passes_every_rule() -> None:
-    assert set(RULES) == {"acyclic", "outputs", "unique-names", "nodes"}
+    assert set(RULES) == {"acyclic", "outputs", "unique-names", "nodes", "quantized"}
     verify(tiny_block())
 
 
@@ -117,3 +117,22 @@ def test_rule_defined_inputs() -> None:
     object.__setattr__(h.node("g2"), "inputs", ("ghost",))
     with pytest.raises(HIRError, match="undefined %ghost"):
         verify(h)
+
+
+def test_rule_quantized() -> None:
+    """A quantized weight feeds only the inputs that read blocks (a linear's weight), and is never
+    an output."""
+    h = HIR("q")
+    x = h.input("x", f32(2, 64))
+    w = h.param("w", TensorType(DType.F32, (8, 64), "q8_0"))
+    h.set_output("y", h.add(Op.LINEAR, [x, w]))
+    verify(h)
+    bad = h.copy()
+    bad.insert_raw(Node("s", Op.SCALE, (w,), TensorType(DType.F32, (8, 64), "q8_0"), (("value", 2.0),)))
+    bad.raw_set_output("s", "s")
+    with pytest.raises(HIRError, match="quantized: %s .* reads quantized"):
+        verify(bad)
+    out = h.copy()
+    out.raw_set_output("w", w)
+    with pytest.raises(HIRError, match="quantized: output w"):
+        verify(out)
