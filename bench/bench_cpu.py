@@ -1,37 +1,39 @@
-"""CPU benchmark on the real gemma-3-270m (Q4_K_M GGUF): rlx vs transformers vs llama.cpp, in one run.
+"""CPU benchmark on the real gemma-3-270m (Q4_K_M GGUF): rlx (f32 and quantized) vs llama.cpp vs transformers, one run.
 
-    .venv/bin/python bench/bench_cpu.py [--prompt-tokens 128] [--new-tokens 64] [--quick] [--json FILE]
+    .venv/bin/python bench/bench_cpu.py [--prompt-tokens 128] [--new-tokens 64] [--schemes none,gguf,q8,q4]
+                                        [--quick] [--json FILE] [--no-transformers] [--strict]
 
-What it measures, in this order (one engine in memory at a time, so they do not compete):
+What it measures, one engine in memory at a time (so they do not compete for memory or cores):
 
-1. `rlx compile GGUF --target cpu --no-cache` in a child process: wall time and peak RSS.
-2. `rlx run ARTIFACT --prompt-ids ...` in a child process: peak RSS (the CLI prints the text
-   through the artifact's small detokenizer and loads TVM's runtime library only). Peak RSS is the child's own
-   `VmHWM` from /proc/self/status, read just before it exits: a forked child's getrusage
-   `ru_maxrss` starts from the parent's high-water mark, so it would measure this script (and
-   transformers' model) instead of rlx.
-3. The artifact in this process (`ArtifactEngine`): prefill and greedy decode tok/s, and the
-   decode step time at a short vs a long KV cache.
-4. transformers (torch eager, float32, greedy), `torch.set_num_threads(cores we may use)`: a
-   forward loop over a DynamicCache with `logits_to_keep=1` on the prefill (`generate()` was
-   slower still here: ~1.8 decode tok/s on this box).
-5. llama.cpp through llama-cpp-python on the same GGUF, if it is installed.
+1. The machine's memory-read bandwidth (numpy sums over a 1 GiB array: one thread, and the
+   usable cores on their own slices): the roofline a weight-streaming decode step cannot beat.
+2. Per rlx scheme (`--quantize none` = f32 weights, `gguf` = the file's own blocks, `q8`, `q4`):
+   `rlx compile GGUF --quantize S --no-cache` in a child (wall time, peak RSS) and `rlx run` of
+   the artifact in a child (peak RSS, the child's own VmHWM).
+3. Every artifact in this process (`ArtifactEngine`) at every usable core, then every artifact at
+   one thread (TVM's pool can only shrink once running, hence that order).
+4. llama.cpp (llama-cpp-python on the same GGUF, if installed) at every usable core and at one.
+5. transformers (torch eager, float32, DynamicCache) at every usable core and at one.
 
-Every engine gets the same deterministic prompt ids (BOS + repeated English text, trimmed) and a
-short warm-up first. Prefill is the median of `--repeats` runs; decode tok/s is (new tokens - 1)
-over the summed step times (the first new token comes from the prefill's logits), as `rlx run`
-reports it. The decode step time at a short vs a long KV cache comes from interleaved pairs of
-steps on two caches (one prefilled short, one long; `paired_step_times`): the ratio is the median
-of the per-pair ratios, so other users' load, which comes in bursts, hits both sides alike.
-Memory bars are multiples of the model's float32 weight bytes. The brief's transformers
-setting uses every usable core; a one-thread run is added on multi-core machines because
-two-thread OpenMP collapsed on this shared 2-core box whenever another user held a core.
+All engines get the same prompt ids (BOS + repeated English text), a warm-up first; prefill is
+the median of `--repeats` runs, decode tok/s is (new tokens - 1) over the summed step times (the
+first new token comes from the prefill's logits), as `rlx run` reports it.
+
+Effective weight bandwidth = weight bytes a decode step reads x decode tok/s: rlx's are the
+tensor bytes of the artifact's weights file (every param is read per token; the tied embedding /
+LM head once), llama.cpp's the GGUF's tensor bytes, transformers' the f32 weights. Printed next
+to the measured read bandwidth, it shows how far each engine is from the memory roofline.
+
+Bars (2 threads or all usable cores, this run's numbers): rlx gguf decode >= 1.2x llama.cpp and
+prefill >= 1.0x llama.cpp; rlx q4 decode >= 1.5x llama.cpp; rlx f32 prefill >= 1.5x the f32
+prefill recorded before quantization work (`F32_PREFILL_BEFORE`, the README's 2026-12-02 run on
+this box); `rlx run` of the gguf artifact peaks under 1.3x its packed weight bytes; compile of
+the real model (f32) under 60 s.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime
 import gc
 import json
@@ -42,6 +44,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -50,21 +53,17 @@ from typing import Any
 
 import numpy as np
 
-# run against this checkout whatever the install state (an editable install made before
-# rlx/__init__.py existed maps `rlx` to a namespace package without __version__)
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO))  # this checkout, whatever the install state
 
 PROMPT_TEXT = ("The quick brown fox jumps over the lazy dog while the patient gardener waters the tomatoes, "
                "counts the bees and writes down what the weather did today. ")
+F32_PREFILL_BEFORE = 381.0  # rlx f32 prefill tok/s (128 tokens, 2 threads) before this round: README, 2026-12-02
+BARS = {"gguf_decode": 1.2, "gguf_prefill": 1.0, "q4_decode": 1.5, "f32_prefill": 1.5, "gguf_run_rss": 1.3,
+        "compile_s": 60.0}
 
-# the bars of the brief: step-time ratio <= 1.3; peak RSS / f32 weight bytes strictly below
-STEP_SCALING_BAR = 1.3
-COMPILE_MEM_BAR = 2.5
-RUN_MEM_BAR = 1.5
-SCALING_ROUNDS = 2  # the step scaling runs SCALING_ROUNDS * --scaling-steps interleaved (short, long) pairs
-
-# `rlx` CLI in a child, printing its own peak RSS (VmHWM, kB) on the way out; see the module doc.
+# `rlx` CLI in a child, printing its own peak RSS (VmHWM, kB) on the way out (a forked child's
+# getrusage would start from this script's high-water mark)
 _CLI_WITH_HWM = ("import re, sys\n"
                  "from rlx.cli import main\n"
                  "rc = main(sys.argv[1:])\n"
@@ -75,15 +74,18 @@ _CLI_WITH_HWM = ("import re, sys\n"
 
 @dataclass
 class EngineResult:
-    """One engine's numbers; `tokens` are its greedy ids, to check the engines agree."""
-
     name: str
+    threads: int
     prefill_tok_s: float
     decode_tok_s: float
     decode_step_ms_median: float
-    load_s: float
+    weight_bytes: int
     tokens: list[int] = field(default_factory=list)
     notes: str = ""
+
+    @property
+    def weight_gb_s(self) -> float:
+        return self.weight_bytes * self.decode_tok_s / 1e9
 
 
 @dataclass
@@ -96,7 +98,6 @@ class Bar:
 
 
 def cores() -> int:
-    """Cores this process may run on (affinity, cgroup cpusets), not the machine's count."""
     try:
         return max(len(os.sched_getaffinity(0)), 1)
     except AttributeError:
@@ -105,30 +106,40 @@ def cores() -> int:
 
 def machine() -> dict[str, Any]:
     model = platform.processor() or platform.machine()
+    flags = ""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem_gib = None
-    try:
-        kb = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1))  # type: ignore[union-attr]
-        mem_gib = round(kb / 2**20, 1)
+        text = Path("/proc/cpuinfo").read_text()
+        model = re.search(r"model name\s*:\s*(.+)", text).group(1).strip()  # type: ignore[union-attr]
+        flags = re.search(r"flags\s*:\s*(.+)", text).group(1)  # type: ignore[union-attr]
     except (OSError, AttributeError):
         pass
-    return {"cpu": model, "cores_usable": cores(), "cores_total": os.cpu_count(), "mem_gib": mem_gib,
-            "python": platform.python_version(), "tvm_num_threads": os.environ.get("TVM_NUM_THREADS"),
-            "loadavg": _loadavg()}
+    simd = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni") if f in flags.split()]
+    return {"cpu": model, "simd": simd, "cores_usable": cores(), "cores_total": os.cpu_count(),
+            "python": platform.python_version(), "loadavg": _loadavg()}
 
 
 def _loadavg() -> str:
-    """1/5/15-minute load: on a shared box it says how much the numbers can be trusted."""
     try:
         return " ".join(f"{x:.2f}" for x in os.getloadavg())
     except OSError:
         return "?"
+
+
+def read_bandwidth(threads: int, gib: float = 1.0, repeats: int = 5) -> float:
+    """GB/s of summing a float32 array that does not fit any cache, `threads` slices at once
+    (numpy's reductions release the GIL)."""
+    a = np.ones(int(gib * 2**30) // 4, dtype=np.float32)
+    parts = np.array_split(a, threads)
+    best = 0.0
+    for _ in range(repeats):
+        workers = [threading.Thread(target=np.sum, args=(p,)) for p in parts]
+        t0 = time.perf_counter()
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        best = max(best, a.nbytes / (time.perf_counter() - t0) / 1e9)
+    return best
 
 
 def run_rlx_child(args: list[str], timeout: float) -> tuple[float, int, str]:
@@ -155,6 +166,8 @@ def prompt_ids(tokenizer: Any, n: int) -> list[int]:
 def greedy_decode(prefill: Callable[[list[int]], np.ndarray], step: Callable[[int], np.ndarray],
                   ids: list[int], new_tokens: int, repeats: int) -> tuple[float, list[float], list[int]]:
     """Median prefill seconds over `repeats`, each decode step's seconds, and the greedy ids."""
+    prefill(ids[:8])  # warm-up: first-call allocations, page faults in the weights
+    step(ids[8])
     prefill_s = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -170,135 +183,100 @@ def greedy_decode(prefill: Callable[[list[int]], np.ndarray], step: Callable[[in
     return statistics.median(prefill_s), steps, tokens
 
 
-def result(name: str, n_prompt: int, prefill_s: float, steps: list[float], tokens: list[int], load_s: float,
+def result(name: str, threads: int, n_prompt: int, timing: tuple[float, list[float], list[int]], weight_bytes: int,
            notes: str = "") -> EngineResult:
+    prefill_s, steps, tokens = timing
     decode = len(steps) / sum(steps) if steps else 0.0
-    return EngineResult(name, n_prompt / prefill_s, decode, 1e3 * statistics.median(steps) if steps else 0.0,
-                        load_s, tokens, notes)
+    return EngineResult(name, threads, n_prompt / prefill_s, decode, 1e3 * statistics.median(steps) if steps else 0.0,
+                        weight_bytes, tokens, notes)
 
 
-def paired_step_times(engine: Any, ids: list[int], short_past: int, long_past: int,
-                      steps: int) -> tuple[list[float], list[float]]:
-    """Decode step seconds at a short and a long KV cache, measured in interleaved pairs: two
-    engines share the weights and the module (a shallow copy; each owns its cache buffers), one
-    prefilled with `short_past` tokens, one with `long_past`, and each pair steps one then the
-    other, so a burst of other users' load lands on both lengths alike."""
-    short, long = engine, copy.copy(engine)
-    short.prefill(ids[:short_past], capacity=short_past + steps + 1)
-    long.prefill(ids[:long_past], capacity=long_past + steps + 1)
-    token_s, token_l = 5, 5
-    times_s, times_l = [], []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        token_s = int(np.argmax(short.step(token_s)))
-        t1 = time.perf_counter()
-        token_l = int(np.argmax(long.step(token_l)))
-        times_s.append(t1 - t0)
-        times_l.append(time.perf_counter() - t1)
-    return times_s, times_l
+def artifact_weight_bytes(artifact: Path) -> int:
+    from rlx.frontends.safetensors_file import tensor_bytes
+
+    return tensor_bytes(artifact / "weights.safetensors")
 
 
-def bench_rlx(artifact: Path, ids: list[int], long_ids: list[int], short_past: int, new_tokens: int,
-              repeats: int, scaling_steps: int) -> tuple[list[EngineResult], dict[str, float]]:
-    """rlx at every usable core (TVM_NUM_THREADS, set by main before TVM loads), the step
-    scaling at that setting, then rlx at one thread (the pool shrinks in place)."""
+def bench_rlx(artifacts: dict[str, Path], ids: list[int], new_tokens: int, repeats: int) -> list[EngineResult]:
+    """Each artifact at every usable core, then each at one thread (the pool shrinks in place)."""
     import tvm
 
     from rlx.runtime.artifact_engine import ArtifactEngine
 
-    t0 = time.perf_counter()
-    engine = ArtifactEngine(artifact)
-    load_s = time.perf_counter() - t0
-    threads = int(tvm.get_global_func("runtime.NumThreads")())
-    engine.prefill(ids[:8])  # warm-up: first-call allocations, page faults in the weights
-    engine.step(ids[8])
-    prefill_s, steps, tokens = greedy_decode(engine.prefill, engine.step, ids, new_tokens, repeats)
-    res = [result("rlx cpu", len(ids), prefill_s, steps, tokens, load_s, f"{threads} threads, artifact {artifact}")]
-    long_past = len(long_ids)
-    times_s, times_l = paired_step_times(engine, long_ids, short_past, long_past, SCALING_ROUNDS * scaling_steps)
-    short, long = statistics.median(times_s), statistics.median(times_l)
-    scaling = {"short_past": short_past, "long_past": long_past, "short_ms": 1e3 * short, "long_ms": 1e3 * long,
-               "ratio": statistics.median(b / a for a, b in zip(times_s, times_l, strict=True)),
-               "pairs_ms": [[1e3 * a, 1e3 * b] for a, b in zip(times_s, times_l, strict=True)]}
-    if threads > 1:
-        tvm.get_global_func("runtime.config_threadpool")(1, 1)
-        prefill_s, steps, tokens = greedy_decode(engine.prefill, engine.step, ids, new_tokens, repeats)
-        res.append(result("rlx cpu 1t", len(ids), prefill_s, steps, tokens, load_s, "1 thread"))
-    del engine
-    gc.collect()
-    return res, scaling
+    out = []
+    for threads in sorted({cores(), 1}, reverse=True):
+        for scheme, art in artifacts.items():
+            engine = ArtifactEngine(art)
+            tvm.get_global_func("runtime.config_threadpool")(1, threads)
+            timing = greedy_decode(engine.prefill, engine.step, ids, new_tokens, repeats)
+            name = f"rlx {'f32' if scheme == 'none' else scheme}"
+            out.append(result(name, threads, len(ids), timing, artifact_weight_bytes(art), f"--quantize {scheme}"))
+            del engine
+            gc.collect()
+    return out
 
 
-def bench_transformers(gguf: Path, ids: list[int], new_tokens: int, repeats: int,
-                       threads: list[int]) -> list[EngineResult]:
-    """One result per torch thread count (the model is loaded once)."""
+def bench_llama_cpp(gguf: Path, ids: list[int], new_tokens: int, repeats: int) -> list[EngineResult]:
+    try:
+        import llama_cpp
+        from llama_cpp import Llama
+    except ImportError:
+        return []
+    from rlx.frontends.gguf_file import GGUFFile
+
+    weight_bytes = sum(t.nbytes for t in GGUFFile.open(gguf).tensors.values())
+    out = []
+    for threads in sorted({cores(), 1}, reverse=True):
+        llm = Llama(model_path=str(gguf), n_ctx=max(512, len(ids) + new_tokens + 16), n_batch=512,
+                    n_threads=threads, n_threads_batch=threads, verbose=False)
+
+        def last_logits(llm: Any = llm) -> np.ndarray:
+            # llama-cpp-python >= 0.3 fills `Llama.scores` only with logits_all: read the context's last row
+            row = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
+            return np.ctypeslib.as_array(row, shape=(llm.n_vocab(),)).copy()
+
+        def prefill(prompt: list[int], llm: Any = llm) -> np.ndarray:
+            llm.reset()
+            llm.eval(prompt)
+            return last_logits()
+
+        def step(token: int, llm: Any = llm) -> np.ndarray:
+            llm.eval([token])
+            return last_logits()
+
+        timing = greedy_decode(prefill, step, ids, new_tokens, repeats)
+        out.append(result("llama.cpp", threads, len(ids), timing, weight_bytes,
+                          f"llama-cpp-python {llama_cpp.__version__}, Q4_K_M file as stored"))
+        del llm
+        gc.collect()
+    return out
+
+
+def bench_transformers(gguf: Path, ids: list[int], new_tokens: int, repeats: int, f32_bytes: int) -> list[EngineResult]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    torch.set_num_threads(threads[0])
-    t0 = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    model.eval()
-    load_s = time.perf_counter() - t0
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
     state: dict[str, Any] = {}
 
     def prefill(prompt: list[int]) -> np.ndarray:
         with torch.inference_mode():
-            out = model(input_ids=torch.tensor([prompt]), use_cache=True, logits_to_keep=1)
-        state["past"] = out.past_key_values
-        return out.logits[0, -1].numpy()
+            o = model(input_ids=torch.tensor([prompt]), use_cache=True, logits_to_keep=1)
+        state["past"] = o.past_key_values
+        return o.logits[0, -1].numpy()
 
     def step(token: int) -> np.ndarray:
         with torch.inference_mode():
-            out = model(input_ids=torch.tensor([[token]]), past_key_values=state["past"], use_cache=True)
-        state["past"] = out.past_key_values
-        return out.logits[0, -1].numpy()
+            o = model(input_ids=torch.tensor([[token]]), past_key_values=state["past"], use_cache=True)
+        state["past"] = o.past_key_values
+        return o.logits[0, -1].numpy()
 
     out = []
-    for n in threads:
-        torch.set_num_threads(n)
-        prefill(ids[:8])
-        step(ids[8])
-        prefill_s, steps, tokens = greedy_decode(prefill, step, ids, new_tokens, repeats)
-        notes = (f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-                 f"attn {model.config._attn_implementation}")
-        name = "transformers" if n == threads[0] else f"transformers {n}t"
-        out.append(result(name, len(ids), prefill_s, steps, tokens, load_s, notes))
+    for threads in sorted({cores(), 1}, reverse=True):
+        torch.set_num_threads(threads)
+        timing = greedy_decode(prefill, step, ids, new_tokens, repeats)
+        out.append(result("transformers", threads, len(ids), timing, f32_bytes, f"torch {torch.__version__} eager f32"))
     return out
-
-
-def bench_llama_cpp(gguf: Path, ids: list[int], new_tokens: int, repeats: int) -> EngineResult | None:
-    try:
-        from llama_cpp import Llama
-    except ImportError:
-        return None
-    t0 = time.perf_counter()
-    llm = Llama(model_path=str(gguf), n_ctx=max(512, len(ids) + new_tokens + 16), n_batch=512,
-                n_threads=cores(), n_threads_batch=cores(), verbose=False)
-    load_s = time.perf_counter() - t0
-
-    import llama_cpp
-
-    def last_logits() -> np.ndarray:
-        # llama-cpp-python >= 0.3 fills `Llama.scores` only with logits_all=True (which would run
-        # the LM head on every prompt token): read the context's last row instead
-        row = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
-        return np.ctypeslib.as_array(row, shape=(llm.n_vocab(),)).copy()
-
-    def prefill(prompt: list[int]) -> np.ndarray:
-        llm.reset()
-        llm.eval(prompt)
-        return last_logits()
-
-    def step(token: int) -> np.ndarray:
-        llm.eval([token])
-        return last_logits()
-
-    prefill(ids[:8])
-    step(ids[8])
-    prefill_s, steps, tokens = greedy_decode(prefill, step, ids, new_tokens, repeats)
-    notes = f"llama-cpp-python {llama_cpp.__version__}, {cores()} threads, Q4_K_M weights"
-    return result("llama.cpp", len(ids), prefill_s, steps, tokens, load_s, notes)
 
 
 def agreement(a: list[int], b: list[int]) -> int:
@@ -311,27 +289,56 @@ def agreement(a: list[int], b: list[int]) -> int:
     return n
 
 
+def find(engines: list[EngineResult], name: str, threads: int) -> EngineResult | None:
+    return next((e for e in engines if e.name == name and e.threads == threads), None)
+
+
+def bars(engines: list[EngineResult], compiles: dict[str, dict[str, float]], runs: dict[str, int],
+         threads: int) -> list[Bar]:
+    out = []
+    llama = find(engines, "llama.cpp", threads)
+
+    def vs_llama(name: str, metric: str, limit: float) -> None:
+        ours = find(engines, name, threads)
+        if ours is None or llama is None:
+            return
+        ratio = getattr(ours, metric) / getattr(llama, metric)
+        out.append(Bar(f"{name} {metric.split('_')[0]} / llama.cpp", ratio, limit, ratio >= limit,
+                       f"{getattr(ours, metric):.1f} vs {getattr(llama, metric):.1f} tok/s"))
+
+    vs_llama("rlx gguf", "decode_tok_s", BARS["gguf_decode"])
+    vs_llama("rlx gguf", "prefill_tok_s", BARS["gguf_prefill"])
+    vs_llama("rlx q4", "decode_tok_s", BARS["q4_decode"])
+    if (f32 := find(engines, "rlx f32", threads)) is not None:
+        ratio = f32.prefill_tok_s / F32_PREFILL_BEFORE
+        out.append(Bar("rlx f32 prefill / before this round", ratio, BARS["f32_prefill"], ratio >= BARS["f32_prefill"],
+                       f"{f32.prefill_tok_s:.1f} vs {F32_PREFILL_BEFORE} tok/s"))
+    if "gguf" in runs and "gguf" in compiles:
+        ratio = runs["gguf"] / compiles["gguf"]["weight_bytes"]
+        out.append(Bar("rlx run (gguf) peak RSS / packed weights", ratio, BARS["gguf_run_rss"],
+                       ratio < BARS["gguf_run_rss"], f"{runs['gguf'] / 2**20:.0f} MiB"))
+    if "none" in compiles:
+        seconds = compiles["none"]["seconds"]
+        out.append(Bar("compile of the real model (f32), s", seconds, BARS["compile_s"], seconds < BARS["compile_s"],
+                       f"peak RSS {compiles['none']['peak_rss'] / 2**30:.2f} GiB"))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--short-past", type=int, default=16, help="KV length of the short decode-step measurement")
-    p.add_argument("--long-past", type=int, default=1024, help="KV length of the long decode-step measurement")
-    p.add_argument("--scaling-steps", type=int, default=8, help="interleaved (short, long) step pairs per round")
     p.add_argument("--repeats", type=int, default=3, help="prefill runs per engine (median)")
-    p.add_argument("--quick", action="store_true", help="smoke run: 32-token prompt, 8 new tokens, long past 256")
+    p.add_argument("--schemes", default="none,gguf,q8,q4", help="rlx --quantize schemes to compile and run")
+    p.add_argument("--quick", action="store_true", help="smoke run: 32-token prompt, 8 new tokens, one repeat")
     p.add_argument("--json", type=Path, help="also write the results here")
     p.add_argument("--checkpoint", type=Path, help="a Gemma GGUF (default: the real gemma-3-270m Q4_K_M)")
-    p.add_argument("--no-torch-1t", action="store_true", help="skip the extra one-thread transformers run")
+    p.add_argument("--no-transformers", action="store_true", help="skip transformers (slow to load)")
     p.add_argument("--strict", action="store_true", help="exit 1 when a bar fails")
-    p.add_argument("--profile", type=Path, help="compile rlx with this gemma.rlx.toml (e.g. [precision] f16)")
     args = p.parse_args(argv)
-    # every usable core for rlx too (TVM's own default is half the logical cores: 1 on 2); read
-    # when TVM's thread pool starts, so before anything runs a kernel (children inherit it)
-    os.environ.setdefault("TVM_NUM_THREADS", str(cores()))
+    os.environ.setdefault("TVM_NUM_THREADS", str(cores()))  # read when TVM's pool starts
     if args.quick:
-        args.prompt_tokens, args.new_tokens, args.long_past = 32, 8, 256
-        args.scaling_steps, args.repeats = 4, 1
+        args.prompt_tokens, args.new_tokens, args.repeats = 32, 8, 1
 
     from rlx.frontends.checkpoint import open_checkpoint
     from rlx.runtime.tokenizer import Tokenizer
@@ -344,85 +351,71 @@ def main(argv: list[str] | None = None) -> int:
     f32_bytes = open_checkpoint(gguf).weights.nbytes_f32()
     info = machine()
     when = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-    print(f"machine: {info['cpu']}, {info['cores_usable']} usable cores of {info['cores_total']}, "
-          f"{info['mem_gib']} GiB; {when}", flush=True)
-    print(f"model: {gguf.name}, f32 weights {f32_bytes / 1e9:.3f} GB; prompt {args.prompt_tokens} tokens, "
-          f"{args.new_tokens} new tokens, greedy; rlx profile: {args.profile or 'default (f32)'}", flush=True)
+    print(f"machine: {info['cpu']} ({', '.join(info['simd'])}), {info['cores_usable']} usable cores of "
+          f"{info['cores_total']}; load {info['loadavg']}; {when}", flush=True)
+    bandwidth = {t: read_bandwidth(t) for t in sorted({cores(), 1}, reverse=True)}
+    print("memory read bandwidth: " + ", ".join(f"{v:.1f} GB/s at {t} thread(s)" for t, v in bandwidth.items()))
 
+    schemes = [s for s in args.schemes.split(",") if s]
+    compiles: dict[str, dict[str, float]] = {}
+    runs: dict[str, int] = {}
     with tempfile.TemporaryDirectory(prefix="rlx-bench-") as tmp:
-        artifact = Path(tmp) / "artifact"
-        print("[bench] rlx compile (child process) ...", flush=True)
-        compile_s, compile_rss, _ = run_rlx_child(
-            ["compile", str(gguf), "--target", "cpu", "--out", str(artifact), "--no-cache",
-             *(["--profile", str(args.profile)] if args.profile else [])], timeout=1800)
-        tokenizer = Tokenizer.from_hf_dir(artifact)
+        artifacts = {}
+        for scheme in schemes:
+            art = Path(tmp) / scheme
+            print(f"[bench] rlx compile --quantize {scheme} (child) ...", flush=True)
+            seconds, rss, _ = run_rlx_child(["compile", str(gguf), "--target", "cpu", "--out", str(art), "--no-cache",
+                                             "--quantize", scheme], timeout=1800)
+            compiles[scheme] = {"seconds": seconds, "peak_rss": rss, "weight_bytes": artifact_weight_bytes(art)}
+            artifacts[scheme] = art
+        tokenizer = Tokenizer.from_hf_dir(next(iter(artifacts.values())))
         ids = prompt_ids(tokenizer, args.prompt_tokens)
-        long_ids = prompt_ids(tokenizer, args.long_past)
         del tokenizer
         gc.collect()
-
-        print("[bench] rlx run (child process) ...", flush=True)
-        run_argv = ["run", str(artifact), "--max-new-tokens", str(args.new_tokens)]
-        run_s, run_rss, run_err = run_rlx_child([*run_argv, "--prompt-ids", ",".join(map(str, ids))], timeout=900)
-        cli_speed = next((ln.split(": ", 1)[1] for ln in run_err.splitlines() if "prefill" in ln and "tok/s" in ln), "")
-
+        for scheme, art in artifacts.items():
+            print(f"[bench] rlx run {scheme} (child) ...", flush=True)
+            _, runs[scheme], _ = run_rlx_child(["run", str(art), "--max-new-tokens", str(args.new_tokens),
+                                                "--prompt-ids", ",".join(map(str, ids))], timeout=900)
         print("[bench] rlx in-process ...", flush=True)
-        rlx_all, scaling = bench_rlx(artifact, ids, long_ids, args.short_past, args.new_tokens, args.repeats,
-                                     args.scaling_steps)
-        rlx_res = rlx_all[0]
-    print("[bench] transformers ...", flush=True)
-    # the brief's setting is every usable core; one thread as well, since 2-thread OpenMP collapses
-    # here when other users hold a core (measured 0.19 s vs 1.4 s for a 32-token prefill)
-    hf_res = bench_transformers(gguf, ids, args.new_tokens, args.repeats,
-                                [cores(), 1] if cores() > 1 and not args.no_torch_1t else [cores()])
-    gc.collect()  # the model goes with bench_transformers' frame
+        engines = bench_rlx(artifacts, ids, args.new_tokens, args.repeats)
     print("[bench] llama.cpp ...", flush=True)
-    llama_res = bench_llama_cpp(gguf, ids, args.new_tokens, args.repeats)
-
-    engines = [*rlx_all, *hf_res, *([llama_res] if llama_res is not None else [])]
-    ratios = {f"rlx/{r.name}": {"prefill": rlx_res.prefill_tok_s / r.prefill_tok_s,
-                                "decode": rlx_res.decode_tok_s / r.decode_tok_s} for r in engines[len(rlx_all):]}
-    bars = [
-        Bar(f"decode step at {scaling['long_past']} vs {scaling['short_past']} past tokens", scaling["ratio"],
-            STEP_SCALING_BAR, scaling["ratio"] <= STEP_SCALING_BAR,
-            f"{scaling['short_ms']:.1f} ms -> {scaling['long_ms']:.1f} ms"),
-        Bar("rlx compile peak RSS / f32 weights", compile_rss / f32_bytes, COMPILE_MEM_BAR,
-            compile_rss / f32_bytes < COMPILE_MEM_BAR, f"{compile_rss / 2**30:.2f} GiB, compile {compile_s:.0f} s"),
-        Bar("rlx run peak RSS / f32 weights", run_rss / f32_bytes, RUN_MEM_BAR,
-            run_rss / f32_bytes < RUN_MEM_BAR, f"{run_rss / 2**30:.2f} GiB"),
-    ]
+    engines += bench_llama_cpp(gguf, ids, args.new_tokens, args.repeats)
+    if not args.no_transformers:
+        print("[bench] transformers ...", flush=True)
+        engines += bench_transformers(gguf, ids, args.new_tokens, args.repeats, f32_bytes)
 
     print()
-    print(f"{'engine':<14}{'prefill tok/s':>15}{'decode tok/s':>14}{'step ms (med)':>15}{'load s':>9}  notes")
-    for r in engines:
-        print(f"{r.name:<14}{r.prefill_tok_s:>15.1f}{r.decode_tok_s:>14.2f}{r.decode_step_ms_median:>15.1f}"
-              f"{r.load_s:>9.1f}  {r.notes}")
-    if llama_res is None:
-        print("llama.cpp: not installed (pip install llama-cpp-python)")
-    print(f"rlx run CLI (cold, child process): {cli_speed}")
-    for name, ratio in ratios.items():
-        print(f"{name}: prefill {ratio['prefill']:.2f}x, decode {ratio['decode']:.2f}x")
-    for r in engines[len(rlx_all):]:
-        print(f"greedy tokens: rlx and {r.name} agree on the first {agreement(rlx_res.tokens, r.tokens)} "
-              f"of {len(rlx_res.tokens)}")
+    print(f"{'engine':<14}{'thr':>4}{'prefill tok/s':>15}{'decode tok/s':>14}{'step ms':>9}{'weights MB':>12}"
+          f"{'weight GB/s':>13}{'of read bw':>11}  notes")
+    for e in engines:
+        bw = bandwidth.get(e.threads) or max(bandwidth.values())
+        print(f"{e.name:<14}{e.threads:>4}{e.prefill_tok_s:>15.1f}{e.decode_tok_s:>14.2f}"
+              f"{e.decode_step_ms_median:>9.1f}{e.weight_bytes / 1e6:>12.1f}{e.weight_gb_s:>13.1f}"
+              f"{e.weight_gb_s / bw:>10.0%}  {e.notes}")
+    ref = find(engines, "rlx f32", cores())
+    if ref is not None:
+        for e in engines:
+            if e.threads == cores() and e is not ref:
+                print(f"greedy tokens: {e.name} agrees with rlx f32 on the first {agreement(ref.tokens, e.tokens)} "
+                      f"of {len(ref.tokens)}")
+    for scheme, c in compiles.items():
+        print(f"rlx compile --quantize {scheme}: {c['seconds']:.1f} s, peak RSS {c['peak_rss'] / 2**30:.2f} GiB, "
+              f"weights {c['weight_bytes'] / 1e6:.1f} MB; rlx run peak RSS {runs.get(scheme, 0) / 2**20:.0f} MiB")
+    results = bars(engines, compiles, runs, cores())
     print()
-    print(f"{'check':<44}{'measured':>10}{'bar':>9}  result")
-    for b in bars:
-        limit = f"<= {b.limit}" if b.name.startswith("decode step") else f"< {b.limit}"
-        print(f"{b.name:<44}{b.value:>9.3f}x{limit:>9}  {'PASS' if b.passed else 'FAIL'}  ({b.detail})")
-    print(f"load average: {info['loadavg']} at start, {_loadavg()} at the end (other users share this machine)")
-
+    print(f"{'check':<46}{'measured':>10}{'bar':>8}  result")
+    for b in results:
+        rel = "<" if "RSS" in b.name or b.name.startswith("compile") else ">="
+        print(f"{b.name:<46}{b.value:>10.2f}{rel + ' ' + str(b.limit):>8}  {'PASS' if b.passed else 'FAIL'}  "
+              f"({b.detail})")
+    print(f"load average: {info['loadavg']} at start, {_loadavg()} at the end")
     if args.json:
-        report = {"date": when, "machine": info, "model": str(gguf), "f32_weight_bytes": f32_bytes,
-                  "rlx_profile": str(args.profile) if args.profile else None,
-                  "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "quick": args.quick,
-                  "engines": [asdict(r) for r in engines], "llama_cpp_installed": llama_res is not None,
-                  "ratios": ratios, "decode_step_scaling": scaling, "rlx_run_cli": cli_speed,
-                  "rlx_compile": {"seconds": compile_s, "peak_rss_bytes": compile_rss},
-                  "rlx_run": {"seconds": run_s, "peak_rss_bytes": run_rss},
-                  "bars": [asdict(b) for b in bars]}
-        args.json.write_text(json.dumps(report, indent=1))
-    return 1 if args.strict and not all(b.passed for b in bars) else 0
+        args.json.write_text(json.dumps({
+            "date": when, "machine": info, "model": str(gguf), "read_bandwidth_gb_s": bandwidth,
+            "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "quick": args.quick,
+            "engines": [{**asdict(e), "weight_gb_s": e.weight_gb_s} for e in engines],
+            "compiles": compiles, "run_peak_rss": runs, "bars": [asdict(b) for b in results]}, indent=1))
+    return 1 if args.strict and not all(b.passed for b in results) else 0
 
 
 if __name__ == "__main__":

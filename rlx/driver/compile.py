@@ -116,7 +116,7 @@ def _populate(tmp: Path, checkpoint: Any, resolved: Any, profile: Any, passes: s
     entries = graphs.entries
     backend = graphs.backend
     with phases("lower"):
-        lowered = lower(entries)
+        lowered = lower(entries, resolved.device)
     library = LIBRARY[resolved.device]
     with phases("build"):
         if resolved.device == "metal":
@@ -158,6 +158,7 @@ def _populate(tmp: Path, checkpoint: Any, resolved: Any, profile: Any, passes: s
         "target": {"name": resolved.name, "device": resolved.device, "local": resolved.local,
                    "json": str(resolved.target.export())},
         "entries": {name: _signature_dict(sig) for name, sig in lowered.signatures.items()},
+        "layouts": {key: spec.layout for key, spec in sorted(specs.items())},
         "bounds": {**bounds, "KV_CAP": max_seq},
         "prefill_buckets": list(graphs.buckets),
         "backend": {"opt_level": backend.opt_level, "threads": backend.threads},

@@ -46,7 +46,7 @@ class CompiledEngine(VMEngine):
         self.reports: dict[str, PassReport] = dict(graphs.reports)
         self.buckets = graphs.buckets
         t0 = time.perf_counter()
-        self.lowered = lower(graphs.entries)
+        self.lowered = lower(graphs.entries, resolved.device)
         self.signatures: dict[str, Signature] = self.lowered.signatures
         self.built = build(self.lowered.mod, resolved, opt_level=graphs.backend.opt_level)
         self.compile_seconds = time.perf_counter() - t0

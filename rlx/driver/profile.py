@@ -275,12 +275,6 @@ class LayerPatch:
     def overrides(self) -> LayerOverrides:
         return LayerOverrides(**{dst: getattr(self, src) for src, dst in OVERRIDES.items()})
 
-    def with_quantize(self, scheme: str) -> Profile:
-        """This profile with [quantize] scheme replaced (`--quantize SCHEME`)."""
-        if scheme not in SCHEMES:
-            raise ProfileError(f"--quantize {scheme!r} is not a scheme", hint=f"use one of {', '.join(SCHEMES)}")
-        return dataclasses.replace(self, quantize=dataclasses.replace(self.quantize, scheme=scheme))
-
     def apply(self, flow: GemmaFlow) -> GemmaFlow:
         """The GemmaFlow call this patch stands for: keep_layers, layer(fn) or override_layers."""
         self.check_bounds(flow.config.num_layers)
@@ -372,6 +366,12 @@ class Profile:
         first = self.quantize_pass(config) if Quantize.name not in named else ""
         last = self.precision_pass(config) if Precision.name not in named else ""
         return ",".join(filter(None, (first, pipeline, last)))
+
+    def with_quantize(self, scheme: str) -> Profile:
+        """This profile with [quantize] scheme replaced (`--quantize SCHEME`)."""
+        if scheme not in SCHEMES:
+            raise ProfileError(f"--quantize {scheme!r} is not a scheme", hint=f"use one of {', '.join(SCHEMES)}")
+        return dataclasses.replace(self, quantize=dataclasses.replace(self.quantize, scheme=scheme))
 
     def apply(self, flow: GemmaFlow) -> GemmaFlow:
         """Map [[layers]] onto the builder, in file order (later patches win, as in Python)."""

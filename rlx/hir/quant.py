@@ -70,11 +70,15 @@ def _scale(blocks: np.ndarray, at: int = 0) -> np.ndarray:
 
 
 def _q8_quantize(x: np.ndarray) -> np.ndarray:
-    """Q8_0 (gguf.quants.Q8_0): d = max|x| / 127, q = round-half-away(x / d)."""
+    """Q8_0 (gguf.quants.Q8_0): d = max|x| / 127, q = round-half-away(x * (1 / d))."""
     d = np.abs(x).max(axis=-1, keepdims=True) / np.float32(127)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        q = np.where(d == 0, 0, x / d)
-    q = np.sign(q) * np.floor(np.abs(q) + np.float32(0.5))  # ggml's roundf
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+        inv = np.where(d == 0, 0, np.float32(1) / d)
+        # times the reciprocal, as ggml (x / d differs in the last bit, and then in rounding); 1 / d
+        # overflows only in blocks below ~1e-37, whose f16 scale is 0 anyway: keep q defined there
+        q = np.nan_to_num(x * inv).clip(-127, 127)
+    a = np.abs(q)
+    q = np.sign(q) * (np.floor(a) + np.floor(2 * (a - np.floor(a))))  # ggml's roundf, exact (a + 0.5 rounds)
     return np.concatenate([_scale_bytes(d), q.astype(np.int8).view(np.uint8)], axis=-1)
 
 

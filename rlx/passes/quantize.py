@@ -128,13 +128,14 @@ _FLOAT_STORAGE = frozenset({"F32", "F16", "BF16", "F64", "FLOAT32", "FLOAT16", "
 def _weights(hir: HIR) -> Iterator[tuple[Node, str]]:
     """Each 2-D float param read as a weight (by a linear) or a table (by an embed), once, with
     what reads it: "embed" (a tied head reads it too), "head" (the LM head: `role` head),
-    "linear"."""
-    seen: set[str] = set()
+    "linear". A param that anything else reads too (another op, another input, a graph output)
+    stays float: verify's `quantized` rule allows blocks only where they are read as blocks."""
+    seen = set(hir.outputs.values())
     readers: list[tuple[Node, str]] = []
     for node in hir.nodes():
-        for pos in OPS[node.op].quantized_inputs & set(range(len(node.inputs))):
-            if node.op is Op.CONCAT:
-                continue
+        blocks = frozenset() if node.op is Op.CONCAT else OPS[node.op].quantized_inputs
+        seen.update(i for pos, i in enumerate(node.inputs) if pos not in blocks)
+        for pos in blocks & set(range(len(node.inputs))):
             w = hir.node(node.inputs[pos])
             if w.op is not Op.PARAM or w.type.rank != 2 or w.type.is_quantized or not w.type.dtype.is_float:
                 continue

@@ -33,7 +33,7 @@ from rlx.hir.tensor_type import TensorType
 from rlx.version import __version__
 
 FORMAT = "rlx-artifact"
-FORMAT_VERSION = 4  # 3: file sizes / hashes, target.local, created; 4: quantized weights
+FORMAT_VERSION = 5  # 3: file sizes / hashes, target.local, created; 4: quantized weights; 5: kernel layouts
 MANIFEST = "manifest.json"
 _EDGE = 1 << 20  # bytes a quick digest reads from each end of a file
 RECOMPILE = "compile the artifact again: rlx compile CHECKPOINT --out DIR"
@@ -67,7 +67,7 @@ _ENTRY: Spec = {"function": str, "inputs": [[str]], "params": [[str]], "outputs"
 SCHEMA: dict[str, Spec] = {
     "format": str, "format_version": int, "versions": {"rlx": str, "tvm": str}, "created": str,
     "model_hash": str, "config": {str: object}, "target": {"name": str, "device": str, "local": bool, "json": str},
-    "entries": {str: _ENTRY}, "max_seq": int, "prefill_buckets": [int],
+    "entries": {str: _ENTRY}, "layouts": {str: str}, "max_seq": int, "prefill_buckets": [int],
     "backend": {"opt_level": (int, type(None)), "threads": (int, type(None))},
     "library": str, "weights": str, "files": {str: {"bytes": int, "quick": str, "sha256": str}},
     "quantize": {"scheme": str, "group": int, "embed": (str, type(None)), "head": (str, type(None)),

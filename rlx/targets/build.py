@@ -158,7 +158,8 @@ def _child_main(argv: list[str]) -> int:
 
     src, target, out, level = argv
     graphs = {name: hir_from_dict(d) for name, d in json.loads(Path(src).read_text()).items()}
-    ex, _ = _compile(lower(graphs).mod, resolve_target(target), None if level == "None" else int(level))
+    resolved = resolve_target(target)
+    ex, _ = _compile(lower(graphs, resolved.device).mod, resolved, None if level == "None" else int(level))
     ex.export_library(out)
     return 0
 

@@ -84,13 +84,15 @@ class FunctionBuilder:
 
 
 @dataclass(frozen=True)
-class QuantView:
-    """A quantized weight as a function takes it: its blocks (uint8 [..., row_bytes]) and their
-    format; the lowerings of the ops that read blocks (`OpSpec.quantized_inputs`) decode them in
-    their kernels (`quant_decode.py`)."""
+class WeightView:
+    """A weight as a function takes it when that is not the graph's plain tensor: in a kernel
+    layout (`layouts.py`) and / or quantized (uint8 blocks of `format`, decoded in the kernels of
+    the ops that read blocks, `OpSpec.quantized_inputs`). Only the lowerings of the readers
+    `layouts.IL16_READERS` lists ever see one."""
 
-    format: QuantFormat
-    blocks: relax.Var
+    tensor: relax.Var
+    layout: str
+    format: QuantFormat | None = None
 
 
 @dataclass(frozen=True)

@@ -34,15 +34,14 @@ import tvm
 from tvm import relax
 
 from rlx.errors import HIRError
-from rlx.hir.dtypes import DType
 from rlx.hir.graph import HIR, param_key
 from rlx.hir.interpreter import Interpreter, WeightSource
 from rlx.hir.ops import Op
 from rlx.hir.quant import QuantizedArray, quant_format
 from rlx.hir.shapes import dim_symbols
 from rlx.hir.tensor_type import TensorType
-from rlx.targets import kernels, kv_cache
-from rlx.targets.function_builder import TVM_DTYPES, CacheView, FunctionBuilder, QuantView
+from rlx.targets import kernels, kv_cache, layouts
+from rlx.targets.function_builder import TVM_DTYPES, CacheView, FunctionBuilder, WeightView
 from rlx.targets.lowerings import CACHE_READERS, LOWERINGS, lower_const
 
 
@@ -60,6 +59,7 @@ class ParamSpec:
     key: str
     type: TensorType  # as the graph sees it: a quantized weight is q4_0[N, K] (rlx.hir.quant)
     program: HIR
+    layout: str = layouts.PLAIN  # how the function takes it (`layouts.py`)
 
     @property
     def stored(self) -> tuple[str, ...]:
@@ -68,24 +68,15 @@ class ParamSpec:
 
     @property
     def physical(self) -> TensorType:
-        """What the function takes: a quantized weight's blocks as uint8 [..., row_bytes]."""
-        return physical_type(self.type)
+        """What the function takes: the weight in its layout (a quantized one as uint8 blocks)."""
+        return layouts.physical_type(self.type, self.layout)
 
     def materialize(self, load: WeightSource) -> np.ndarray:
         """Compute it on the host from the stored tensors (`load(name)`; `load.packed` gives a
         GGUF's blocks as stored), as `physical` says."""
         value = Interpreter(self.program, load).run({})["value"]
-        if isinstance(value, QuantizedArray):
-            return np.ascontiguousarray(value.blocks)
-        return np.ascontiguousarray(value, dtype=self.type.dtype.numpy)
-
-
-def physical_type(t: TensorType) -> TensorType:
-    if not t.is_quantized:
-        return t
-    fmt = quant_format(t.quant)  # type: ignore[arg-type]
-    k = t.shape[-1]
-    return TensorType(DType.U8, (*t.shape[:-1], fmt.row_bytes(k)))  # type: ignore[arg-type]
+        plain = value.blocks if isinstance(value, QuantizedArray) else np.asarray(value, dtype=self.type.dtype.numpy)
+        return layouts.pack(plain, self.layout, self.type.quant)
 
 
 @dataclass(frozen=True)
@@ -153,22 +144,54 @@ def _program(hir: HIR, node_id: str) -> HIR:
     return out
 
 
-def _param_nodes(hir: HIR) -> dict[str, ParamSpec]:
-    """Weight-only nodes the rest of the graph reads (or that are outputs), by node id."""
+def _param_nodes(hir: HIR, chosen: Mapping[str, str] | None = None) -> dict[str, ParamSpec]:
+    """Weight-only nodes the rest of the graph reads (or that are outputs), by node id; `chosen`
+    gives their layouts by key (default: plain)."""
     weights = weight_only(hir)
     used = {i for n in hir.nodes() if n.id not in weights for i in n.inputs} | set(hir.outputs.values())
     memo: dict[str, str] = {}
-    return {nid: ParamSpec(_expr_key(hir, nid, memo), hir.node(nid).type, _program(hir, nid))
-            for nid in sorted(weights & used)}
+    specs = {}
+    for nid in sorted(weights & used):
+        key = _expr_key(hir, nid, memo)
+        specs[nid] = ParamSpec(key, hir.node(nid).type, _program(hir, nid), (chosen or {}).get(key, layouts.PLAIN))
+    return specs
 
 
-def signature_of(hir: HIR, function: str) -> Signature:
+def _readers(hir: HIR) -> dict[str, set[tuple[Op, int]]]:
+    """For each weight-only value the kernels read: the (op, input position) pairs reading it."""
+    weights = weight_only(hir)
+    out: dict[str, set[tuple[Op, int]]] = {}
+    memo: dict[str, str] = {}
+    for n in hir.nodes():
+        if n.id in weights:
+            continue
+        for pos, i in enumerate(n.inputs):
+            if i in weights:
+                out.setdefault(_expr_key(hir, i, memo), set()).add((n.op, pos))
+    for nid in set(hir.outputs.values()) & weights:
+        out.setdefault(_expr_key(hir, nid, memo), set()).add((Op.INPUT, -1))  # an output: keep it plain
+    return out
+
+
+def choose_layouts(graphs: Mapping[str, HIR], device: str) -> dict[str, str]:
+    """One layout per weight key, from every function that reads it (they share one tensor)."""
+    readers: dict[str, set[tuple[Op, int]]] = {}
+    types: dict[str, TensorType] = {}
+    for hir in graphs.values():
+        for key, found in _readers(hir).items():
+            readers.setdefault(key, set()).update(found)
+        for spec in _param_nodes(hir).values():
+            types[spec.key] = spec.type
+    return {key: layouts.choose(types[key], found, device) for key, found in readers.items() if key in types}
+
+
+def signature_of(hir: HIR, function: str, chosen: Mapping[str, str] | None = None) -> Signature:
     slots = kv_cache.plan(hir)
     replaced = {s.past_input for s in slots}
     inputs = tuple((name, node.type) for name, node in sorted(hir.inputs.items(), key=lambda kv: _natural(kv[0]))
                    if name not in replaced)
     dims = sorted(set().union(*(dim_symbols([s.offset]) for s in slots)))
-    params = tuple(sorted(_param_nodes(hir).values(), key=lambda p: p.key))
+    params = tuple(sorted(_param_nodes(hir, chosen).values(), key=lambda p: p.key))
     caches = tuple((s.cache, s.type) for s in sorted(slots, key=lambda s: _natural(s.cache)))
     return Signature(function, inputs, params, tuple(hir.outputs), caches, tuple(dims))
 
@@ -177,9 +200,11 @@ def _var_name(text: str) -> str:
     return re.sub(r"\W", "_", text)
 
 
-def _lower_function(bb: relax.BlockBuilder, hir: HIR, sig: Signature, writers: Mapping[str, tvm.ir.GlobalVar]) -> None:
+def _lower_function(bb: relax.BlockBuilder, hir: HIR, sig: Signature,
+                    writers: Mapping[tuple[str, int], tvm.ir.GlobalVar]) -> None:
     fn = FunctionBuilder(bb, hir)
     node_of = {p.key: nid for nid, p in _param_nodes(hir).items()}
+    specs = {p.key: p for p in sig.params}
     inputs = {name: relax.Var(_var_name(name), fn.ty(t)) for name, t in sig.inputs}
     caches = {name: relax.Var(_var_name(name), fn.ty(t)) for name, t in sig.caches}
     dims = [relax.Var("dims", relax.ShapeType([fn.dims[d] for d in sig.dims]))] if sig.dims else []
@@ -187,13 +212,14 @@ def _lower_function(bb: relax.BlockBuilder, hir: HIR, sig: Signature, writers: M
     for name, var in inputs.items():
         fn.values[hir.inputs[name].id] = var
     for p, var in zip(sig.params, params, strict=True):
-        fn.values[node_of[p.key]] = QuantView(quant_format(p.type.quant), var) if p.type.is_quantized else var
+        fn.values[node_of[p.key]] = weight_view(specs[p.key], var)
     slots = {s.node: s for s in kv_cache.plan(hir)}
     written: dict[str, relax.Var] = {}  # present_* output -> its cache buffer after this call's write
 
     def write(slot: kv_cache.CacheSlot) -> relax.Var:
         args = [caches[slot.cache], fn.value(slot.new), relax.prim_value(fn.dim(slot.offset))]
-        written[slot.output] = fn.emit(relax.call_tir_inplace(writers[TVM_DTYPES[slot.type.dtype]], args, 0,
+        kind = (TVM_DTYPES[slot.type.dtype], int(slot.type.shape[-1]))  # type: ignore[arg-type]
+        written[slot.output] = fn.emit(relax.call_tir_inplace(writers[kind], args, 0,
                                                               fn.ty(slot.type)))
         return written[slot.output]
 
@@ -231,26 +257,37 @@ def _lower_function(bb: relax.BlockBuilder, hir: HIR, sig: Signature, writers: M
         bb.emit_func_output(result)
 
 
-def lower(graphs: Mapping[str, HIR]) -> Lowered:
+def weight_view(spec: ParamSpec, var: relax.Var) -> relax.Var | WeightView:
+    """What a lowering gets for a weight: the tensor itself, or (quantized, or not plain) a view
+    saying how to read it."""
+    if not spec.type.is_quantized and spec.layout == layouts.PLAIN:
+        return var
+    fmt = quant_format(spec.type.quant) if spec.type.is_quantized else None  # type: ignore[arg-type]
+    return WeightView(var, spec.layout, fmt)
+
+
+def lower(graphs: Mapping[str, HIR], device: str = "cpu") -> Lowered:
     """Lower several graphs (function name -> HIR) into ONE IRModule, so they share kernels and
-    compile once."""
+    compile once; weights are laid out for `device`'s kernels (`layouts.py`)."""
     bb = relax.BlockBuilder()
     signatures: dict[str, Signature] = {}
+    chosen = choose_layouts(graphs, device)
     for function, hir in graphs.items():
         if not re.fullmatch(r"[A-Za-z_]\w*", function):
             raise HIRError(f"function name {function!r} must be an identifier",
                            hint="name functions with letters, digits and _")
-        signatures[function] = signature_of(hir, function)
-    dtypes = sorted({TVM_DTYPES[t.dtype] for sig in signatures.values() for _, t in sig.caches})
-    writers = {dtype: bb.add_func(kernels.kv_write(dtype), f"kv_write_{dtype}") for dtype in dtypes}
+        signatures[function] = signature_of(hir, function, chosen)
+    kinds = sorted({(TVM_DTYPES[t.dtype], int(t.shape[-1])) for sig in signatures.values()  # type: ignore[arg-type]
+                    for _, t in sig.caches})
+    writers = {kind: bb.add_func(kernels.kv_write(*kind), f"kv_write_{kind[0]}_{kind[1]}") for kind in kinds}
     for function, hir in graphs.items():
         _lower_function(bb, hir, signatures[function], writers)
     return Lowered(bb.get(), signatures)
 
 
-def lower_hir(hir: HIR, function: str | None = None) -> Lowered:
+def lower_hir(hir: HIR, function: str | None = None, device: str = "cpu") -> Lowered:
     """One graph; the function is named `function` or after the HIR (`gemma3_prefill`)."""
-    return lower({function or _var_name(hir.name): hir})
+    return lower({function or _var_name(hir.name): hir}, device)
 
 
 def param_keys(signatures: Sequence[Signature]) -> dict[str, ParamSpec]:

@@ -22,8 +22,8 @@ from rlx.hir.graph import Node
 from rlx.hir.ops import EPILOGUE_STEPS, Op, attr_dim, parse_step
 from rlx.hir.shapes import Dim
 from rlx.hir.tensor_type import TensorType
-from rlx.targets import kernels, quant_kernels
-from rlx.targets.function_builder import TVM_DTYPES, CacheView, QuantView
+from rlx.targets import kernels, weight_kernels
+from rlx.targets.function_builder import TVM_DTYPES, CacheView, WeightView
 from rlx.targets.function_builder import FunctionBuilder as _Fn
 
 CACHE_READERS = frozenset({Op.ATTENTION})  # lowerings that take a CacheView instead of a tensor
@@ -84,8 +84,14 @@ def _rmsnorm(fn: _Fn, x: relax.Expr, w: relax.Expr | None, eps: float, offset: f
     return relax.op.nn.rms_norm(x, weight, axes=[-1], epsilon=float(eps))
 
 
+def _gelu(fn: _Fn, x: relax.Expr) -> relax.Expr:
+    """GELU (tanh form) computed in float32 (`kernels.gelu_tanh`), rounded to x's dtype."""
+    xv = fn.emit(x)
+    return _as(fn.te(kernels.gelu_tanh, xv), _dtype(xv))
+
+
 def _geglu(fn: _Fn, gate: relax.Expr, up: relax.Expr) -> relax.Expr:
-    return _in_f32(lambda g, u: relax.op.multiply(relax.op.nn.gelu_tanh(g), u), gate, up)
+    return _in_f32(lambda g, u: relax.op.multiply(fn.te(kernels.gelu_tanh, fn.emit(g)), u), gate, up)
 
 
 def _halves(fn: _Fn, x: relax.Expr) -> tuple[relax.Expr, relax.Expr]:
@@ -157,26 +163,29 @@ def _add_rmsnorm(fn: _Fn, node: Node, args: list[relax.Expr]) -> relax.Expr:
     return relax.Tuple([normed, total])
 
 
-_STEPS: dict[str, Callable[[relax.Expr, relax.Expr | None, float | None], relax.Expr]] = {
-    "add": lambda y, o, v: relax.op.add(y, _as(o, _dtype(y))),  # type: ignore[arg-type]
-    "mul": lambda y, o, v: relax.op.multiply(y, _as(o, _dtype(y))),  # type: ignore[arg-type]
-    "scale": lambda y, o, v: _scale(y, v),  # type: ignore[arg-type]
-    "softcap": lambda y, o, v: _softcap(y, v),  # type: ignore[arg-type]
-    "gelu_tanh": lambda y, o, v: _in_f32(relax.op.nn.gelu_tanh, y),
+_STEPS: dict[str, Callable[[_Fn, relax.Expr, relax.Expr | None, float | None], relax.Expr]] = {
+    "add": lambda fn, y, o, v: relax.op.add(y, _as(o, _dtype(y))),  # type: ignore[arg-type]
+    "mul": lambda fn, y, o, v: relax.op.multiply(y, _as(o, _dtype(y))),  # type: ignore[arg-type]
+    "scale": lambda fn, y, o, v: _scale(y, v),  # type: ignore[arg-type]
+    "softcap": lambda fn, y, o, v: _softcap(y, v),  # type: ignore[arg-type]
+    "gelu_tanh": lambda fn, y, o, v: _gelu(fn, y),
 }
 
 
-def _contraction(fn: _Fn, x: relax.Expr, w: relax.Expr | QuantView) -> relax.Expr:
-    """`x @ w.T` as a kernel's float32 accumulator; a quantized w is decoded inside the kernel."""
-    if isinstance(w, QuantView):
-        return fn.te(quant_kernels.qlinear, x, w.blocks, fmt=w.format.name)
+def _contraction(fn: _Fn, x: relax.Expr, w: relax.Expr | WeightView) -> relax.Expr:
+    """`x @ w.T` as a kernel's float32 accumulator; a weight in a kernel layout or quantized is
+    read (and decoded) inside the kernel (`weight_kernels.py`)."""
+    if isinstance(w, WeightView):
+        return fn.te(weight_kernels.contraction, x, w.tensor, layout=w.layout, fmt=w.format.name if w.format else "")
     return fn.te(kernels.linear, x, w)
 
 
-def _embed(fn: _Fn, node: Node, table: relax.Expr | QuantView, ids: relax.Expr) -> relax.Expr:
-    """Rows of the table; a quantized table decodes only the rows looked up."""
-    if isinstance(table, QuantView):
-        return fn.te(quant_kernels.qembed, table.blocks, ids, fmt=table.format.name, dtype=TVM_DTYPES[node.type.dtype])
+def _embed(fn: _Fn, node: Node, table: relax.Expr | WeightView, ids: relax.Expr) -> relax.Expr:
+    """Rows of the table; one in a kernel layout or quantized is read (decoded) row by row."""
+    if isinstance(table, WeightView):
+        return fn.te(weight_kernels.lookup, table.tensor, ids, layout=table.layout,
+                     fmt=table.format.name if table.format else "", dtype=TVM_DTYPES[node.type.dtype],
+                     k=int(node.type.shape[-1]))
     return relax.op.take(table, ids, axis=0)
 
 
@@ -187,7 +196,7 @@ def _linear_epilogue(fn: _Fn, node: Node, args: list[relax.Expr]) -> relax.Expr:
     operands = list(args[2:])
     for step in node.attr("steps"):
         kind, value = parse_step(step)
-        y = fn.emit(_STEPS[kind](y, operands.pop(0) if EPILOGUE_STEPS[kind] else None, value))
+        y = fn.emit(_STEPS[kind](fn, y, operands.pop(0) if EPILOGUE_STEPS[kind] else None, value))
     return _rounded(node, y)
 
 
@@ -235,7 +244,7 @@ LOWERINGS: dict[Op, Lowering] = {
     Op.RMSNORM: lambda fn, n, a: _rmsnorm(fn, a[0], a[1] if len(a) > 1 else None, n.attr("eps"), n.attr("offset"),
                                           n.type.shape[-1]),
     Op.LINEAR: lambda fn, n, a: _rounded(n, _contraction(fn, a[0], a[1])),
-    Op.GELU_TANH: lambda fn, n, a: _in_f32(relax.op.nn.gelu_tanh, a[0]),
+    Op.GELU_TANH: lambda fn, n, a: _gelu(fn, a[0]),
     Op.SOFTCAP: lambda fn, n, a: _softcap(a[0], n.attr("cap")),
     Op.RESHAPE: lambda fn, n, a: relax.op.reshape(a[0], fn.shape(tuple(attr_dim(d) for d in n.attr("shape")))),
     Op.TRANSPOSE: lambda fn, n, a: relax.op.permute_dims(a[0], list(n.attr("perm"))),

@@ -17,7 +17,7 @@ and dlight has no CPU matmul rule, so the heavy kernels get our own:
   decomposing, TVM 0.27 refuses it (the update block has no compact dataflow).
   Fused elementwise epilogues are computed where each output element is produced.
 - `RowReduction` for norms, softmax and top-k (rows in parallel, each row's blocks under its loop).
-- `ParallelOuter`: anything else gets its leading spatial loops fused and run in parallel.
+- `ParallelOuter`: elementwise chains inlined into one loop nest, vectorised, parallel when large.
 
 A rule that raises a schedule error, or whose schedule the first TIR lowering steps reject, is
 skipped for that function (the next rule tries), and every function records the rule that
@@ -35,10 +35,12 @@ from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
 
-from rlx.targets.kernels import CONTRACTIONS
+from rlx.targets.kernels import CONTRACTIONS, MATERIALIZED
+from rlx.targets.weight_schedules import Gemm, Gemv
 
 LANES = 16   # partial sums per output element (one AVX-512 / four NEON f32 vectors)
 TILE_N = 16  # output columns per parallel task
+PARALLEL_MIN = 1 << 14  # elementwise work below this many elements runs on one thread
 SCHEDULE_ATTR = "rlx.schedule"
 EXTERN = "extern"  # what the report says of a function that only calls a runtime library
 
@@ -201,12 +203,23 @@ class RowReduction(ScheduleRule):
 
 
 class ParallelOuter(ScheduleRule):
-    """Fallback: each loop nest's leading spatial loops, fused and parallel."""
+    """Injective functions (and the fallback for anything else): every intermediate block is
+    inlined into its consumer, so a chain of elementwise steps (GELU's seven) is one pass over
+    memory, not one loop and one buffer each; then each remaining loop nest's leading spatial
+    loops are fused and run in parallel when there is enough work to pay for waking the pool
+    (`PARALLEL_MIN` elements), the innermost one vectorised by 16 when 16 divides its static
+    extent (a fused index over symbolic extents would need divisions per lane).
+
+    Blocks named in `kernels.MATERIALIZED` are kept (a stage computed once per row and read many
+    times, like RoPE's cos / sin)."""
 
     def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool) -> s_tir.Schedule | None:
         if not isinstance(func, tirx.PrimFunc):
             return None
         sch = s_tir.Schedule(func)
+        for block in reversed(_root_blocks(sch)[:-1]):
+            if sch.get(block).name_hint not in MATERIALIZED and not _writes_output(sch, block):
+                _attempt(sch, lambda b=block: sch.compute_inline(b))
         infos = normalize_prim_func(sch)
         if not infos:
             return None
@@ -216,13 +229,22 @@ class ParallelOuter(ScheduleRule):
             if lead == 0:
                 continue
             loops = [it.loop_rv for it in info.iters[:lead]]
-            outer = sch.fuse(*loops) if lead > 1 else loops[0]
-            sch.parallel(outer)
+            lanes = 1
+            inner = _static(_extent(sch, loops[-1]))
+            if lead == len(kinds) and inner is not None and inner % LANES == 0:
+                rest, vector = sch.split(loops[-1], [None, LANES])
+                sch.vectorize(vector)
+                loops[-1], lanes = rest, LANES
+            outer = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+            total = _static(_extent(sch, outer))
+            if total is None or total * lanes >= PARALLEL_MIN:
+                sch.parallel(outer)
         return sch
 
 
 def cpu_rules() -> list[tuple[str, ScheduleRule]]:
-    return [("contraction", Contraction()), ("row-reduction", RowReduction()), ("parallel-outer", ParallelOuter())]
+    return [("gemv", Gemv()), ("gemm", Gemm()), ("contraction", Contraction()), ("row-reduction", RowReduction()),
+            ("parallel-outer", ParallelOuter())]
 
 
 def gpu_rules(matmul: bool = True) -> list[tuple[str, ScheduleRule]]:

@@ -136,3 +136,23 @@ def test_rule_quantized() -> None:
     out.raw_set_output("w", w)
     with pytest.raises(HIRError, match="quantized: output w"):
         verify(out)
+
+
+def test_rule_quantized_checks_the_input_position() -> None:
+    """Reading blocks is a property of an op's input, not of the op: a linear reads a quantized
+    weight, never a quantized activation; an embedding reads a quantized table, and a concat
+    whole rows of one format (fused projections)."""
+    h = HIR("q")
+    ids = h.input("ids", TensorType(DType.I64, (1, 3)))
+    table = h.param("table", TensorType(DType.F32, (16, 64), "q4_0"))
+    wa = h.param("wa", TensorType(DType.F32, (8, 64), "q4_0"))
+    wb = h.param("wb", TensorType(DType.F32, (4, 64), "q4_0"))
+    e = h.add(Op.EMBED, [table, ids])
+    h.set_output("y", h.add(Op.LINEAR, [e, h.add(Op.CONCAT, [wa, wb], {"axis": 0})]))
+    verify(h)
+    bad = h.copy()
+    bad.insert_raw(Node("w", Op.PARAM, (), f32(5, 64), (("name", "w"), ("scale", 1.0), ("shift", 0.0))))
+    bad.insert_raw(Node("z", Op.LINEAR, (wa, "w"), f32(8, 5), ()))  # well typed: [8, 64] x [5, 64]^T
+    bad.raw_set_output("z", "z")
+    with pytest.raises(HIRError, match="quantized: %z .* reads quantized %p.wa as input 0"):
+        verify(bad)

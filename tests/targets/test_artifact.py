@@ -22,6 +22,7 @@ from rlx.cli import main
 from rlx.frontends.checkpoint import open_checkpoint
 from rlx.hir.text import parse_hir
 from rlx.hir.verify import verify
+from rlx.targets.layouts import IL16, pack
 
 Ckpt = Callable[[str], Path]
 PROMPT = "2,17,99,5,42,200,7,63,128,11"
@@ -57,8 +58,11 @@ def test_artifact_contents_match_the_checkpoint(gemma3_artifact: Path, tiny_ckpt
     weights = load_file(gemma3_artifact / "weights.safetensors")
     params = {key: typ for e in manifest["entries"].values() for key, typ in e["params"]}
     assert set(weights) == set(params)
+    # each weight is stored in the layout its kernels read (the manifest says which)
+    assert set(manifest["layouts"]) == set(params)
     embed = weights["embed_tokens.weight"]
-    np.testing.assert_array_equal(embed, ckpt.weights.get("embed_tokens.weight"))
+    assert manifest["layouts"]["embed_tokens.weight"] == IL16
+    np.testing.assert_array_equal(embed, pack(ckpt.weights.get("embed_tokens.weight"), IL16))
     report = json.loads((gemma3_artifact / "report.json").read_text())
     assert report["kernels"] and all(k["schedule"] for k in report["kernels"])
     assert {"graphs", "lower", "build", "export", "weights"} <= set(report["phases"])

@@ -17,6 +17,7 @@ from rlx.frontends.weights import WeightCache
 from rlx.hir.interpreter import Interpreter
 from rlx.hir.ops import Op
 from rlx.passes import DEFAULT_PIPELINE
+from rlx.targets.layouts import IL16, pack
 from rlx.targets.lower import LOWERINGS, lower, param_keys, weight_only
 
 Ckpt = Callable[[str], Path]
@@ -123,11 +124,13 @@ def test_weight_only_work_is_hoisted_to_load_time(tiny_ckpt: Ckpt) -> None:
     spec = qkv[0]
     value = spec.materialize(weights)
     names = [f"layers.0.self_attn.{k}_proj.weight" for k in "qkv"]
-    np.testing.assert_array_equal(value, np.concatenate([weights(n) for n in names]))
+    # materialised in the layout its kernels read (CPU: 16 rows interleaved, `layouts.IL16`)
+    assert spec.layout == IL16
+    np.testing.assert_array_equal(value, pack(np.concatenate([weights(n) for n in names]), IL16))
     node = next(nid for nid in weight_only(decode) if decode.node(nid).op is Op.CONCAT)
     assert node not in {n for n in decode.nodes() if n.op is Op.INPUT}
     ref = Interpreter(spec.program, weights).run({})["value"]
-    np.testing.assert_array_equal(value, ref)
+    np.testing.assert_array_equal(value, pack(ref, IL16))
 
 
 def test_moe_runs_only_top_k_experts(tiny_ckpt: Ckpt) -> None:

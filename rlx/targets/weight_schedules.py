@@ -1,0 +1,147 @@
+"""CPU schedules for `weight_kernels`: the GEMV of a decode step and the GEMM of a prefill.
+
+Both are found by block name in the fused PrimFunc; injective producers of x (a reshape, a cast)
+are inlined, and elementwise consumers (a residual add, a cast back to f16) are computed where
+each tile of outputs is finished, so the output is written once.
+
+- **GEMV** (`rlx_gemv`, with `rlx_gemv_block` / `rlx_gemv_xsum` for quantized weights): tasks of
+  `GEMV_GROUPS` il16 groups (16 rows each) run in parallel. Float weights: for every k, each
+  group's 16 rows are one vector FMA, the groups of a task being independent chains. Quantized:
+  per scale block, each chain sums x * q over its share of the block into a 16-lane vector
+  (unrolled, vectorised), then the block's scale and offset are applied once.
+- **GEMM** (`rlx_gemm`, with `rlx_gemm_panel` for quantized weights): tasks of `NR` output
+  columns (`NR / 16` il16 groups, decoded once into a float32 panel) run in parallel; inside,
+  `MR` rows at a time accumulate an MR x NR tile over all of K in registers (rows unrolled,
+  columns as 16-lane vectors), then the tile is written back with its epilogue. A symbolic row
+  count leaves a guarded tail tile.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from tvm import s_tir, tirx
+from tvm.s_tir.dlight.base import ScheduleRule
+from tvm.target import Target
+
+from rlx.targets.weight_kernels import GEMM, GEMM_PANEL, GEMM_ROWS, GEMV, GEMV_BLOCK, GEMV_XSUM
+
+VEC = 16           # float32 lanes of a vector
+GEMV_GROUPS = 4    # il16 groups (of 16 rows) per GEMV task
+MR, NR = GEMM_ROWS, 64  # GEMM register tile: rows x columns (4 x 4 vectors of 16)
+SCOPE = "global"   # small buffers allocated inside a task become stack arrays ("local" would be a heap workspace)
+
+Block = s_tir.schedule.SBlockRV
+
+
+def _blocks(sch: s_tir.Schedule) -> list[Block]:
+    return list(sch.get_child_blocks(sch.get_sblock(sch.mod["main"].body.block.name_hint)))
+
+
+def _named(sch: s_tir.Schedule, blocks: Sequence[Block]) -> dict[str, Block]:
+    return {sch.get(b).name_hint: b for b in blocks}
+
+
+def _inline_producers(sch: s_tir.Schedule, blocks: Sequence[Block], keep: set[str]) -> bool:
+    """Inline every injective block before the kernel's own (False if one refuses)."""
+    for b in blocks:
+        if sch.get(b).name_hint in keep:
+            continue
+        try:
+            sch.compute_inline(b)
+        except (RuntimeError, ValueError):
+            return False
+    return True
+
+
+def _epilogue(sch: s_tir.Schedule, consumers: Sequence[Block], loop: s_tir.schedule.LoopRV) -> None:
+    for c in consumers:
+        try:
+            sch.reverse_compute_at(c, loop)
+        except (RuntimeError, ValueError):
+            pass  # left as its own loop nest: correct, one more pass over the output
+
+
+def _split_lanes(sch: s_tir.Schedule, loop: s_tir.schedule.LoopRV) -> None:
+    """Unroll a loop of whole vectors and vectorise its 16 lanes."""
+    outer, lanes = sch.split(loop, [None, VEC])
+    sch.unroll(outer)
+    sch.vectorize(lanes)
+
+
+class Gemv(ScheduleRule):
+    def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool) -> s_tir.Schedule | None:
+        if not isinstance(func, tirx.PrimFunc):
+            return None
+        sch = s_tir.Schedule(func)
+        blocks = _blocks(sch)
+        named = _named(sch, blocks)
+        if GEMV not in named:
+            return None
+        order = [sch.get(b).name_hint for b in blocks]
+        at = order.index(GEMV)
+        if not _inline_producers(sch, blocks[:at], {GEMV_BLOCK, GEMV_XSUM}):
+            return None
+        consumers = blocks[at + 1:]
+        y = named[GEMV]
+        *lead, n, red = sch.get_loops(y)
+        task, group, lane = sch.split(n, [None, GEMV_GROUPS, VEC])
+        sch.parallel(task)
+        if GEMV_BLOCK in named:
+            # one group (16 rows) at a time over all of K: one sequential weight stream per thread
+            sch.reorder(task, group, *lead, red, lane)
+            acc = sch.cache_write(y, 0, SCOPE)
+            sch.reverse_compute_at(acc, group)
+        else:
+            # float: per k, the task's groups are independent FMA chains
+            sch.reorder(task, *lead, red, group, lane)
+            acc = sch.cache_write(y, 0, SCOPE)  # the task's outputs stay in registers over the reduction
+            sch.reverse_compute_at(acc, task)
+            sch.unroll(group)
+        sch.vectorize(lane)
+        _split_lanes(sch, sch.get_loops(acc)[-1])
+        if GEMV_BLOCK in named:
+            part = named[GEMV_BLOCK]
+            sch.compute_at(part, red, preserve_unit_loops=True)
+            sch.set_scope(part, 0, SCOPE)
+            *_, groups, _, chains, lanes, j = sch.get_loops(part)
+            sch.reorder(j, groups, chains, lanes)
+            sch.unroll(j)
+            sch.unroll(groups)
+            sch.unroll(chains)
+            sch.vectorize(lanes)
+        # GEMV_XSUM (the block sums of x) stays at the root: computed once, before the parallel loop
+        _epilogue(sch, consumers, task)
+        return sch
+
+
+class Gemm(ScheduleRule):
+    def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool) -> s_tir.Schedule | None:
+        if not isinstance(func, tirx.PrimFunc):
+            return None
+        sch = s_tir.Schedule(func)
+        blocks = _blocks(sch)
+        named = _named(sch, blocks)
+        if GEMM not in named:
+            return None
+        order = [sch.get(b).name_hint for b in blocks]
+        at = order.index(GEMM)
+        if not _inline_producers(sch, blocks[:at], {GEMM_PANEL}):
+            return None
+        consumers = blocks[at + 1:]  # rlx_gemm_out first, then any epilogue
+        y = named[GEMM]
+        *outer, row, n, k = sch.get_loops(y)
+        ro, ri = sch.split(row, [None, MR])
+        no, ni = sch.split(n, [None, NR])
+        sch.reorder(no, *outer, ro, k, ri, ni)
+        sch.parallel(no)
+        sch.unroll(ri)
+        _split_lanes(sch, ni)
+        if GEMM_PANEL in named:
+            panel = named[GEMM_PANEL]
+            sch.compute_at(panel, no, preserve_unit_loops=True)
+            sch.set_scope(panel, 0, SCOPE)
+            *_, lanes = sch.get_loops(panel)
+            sch.vectorize(lanes)
+        _epilogue(sch, consumers, ro)
+        return sch
