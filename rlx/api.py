@@ -43,6 +43,11 @@ class Model:
         if self._tokenizer is None:
             self._tokenizer = tokenizer
 
+    def adopt_decoder(self, decoder: Detokenizer) -> None:
+        """Use a detokenizer loaded before the weights (its parse is then not on top of them)."""
+        if self._decoder is None:
+            self._decoder = decoder
+
     @property
     def decoder(self) -> Detokenizer | Tokenizer:
         """What turns generated ids into text: the small detokenizer if the artifact has one,
@@ -52,10 +57,10 @@ class Model:
         return self._decoder
 
     def generate(self, prompt: str | list[int], max_new_tokens: int = 32, *, sampler: Sampler | None = None,
-                 on_token: Callable[[int], None] | None = None) -> Generation:
+                 on_token: Callable[[int], None] | None = None, keep_logits: bool = True) -> Generation:
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         return generate(self.engine, ids, max_new_tokens, sampler=sampler,
-                        eos_ids=self.eos_ids, on_token=on_token)
+                        eos_ids=self.eos_ids, on_token=on_token, keep_logits=keep_logits)
 
 
 def load(path: str | Path, target: str = "reference", *, profile: str | Path | Profile | None = None,

@@ -7,6 +7,7 @@ half-written is left behind (outputs are written to a temp file and renamed).
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import json
 import os
@@ -109,6 +110,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     import rlx
     import rlx.api
     from rlx.runtime.detokenizer import FILE as DETOKENIZER_FILE
+    from rlx.runtime.detokenizer import Detokenizer
     from rlx.runtime.sampler import Sampler
 
     if (args.prompt is None) == (args.prompt_ids is None):
@@ -126,20 +128,28 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise RlxError(f"--verify checks an artifact's files; {args.model} is a checkpoint", hint="drop --verify")
     if args.logits_out:
         guard_file_output(Path(args.logits_out), "--logits-out")
+    tokenizer = None if args.prompt_ids is not None else rlx.api.tokenizer_for(args.model)
+    ids = _parse_ids(args.prompt_ids) if tokenizer is None else tokenizer.encode(args.prompt)
+    decoder = None
+    if artifact and (Path(args.model) / DETOKENIZER_FILE).is_file():
+        # encoded first, so the tokenizer (~300 MB for Gemma 3's, ~360 MB while it parses) is gone,
+        # and the small detokenizer parsed, with their heap handed back to the OS, before TVM and
+        # the weights load: nothing of either transient sits on top of the weights
+        tokenizer = None
+        decoder = Detokenizer.load(Path(args.model))
+        gc.collect()
+        _return_freed_heap()
     if _cpu_artifact(Path(args.model)):  # TVM's runtime is all it needs
         from rlx.runtime.tvm_runtime import import_runtime_only
 
         import_runtime_only()
-    tokenizer = None if args.prompt_ids is not None else rlx.api.tokenizer_for(args.model)
-    ids = _parse_ids(args.prompt_ids) if tokenizer is None else tokenizer.encode(args.prompt)
-    if tokenizer is not None and (Path(args.model) / DETOKENIZER_FILE).is_file():
-        tokenizer = None  # encoded first, so the tokenizer (350 MB for Gemma 3's) is gone before the weights load
-        gc.collect()
     _progress(f"loading {args.model}")
     model = rlx.load(args.model, target=args.target, profile=args.profile, passes=args.passes,
                      quantize=args.quantize, **({"verify": True} if args.verify else {}))
     if tokenizer is not None:  # no small detokenizer to print with: keep the one already built
         model.adopt_tokenizer(tokenizer)
+    if decoder is not None:
+        model.adopt_decoder(decoder)
     _progress(f"running on {model.engine.name}")
     if model.profile is not None and model.profile.passes.verbose:
         for line in _report_lines(model.profile.source, model.engine.reports):
@@ -151,7 +161,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             sys.stdout.write(detok([token]))
             sys.stdout.flush()
 
-    gen = model.generate(ids, args.max_new_tokens, sampler=sampler, on_token=on_token)
+    gen = model.generate(ids, args.max_new_tokens, sampler=sampler, on_token=on_token,
+                         keep_logits=bool(args.logits_out))
     if args.logits_out:
         _save_npy_atomic(Path(args.logits_out), gen.logits_array())
     sys.stdout.write("\n" if args.stream else detok(gen.tokens) + "\n")
@@ -160,6 +171,14 @@ def cmd_run(args: argparse.Namespace) -> int:
               f"prefill {gen.prefill_tok_s:.1f} tok/s, decode {gen.decode_tok_s:.2f} tok/s")
     _progress("token ids: " + ",".join(map(str, gen.tokens)))
     return 0
+
+
+def _return_freed_heap() -> None:
+    """glibc keeps freed heap pages mapped (they count in RSS) until told otherwise; elsewhere a no-op."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _cpu_artifact(path: Path) -> bool:

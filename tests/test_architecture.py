@@ -4,9 +4,9 @@
                                           driver  ->  targets  ->  hir
                                           driver  ->  passes   ->  hir
 
-`base` is errors / progress / outputs / version. Every import counts, lazy ones inside functions and
-TYPE_CHECKING ones too: a lazy import is still a dependency, only a hidden one. The test prints
-the package graph it found (`pytest -s tests/test_architecture.py`).
+`base` is errors / progress / outputs / version / interrupts / digests. Every import counts,
+lazy ones inside functions and TYPE_CHECKING ones too: a lazy import is still a dependency, only
+a hidden one. The test prints the package graph it found (`pytest -s tests/test_architecture.py`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import networkx as nx
 RLX = Path(__file__).resolve().parents[1] / "rlx"
 
 LAYER_OF_TOP_MODULE = {"errors": "base", "progress": "base", "outputs": "base", "version": "base",
-                       "interrupts": "base",
+                       "interrupts": "base", "digests": "base",
                        "api": "top", "cli": "top", "demo": "top", "__init__": "top", "__main__": "top"}
 ALLOWED: dict[str, set[str]] = {
     "base": set(),

@@ -1,13 +1,16 @@
 """`rlx compile`: checkpoint -> artifact directory, per target, in named phases.
 
 Phases (each timed, shown on stderr, recorded in report.json): load, graphs (HIR + passes),
-lower, build, export (library), weights (materialised in the kernels' layout), write. The whole
-artifact is written by `write_artifact` (through `rlx.outputs.replace_dir_atomic`): a failed or
-interrupted compile leaves nothing at the destination.
+lower, build, export (library), weights (materialised in the kernels' layout), write. report.json
+also holds each pass's report, the kernels and their schedules, and the weights: each one's
+format (q8_0, q4_k, f32...) and bytes, and the bytes one decode step reads
+(`rlx.driver.summary.weight_report`). The whole artifact is written by `write_artifact` (through
+`rlx.outputs.replace_dir_atomic`): a failed or interrupted compile leaves nothing at the
+destination.
 
 A compile cache (`$RLX_CACHE_DIR`, default `~/.cache/rlx/artifacts`) is keyed by model hash,
-profile, pass pipeline, target, max-seq and tool versions: a repeated compile copies the cached
-artifact instead of building again.
+profile, pass pipeline, target, max-seq, tool versions and report.json's version: a repeated
+compile copies the cached artifact instead of building again.
 """
 
 from __future__ import annotations
@@ -41,7 +44,11 @@ from rlx.runtime.artifact import (
 )
 
 LIBRARY = {"cpu": "lib.so", "cuda": "lib.so", "metal": "lib.tar"}
+CROSS_LIBRARY = "lib.tar"  # a CPU module for another machine: its objects, linked on that machine
 WEIGHTS = "weights.safetensors"
+# report.json's contents (not read back by the runtime): in the cache key, so a cached artifact
+# whose report predates a field (2: `weights`) is compiled again rather than copied
+REPORT_VERSION = 2
 
 
 def cache_root() -> Path:
@@ -82,7 +89,8 @@ def write_artifact(dest: Path, populate: Callable[[Path], dict[str, Any]], prote
 
 def _cache_key(model_hash: str, profile: Any, passes: str | None, target: dict[str, Any], max_seq: int) -> str:
     blob = json.dumps({"model": model_hash, "profile": repr(profile), "passes": passes, "target": target,
-                       "max_seq": max_seq, "versions": tool_versions(), "format": FORMAT_VERSION},
+                       "max_seq": max_seq, "versions": tool_versions(), "format": FORMAT_VERSION,
+                       "report": REPORT_VERSION},
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
@@ -100,10 +108,11 @@ def _kernels(scheduled: Any) -> list[dict[str, str]]:
 def _populate(tmp: Path, checkpoint: Any, resolved: Any, profile: Any, passes: str | None, max_seq: int,
               phases: Phases) -> dict[str, Any]:
     from rlx.driver.graphs import context_bounds, target_graphs
+    from rlx.driver.summary import weight_report
     from rlx.frontends.weights import WeightCache
     from rlx.hir.text import print_hir
     from rlx.targets.build import build, build_isolated, schedule_module
-    from rlx.targets.lower import lower, param_keys
+    from rlx.targets.lower import lower, param_keys, weight_readers
 
     with phases("graphs"):
         bounds = context_bounds(max_seq)
@@ -117,7 +126,7 @@ def _populate(tmp: Path, checkpoint: Any, resolved: Any, profile: Any, passes: s
     backend = graphs.backend
     with phases("lower"):
         lowered = lower(entries, resolved.device)
-    library = LIBRARY[resolved.device]
+    library = LIBRARY[resolved.device] if resolved.local or resolved.device != "cpu" else CROSS_LIBRARY
     with phases("build"):
         if resolved.device == "metal":
             build_isolated(entries, resolved.name, tmp / library, opt_level=backend.opt_level)
@@ -138,6 +147,8 @@ def _populate(tmp: Path, checkpoint: Any, resolved: Any, profile: Any, passes: s
         "passes": {mode: rep.to_dict() for mode, rep in graphs.reports.items()},
         "kernels": _kernels(scheduled),
         "phases": phases.seconds,
+        "weights": weight_report(specs, {p.key for p in lowered.signatures["decode"].params},
+                                 weight_readers(graphs.graphs["decode"]), dataclasses.asdict(profile.quantize)),
     }
     (tmp / "report.json").write_text(json.dumps(report, indent=1))
     _save_tokenizer(checkpoint, tmp)

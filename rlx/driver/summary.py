@@ -1,4 +1,5 @@
-"""The model summary printed by `rlx inspect`: what the HIR holds and what each layer does."""
+"""The model summary printed by `rlx inspect`: what the HIR holds and what each layer does; and
+the weights summary `rlx compile` writes into an artifact's report.json (`weight_report`)."""
 
 from __future__ import annotations
 
@@ -52,3 +53,46 @@ def summary_lines(s: dict[str, Any]) -> list[str]:
                      + (f" x{rope['factor']:g}" if rope["factor"] != 1 else "")
                      + (f" kv of layer {layer['kv_source']}" if layer["kv_source"] != layer["layer"] else ""))
     return lines
+
+
+# --- the weights an artifact stores: format per tensor, and what one decode step reads -------------
+
+WEIGHT_METHODS = {
+    "format": "each weight param of the compiled functions (a stored tensor, or a weight-only value "
+              "such as a fused q|k|v concat) with its HIR type's quantized format (rlx.hir.quant), "
+              "or its float dtype when it is not quantized",
+    "bytes": "the tensor's bytes in weights.safetensors (its physical layout: packed blocks for a "
+             "quantized weight)",
+    "bytes_per_token": "sum over the decode entry's weight params of the bytes one decode step "
+                       "reads: the whole tensor, except a table read only by `embed` (a lookup), of "
+                       "which one row; a tied embedding / LM head is one param, counted once, whole",
+}
+
+
+def weight_report(specs: dict[str, Any], decode_keys: set[str], decode_readers: dict[str, set[Any]],
+                  quantize: dict[str, Any]) -> dict[str, Any]:
+    """The artifact report's `weights`: see WEIGHT_METHODS. `specs` are the lowered functions'
+    ParamSpecs by key, `decode_readers` the (op, position) pairs reading each key in the decode
+    graph (`rlx.targets.lower.weight_readers`)."""
+    from rlx.hir.ops import Op
+
+    tensors: dict[str, dict[str, Any]] = {}
+    for key, spec in sorted(specs.items()):
+        physical = spec.physical
+        nbytes = int(dim_numel(physical.shape) or 0) * physical.dtype.itemsize
+        rows = spec.type.shape[0] if spec.type.shape else 1
+        lookup = bool(decode_readers.get(key)) and all(op is Op.EMBED for op, _ in decode_readers[key])
+        per_token = 0 if key not in decode_keys else (nbytes // int(rows) if lookup else nbytes)
+        tensors[key] = {"format": spec.type.quant or spec.type.dtype.value,
+                        "shape": [int(d) for d in spec.type.shape], "bytes": nbytes,
+                        "per_token_bytes": per_token}
+    by_format: dict[str, dict[str, int]] = {}
+    for t in tensors.values():
+        entry = by_format.setdefault(t["format"], {"tensors": 0, "bytes": 0, "per_token_bytes": 0})
+        entry["tensors"] += 1
+        entry["bytes"] += t["bytes"]
+        entry["per_token_bytes"] += t["per_token_bytes"]
+    return {"quantize": quantize, "tensors": tensors, "by_format": dict(sorted(by_format.items())),
+            "total_bytes": sum(t["bytes"] for t in tensors.values()),
+            "bytes_per_token": sum(t["per_token_bytes"] for t in tensors.values()),
+            "methods": WEIGHT_METHODS}

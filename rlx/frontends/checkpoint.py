@@ -7,6 +7,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from rlx.digests import digest_edges
 from rlx.errors import RlxError
 from rlx.frontends.config import GemmaConfig
 from rlx.frontends.gguf_config import gguf_config
@@ -45,13 +46,8 @@ class Checkpoint:
         digest = hashlib.sha256()
         digest.update(json.dumps(self.config.to_dict(), sort_keys=True).encode())
         for file in self.weights.files:
-            size = file.stat().st_size
-            digest.update(f"\0{file.name}\0{size}\0".encode())
-            with open(file, "rb") as fh:
-                digest.update(fh.read(_HEAD_BYTES))
-                if size > _HEAD_BYTES:
-                    fh.seek(max(_HEAD_BYTES, size - _TAIL_BYTES))
-                    digest.update(fh.read())
+            digest.update(f"\0{file.name}\0{file.stat().st_size}\0".encode())
+            digest_edges(digest, file, _HEAD_BYTES, _TAIL_BYTES)
         return digest.hexdigest()
 
 

@@ -225,6 +225,7 @@ def _slice(ins: Sequence[TensorType], attrs: Mapping[str, Any]) -> TensorType:
 
 
 def _cast(ins: Sequence[TensorType], attrs: Mapping[str, Any]) -> TensorType:
+    _need(not ins[0].is_quantized, f"cannot cast quantized {ins[0]}: only the ops that read blocks take it")
     return ins[0].with_dtype(DType.parse(attrs["dtype"]))
 
 

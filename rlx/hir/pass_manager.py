@@ -72,7 +72,8 @@ class PassManager:
                     verify(result.hir)
             except RlxError as e:
                 done = ", ".join(str(q) for q in self.passes[: index - 1]) or "none"
-                raise PassError(f"pass {p} failed: {e.message}", hint=f"passes that ran before it: {done}") from e
+                ran = f"passes that ran before it: {done}"  # the pass's own fix first, said once
+                raise PassError(f"pass {p} failed: {e.message}", hint=f"{e.hint} ({ran})" if e.hint else ran) from e
             seconds = time.perf_counter() - t0
             hir = result.hir
             report.records.append(PassRecord(

@@ -164,20 +164,28 @@ FORMATS: dict[str, QuantFormat] = {
     **{n: _gguf_format(n) for n in GGUF_FORMATS if n not in GROUPS},
     **{f.name: f for g in GROUPS.values() for f in (g.format(s) for s in GROUP_SIZES)},
 }
-_NAME = re.compile(r"^(q[0-9]_[0-9a-z]+?)(?:g(\d+))?$")
+
+
+def known_formats() -> str:
+    """The format names, for error messages: GGUF's block types, then rlx's other group sizes."""
+    return ", ".join(GGUF_FORMATS) + "; " + ", ".join(f"{g}g{s}" for g in GROUPS for s in GROUP_SIZES[1:])
 
 
 def quant_format(name: str) -> QuantFormat:
     """The format named `name` (`q4_k`, `q8_0`, `q4_0g64`...); ValueError lists the known ones."""
     fmt = FORMATS.get(name)
     if fmt is None:
-        known = ", ".join(GGUF_FORMATS) + "; " + ", ".join(f"{g}g{s}" for g in GROUPS for s in GROUP_SIZES[1:])
-        raise ValueError(f"unknown quantized format {name!r} (known: {known})")
+        raise ValueError(f"unknown quantized format {name!r} (known: {known_formats()})")
     return fmt
 
 
 def is_quant_name(text: str) -> bool:
     return text in FORMATS
+
+
+def looks_quantized(text: str) -> bool:
+    """Whether a type name is written like a format (`q` and a digit: `q4_0g48`, `q3_k`), known or not."""
+    return re.match(r"^q[0-9]", text) is not None
 
 
 def gguf_format_of(ggml_type: str) -> QuantFormat | None:
@@ -186,13 +194,26 @@ def gguf_format_of(ggml_type: str) -> QuantFormat | None:
     return fmt if fmt is not None and fmt.gguf_type == ggml_type.upper() else None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class QuantizedArray:
-    """A quantized value in the interpreter: packed blocks [..., row_bytes] plus its format."""
+    """A quantized value in the interpreter: packed blocks [..., row_bytes] plus its format.
+
+    Equal to another QuantizedArray of the same format (by name) whose blocks have the same shape
+    and bytes (`np.array_equal`, one bool: not numpy's elementwise `==`); never equal to anything
+    else, an ndarray of its values included, on either side (compare `dequantize()` for that).
+    Unhashable, as an ndarray is: its blocks are a mutable array."""
 
     format: QuantFormat
     blocks: np.ndarray
-    dense: list[np.ndarray] = field(default_factory=list, compare=False, repr=False)  # see `dequantized`
+    dense: list[np.ndarray] = field(default_factory=list, repr=False)  # see `dequantized`
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, QuantizedArray):
+            return NotImplemented
+        return self.format.name == other.format.name and np.array_equal(self.blocks, other.blocks)
+
+    __hash__ = None  # type: ignore[assignment]
+    __array_ufunc__ = None  # `ndarray == q` defers to __eq__ (one bool), not numpy's elementwise compare
 
     @property
     def shape(self) -> tuple[int, ...]:

@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass
 
 from rlx.hir.dtypes import DType
-from rlx.hir.quant import is_quant_name
+from rlx.hir.quant import is_quant_name, known_formats, looks_quantized, quant_format
 from rlx.hir.shapes import Shape, format_shape, parse_shape
 
 _TYPE = re.compile(r"^\s*(\w+)(\[.*\])\s*$")
@@ -31,6 +31,12 @@ class TensorType:
         return TensorType(self.dtype, tuple(shape), self.quant)
 
     def with_dtype(self, dtype: DType) -> TensorType:
+        """This type with another element dtype. A quantized type has none to change: its blocks
+        are read as float32, and dropping `quant` would silently turn blocks into a dense tensor
+        (`with_quant(None)` says that on purpose)."""
+        if self.quant is not None:
+            raise ValueError(f"{self} is quantized: its dtype is the float32 its blocks are read as; "
+                             "dequantize it first (with_quant(None)) to change the dtype")
         return TensorType(dtype, self.shape)
 
     def with_quant(self, quant: str | None) -> TensorType:
@@ -47,4 +53,14 @@ class TensorType:
         name, shape = m.group(1), parse_shape(m.group(2))
         if is_quant_name(name):
             return TensorType(DType.F32, shape, name)
-        return TensorType(DType.parse(name), shape)
+        if looks_quantized(name):
+            try:
+                quant_format(name)
+            except ValueError as e:  # an unknown format: the message lists the known ones
+                raise ValueError(f"bad type {text!r}: {e}") from None
+        try:
+            return TensorType(DType.parse(name), shape)
+        except ValueError:
+            dtypes = ", ".join(d.value for d in DType)
+            raise ValueError(f"bad type {text!r}: unknown element type {name!r} (dtypes: {dtypes}; quantized "
+                             f"formats: {known_formats()})") from None

@@ -4,9 +4,11 @@
 profile's `[passes]` flags and `[fusion]` policy): RoPE tables after constant folding and before
 CSE (which merges what they share), shared-input matmuls before GeGLU (so it can read the packed
 gate|up), attention and add-norm before the generic epilogue (which would otherwise absorb the
-residual adds those patterns need), dce last (it also sweeps what fusion replaced). `precision`
-and `specialize` are not in it: a profile appends `precision` to whatever pipeline runs (its
-casts would hide the fusion patterns), and specialization binds sizes per engine entry.
+residual adds those patterns need), dce last (it also sweeps what fusion replaced). `precision`,
+`quantize` and `specialize` are not in it: a profile appends `precision` to whatever pipeline runs
+(its casts would hide the fusion patterns) and puts `quantize` first (fusion must see the weights'
+formats, to fuse only weights of one format): both are part of the model the profile asks for, not
+a pass choice; specialization binds sizes per engine entry.
 """
 
 from dataclasses import dataclass
@@ -22,12 +24,13 @@ from rlx.passes import (
     fuse_geglu,
     fuse_matmuls,
     precision,
+    quantize,
     specialize,
 )
 
 __all__ = ["DEFAULT_PIPELINE", "FUSION_POLICIES", "PASS_ORDER", "PassSlot", "derive_pipeline", "cse", "dce",
            "fold_constants", "fold_rope", "fuse_add_norm", "fuse_attention", "fuse_epilogue", "fuse_geglu",
-           "fuse_matmuls", "precision", "specialize"]
+           "fuse_matmuls", "precision", "quantize", "specialize"]
 
 # "direct": the fusions that replace a whole block by one kernel; "fusable" adds the generic
 # epilogue fusion (elementwise tails folded into their producer), which pays off in memory-bound

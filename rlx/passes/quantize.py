@@ -12,9 +12,10 @@ stored blocks or quantizes from float32, and a compiled module reads packed bloc
 - **`q8` / `q4` / `q4a`**: rlx's group formats (`q8_0`, symmetric `q4_0`, asymmetric `q4_1`, each
   with one f16 scale per `group` values; byte-identical to GGUF's at group 32), computed from the
   float weights. A row length that is not a multiple of the group is an error naming the tensor.
-- **Overrides**: `layers` gives one scheme per decoder layer (`[[layers]] quantize`), `embed` the
-  embedding table's (a tied LM head is the same tensor), `head` an untied LM head's; "" means
-  `scheme`. Layers come from the params' `layer` meta.
+- **Overrides**: `layers` gives one scheme per decoder layer (`[[layers]] quantize`; an empty
+  entry, as in `q8||q4`, is an error naming its position), `embed` the embedding table's (a tied
+  LM head is the same tensor), `head` an untied LM head's; for `embed` / `head`, "" means `scheme`.
+  Layers come from the params' `layer` meta.
 
 It runs before fusion, so the projections `fuse-qkv` / `fuse-gate-up` concatenate are already
 typed, and only weights of one format are fused. Weights derived at load time (`stored * scale +
@@ -68,9 +69,16 @@ class Quantize(Pass):
         if self.group not in GROUP_SIZES:
             raise PassError(f"quantize: group={self.group} is not a supported group size",
                             hint=f"use one of {', '.join(map(str, GROUP_SIZES))}")
-        layers = self.layers.split("|") if isinstance(self.layers, str) else self.layers
-        layers = tuple(s.strip() for s in layers if s.strip())
-        for s in layers:
+        text = self.layers if isinstance(self.layers, str) else None
+        layers = tuple(s.strip() for s in (text.split("|") if text is not None else self.layers))
+        if layers == ("",):  # `layers=` (empty text): no per-layer schemes
+            layers = ()
+        for i, s in enumerate(layers):
+            if not s:  # dropping it would shift every later layer's scheme onto the layer before
+                given = repr(text) if text is not None else "|".join(layers)
+                raise PassError(f"quantize: layers={given} has an empty entry at position {i} of {len(layers)} "
+                                f"(the scheme of layer {i})",
+                                hint="give one scheme per layer, e.g. layers=q8|q4|none (none keeps a layer float)")
             _check_scheme(s, "layers")
         object.__setattr__(self, "layers", layers)
 
@@ -103,9 +111,15 @@ class Quantize(Pass):
         fmt = scheme_format(scheme, self.group)
         k = param.type.shape[-1]
         if fmt is not None and not (isinstance(k, int) and fmt.fits(k)):
+            layer = cv.layer_of(param)
+            keep = "keep it float: " + (f'[quantize] {reader} = "none"' if reader in ("embed", "head") else
+                                        '[[layers]] quantize = "none" for '
+                                        + ("its layer" if layer is None else f"layer {layer}"))
+            fitting = [str(g) for g in GROUP_SIZES if isinstance(k, int) and k % g == 0]
             raise PassError(f"quantize: tensor {name} has rows of {k} values, not a multiple of {scheme}'s "
-                            f"group of {fmt.block}", hint=f"use a group size dividing {k}, or keep it wider: "
-                                                          "[[layers]] quantize = \"none\" / [quantize] embed = ...")
+                            f"group of {fmt.block}",
+                            hint=f"use a group size dividing {k} ([quantize] group = {' or '.join(fitting)}), or {keep}"
+                            if fitting else f"no group size ({', '.join(map(str, GROUP_SIZES))}) divides {k}: {keep}")
         return fmt
 
     def run(self, hir: HIR) -> PassResult:

@@ -7,6 +7,7 @@ this machine can execute. Nothing is estimated unless the report's `methods` say
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import re
@@ -25,7 +26,7 @@ from rlx.errors import RlxError
 from rlx.frontends.safetensors_file import tensor_bytes
 
 REPORT_FORMAT = "rlx-compare"
-REPORT_VERSION = 1
+REPORT_VERSION = 2
 DECODE_STEPS = 16
 DEFAULT_PROMPT = "The capital of France is"
 
@@ -51,7 +52,19 @@ METHODS = {
               "names of rlx.targets.kernels and the Relax operators our lowering emits",
     "numerics": f"reference interpreter greedy path: prompt prefill + {DECODE_STEPS} decode steps; "
                 "each executed target is fed the reference's tokens, so both walk the same path; "
-                "max |logit difference| and top-1 (argmax) agreement over those rows",
+                "max |logit difference|, that over the reference's max |logit| (rel), and top-1 "
+                "(argmax) agreement over those rows",
+    "vs_unquantized": "the same rows against the reference interpreter with nothing quantized "
+                      "(--quantize none: [quantize] and [[layers]] quantize cleared, any quantize "
+                      "pass dropped from --passes), fed the same tokens; for the scheme's reference "
+                      "itself too, which is the quantization error alone. Without quantized weights "
+                      "it is the reference, and the numbers repeat the ones above",
+    "weights": "per weight param of the artifact (report.json `weights`): its format (a quantized "
+               "block format of rlx.hir.quant, or its float dtype) and its bytes in "
+               "weights.safetensors; by format: count and bytes",
+    "bytes_per_token": "sum over the decode entry's weight params of the bytes one decode step reads: "
+                       "the whole tensor, except a table read only by `embed` (one row); a tied "
+                       "embedding / LM head is one tensor, counted once, whole",
     "speed": "the same walk, one timed run after one untimed prefill: prompt tokens / prefill "
              f"seconds, {DECODE_STEPS} / decode seconds",
 }
@@ -165,6 +178,8 @@ def collect_artifact(art: Path, vocabulary: frozenset[str]) -> dict[str, Any]:
         "code": {"kind": kind, "bytes": code_size(art, manifest)},
         "library_bytes": (art / manifest["library"]).stat().st_size,
         "passes": _passes(report),
+        "weights": {k: report["weights"][k] for k in ("quantize", "by_format", "total_bytes", "bytes_per_token",
+                                                      "tensors")},
         "memory": {"weight_bytes": tensor_bytes(art / manifest["weights"]),
                    "kv_cache_bytes": kv_cache_bytes(manifest),
                    "activation": largest_activation((art / "hir" / "prefill.after.hir").read_text(),
@@ -203,24 +218,51 @@ def _walk(engine: Any, ids: list[int], choose: Callable[[int, np.ndarray], int])
                       "decode_tok_s": round(DECODE_STEPS / (t2 - t1), 2)}}
 
 
-def _run_target(art: Path, ids: list[int], ref: dict[str, Any]) -> dict[str, Any]:
+def logit_numerics(logits: np.ndarray, ref: np.ndarray) -> dict[str, Any]:
+    """max |diff|, it over the reference's max |logit|, top-1 agreement: rows of `logits` vs `ref`."""
+    diff = float(np.abs(logits - ref).max())
+    scale = float(np.abs(ref).max())
+    agree = logits.argmax(-1) == ref.argmax(-1)
+    return {"max_abs_diff": diff, "max_abs_logit": scale, "rel_diff": diff / scale if scale else float("nan"),
+            "top1_agreement": float(agree.mean()), "rows": int(agree.size)}
+
+
+def _run_target(art: Path, ids: list[int], ref: dict[str, Any], unquantized: dict[str, Any]) -> dict[str, Any]:
     from rlx.runtime.artifact_engine import ArtifactEngine
 
     engine = ArtifactEngine(art)
     engine.prefill(ids)  # warm-up: first calls pay for lazy initialisation
     ours = _walk(engine, ids, lambda i, _: ref["tokens"][i])
-    diff = np.abs(ours["logits"] - ref["logits"])
-    agree = ours["logits"].argmax(-1) == ref["logits"].argmax(-1)
-    return {"numerics": {"max_abs_diff": float(diff.max()), "top1_agreement": float(agree.mean()),
-                         "rows": int(agree.size)},
+    return {"numerics": {**logit_numerics(ours["logits"], ref["logits"]),
+                         "vs_unquantized": logit_numerics(ours["logits"], unquantized["logits"])},
             "speed": ours["speed"]}
 
 
-def reference_walk(checkpoint: Any, profile: Any, passes: str | None, ids: list[int]) -> dict[str, Any]:
+def reference_walk(checkpoint: Any, profile: Any, passes: str | None, ids: list[int],
+                   tokens: list[int] | None = None) -> dict[str, Any]:
+    """The reference interpreter's walk: greedy, or fed `tokens`."""
     from rlx.driver.engines import reference_engine
 
-    return _walk(reference_engine(checkpoint, passes=passes, profile=profile), ids,
-                 lambda i, logits: int(np.argmax(logits)))
+    choose = (lambda i, logits: int(np.argmax(logits))) if tokens is None else (lambda i, _: tokens[i])
+    return _walk(reference_engine(checkpoint, passes=passes, profile=profile), ids, choose)
+
+
+def unquantized(profile: Any, passes: str | None) -> tuple[Any, str | None]:
+    """`profile` and `passes` with nothing quantized: [quantize] back to none, [[layers]] quantize
+    dropped (a patch that did nothing else goes), and any quantize pass left out of `passes`."""
+    from rlx.driver.profile import ProfileError, QuantizeOptions
+    from rlx.hir.pass_infra import parse_pipeline
+
+    layers = []
+    for patch in profile.layers:
+        try:
+            layers.append(dataclasses.replace(patch, quantize=None) if patch.quantize is not None else patch)
+        except ProfileError:  # its only action was quantize
+            continue
+    prof = dataclasses.replace(profile, quantize=QuantizeOptions(group=profile.quantize.group), layers=tuple(layers))
+    if passes is not None and any(p.name == "quantize" for p in parse_pipeline(passes)):
+        passes = ",".join(str(p) for p in parse_pipeline(passes) if p.name != "quantize")
+    return prof, passes
 
 
 # --- the peer benchmark file --------------------------------------------------------------------
@@ -306,6 +348,7 @@ def compare(checkpoint_path: str | Path, targets: list[str], out: str | Path | N
         raise RlxError(f"the prompt has {len(ids)} tokens; the walk needs 1..."
                        f"{checkpoint.config.max_position_embeddings - DECODE_STEPS}", hint="shorten the prompt")
     dest = Path(out) if out is not None else Path("reports") / Path(checkpoint_path).stem
+    plain_prof, plain_passes = unquantized(prof, passes)
 
     def fill(tmp: Path) -> None:
         vocabulary = op_vocabulary()
@@ -319,14 +362,23 @@ def compare(checkpoint_path: str | Path, targets: list[str], out: str | Path | N
             results[name] = result
         executed = [n for n, t in results.items() if t["status"] == "executed"]
         reference = reference_walk(checkpoint, prof, passes, ids) if executed else None
+        plain = None
+        if reference is not None:
+            plain = (reference if (prof, passes) == (plain_prof, plain_passes)
+                     else reference_walk(checkpoint, plain_prof, plain_passes, ids, reference["tokens"]))
+            reference["vs_unquantized"] = logit_numerics(reference["logits"], plain["logits"])
         for name in executed:
-            results[name].update(_run_target(tmp / results[name]["artifact"], ids, reference))
+            results[name].update(_run_target(tmp / results[name]["artifact"], ids, reference, plain))
         data = {
             "format": REPORT_FORMAT, "version": REPORT_VERSION,
             "checkpoint": str(checkpoint_path), "model": Path(checkpoint_path).stem,
             "model_hash": checkpoint.model_hash(), "profile": prof.source if prof is not None else None,
             "passes": passes, "prompt_ids": ids, "decode_steps": DECODE_STEPS,
-            "reference": ({"tokens": reference["tokens"], "speed": reference["speed"]} if reference else None),
+            "quantize": {"profile": dataclasses.asdict(prof.quantize),
+                         "unquantized_reference": {"profile": plain_prof.source, "passes": plain_passes,
+                                                   "same_as_reference": (prof, passes) == (plain_prof, plain_passes)}},
+            "reference": ({"tokens": reference["tokens"], "speed": reference["speed"],
+                           "vs_unquantized": reference["vs_unquantized"]} if reference else None),
             "targets": results,
             "pipeline_differences": pipeline_differences(results),
             "bench": read_bench(Path(bench)) if bench is not None else None,

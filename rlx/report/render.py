@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import html
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,15 +74,76 @@ def summary(data: dict[str, Any]) -> Section:
         ("kernels", lambda t: _col(t, lambda t: t["kernels"]["count"])),
         ("generated code", lambda t: _col(t, lambda t: f"{_bytes(t['code']['bytes'])} ({t['code']['kind']})")),
         ("library", lambda t: _col(t, lambda t: _bytes(t["library_bytes"]))),
+        ("weights read per decode token", lambda t: _col(t, lambda t: _bytes(t["weights"]["bytes_per_token"]))),
         ("max abs logit diff", lambda t: _run_cell(t, lambda t: f"{t['numerics']['max_abs_diff']:.3g}")),
         ("top-1 agreement", lambda t: _run_cell(t, lambda t: f"{t['numerics']['top1_agreement']:.3f}")),
+        ("vs unquantized: diff / max logit", lambda t: _run_cell(
+            t, lambda t: f"{t['numerics']['vs_unquantized']['rel_diff']:.3g}")),
+        ("vs unquantized: top-1 agreement", lambda t: _run_cell(
+            t, lambda t: f"{t['numerics']['vs_unquantized']['top1_agreement']:.3f}")),
         ("prefill tok/s", lambda t: _run_cell(t, lambda t: t["speed"]["prefill_tok_s"])),
         ("decode tok/s", lambda t: _run_cell(t, lambda t: t["speed"]["decode_tok_s"])),
     ]
     intro = (f"Checkpoint `{data['checkpoint']}` (model hash `{data['model_hash'][:16]}`), profile "
-             f"{data['profile']}, passes {data['passes'] if data['passes'] is not None else '(profile)'}; "
-             f"prompt ids {','.join(map(str, data['prompt_ids']))}.")
+             f"{data['profile']}, passes {data['passes'] if data['passes'] is not None else '(profile)'}, "
+             f"quantize {_scheme(data['quantize']['profile'])}; prompt ids {','.join(map(str, data['prompt_ids']))}.")
     return Section("Summary", [intro, Table(["", *targets], _rows(targets, spec))])
+
+
+def _scheme(q: dict[str, Any]) -> str:
+    """[quantize] in words: `q8 (group 32)`, `q4 (group 32), embed q8`, `none`."""
+    if q["scheme"] in ("none", "gguf") and not q.get("embed") and not q.get("head"):
+        return q["scheme"]
+    extra = "".join(f", {k} {q[k]}" for k in ("embed", "head") if q.get(k))
+    return f"{q['scheme']} (group {q['group']}){extra}"
+
+
+def _rel(n: dict[str, Any]) -> str:
+    return f"{n['max_abs_diff']:.3g} / {n['max_abs_logit']:.3g} = {n['rel_diff']:.3g}"
+
+
+def _tensor_group(key: str) -> str:
+    """A weight key with its layer number(s) as `*`: one row per kind of tensor, not per layer."""
+    return re.sub(r"layers\.\d+\.", "layers.*.", key)
+
+
+def weights(data: dict[str, Any]) -> Section:
+    targets = data["targets"]
+    compiled = _compiled(targets)
+    formats = sorted({f for t in compiled.values() for f in t["weights"]["by_format"]})
+
+    def fmt_cell(f: str) -> Callable[[Target], str]:
+        def cell(t: Target) -> str:
+            b = t["weights"]["by_format"].get(f)
+            return "-" if b is None else f"{b['tensors']} tensors, {_bytes(b['bytes'])}"
+        return lambda t: _col(t, cell)
+
+    spec: list[tuple[str, Callable[[Target], str]]] = [
+        *((f, fmt_cell(f)) for f in formats),
+        ("all weights", lambda t: _col(t, lambda t: _bytes(t["weights"]["total_bytes"]))),
+        ("read per decode token", lambda t: _col(t, lambda t: _bytes(t["weights"]["bytes_per_token"]))),
+    ]
+    blocks: list[str | Table | Chart] = [
+        f"Quantize: {_scheme(data['quantize']['profile'])}. Each weight's format and bytes, and the bytes "
+        "one decode step reads, as the Methods section (weights, bytes_per_token) says.",
+        Table(["format", *targets], _rows(targets, spec))]
+    shown: list[dict[str, Any]] = []
+    for name, t in compiled.items():
+        tensors = t["weights"]["tensors"]
+        if tensors in shown:
+            blocks.append(f"**{name}**: the same tensors as above.")
+            continue
+        shown.append(tensors)
+        rows: dict[tuple[str, str], list[int]] = {}
+        for key, w in tensors.items():
+            row = rows.setdefault((_tensor_group(key), w["format"]), [0, 0, 0])
+            row[0] += 1
+            row[1] += w["bytes"]
+            row[2] += w["per_token_bytes"]
+        blocks += [f"**{name}**: every weight by kind (`layers.*` is each layer's; full list in report.json)",
+                   Table(["tensor", "format", "count", "bytes", "read per token"],
+                         [[k, f, str(n), _bytes(b), _bytes(r)] for (k, f), (n, b, r) in rows.items()])]
+    return Section("Weights and quantization", blocks)
 
 
 def compile_times(data: dict[str, Any]) -> Section:
@@ -160,20 +222,29 @@ def kernels(data: dict[str, Any]) -> Section:
 def numerics(data: dict[str, Any]) -> Section:
     targets = data["targets"]
     spec: list[tuple[str, Callable[[Target], str]]] = [
-        ("max abs logit diff", lambda t: _run_cell(t, lambda t: f"{t['numerics']['max_abs_diff']:.3g}")),
-        ("top-1 agreement", lambda t: _run_cell(t, lambda t: f"{t['numerics']['top1_agreement']:.3f}")),
+        ("vs reference: max abs diff / max logit", lambda t: _run_cell(t, lambda t: _rel(t["numerics"]))),
+        ("vs reference: top-1 agreement", lambda t: _run_cell(
+            t, lambda t: f"{t['numerics']['top1_agreement']:.3f}")),
+        ("vs unquantized: max abs diff / max logit", lambda t: _run_cell(
+            t, lambda t: _rel(t["numerics"]["vs_unquantized"]))),
+        ("vs unquantized: top-1 agreement", lambda t: _run_cell(
+            t, lambda t: f"{t['numerics']['vs_unquantized']['top1_agreement']:.3f}")),
         ("logit rows compared", lambda t: _run_cell(t, lambda t: t["numerics"]["rows"])),
         ("prefill tok/s", lambda t: _run_cell(t, lambda t: t["speed"]["prefill_tok_s"])),
         ("decode tok/s", lambda t: _run_cell(t, lambda t: t["speed"]["decode_tok_s"])),
     ]
     ref = data["reference"]
     blocks: list[str | Table | Chart] = [
-        f"Numerics: {data['methods']['numerics']}.", f"Speed: {data['methods']['speed']}.",
+        f"Numerics: {data['methods']['numerics']}. The reference quantizes as the targets do "
+        f"({_scheme(data['quantize']['profile'])}). Vs unquantized: {data['methods']['vs_unquantized']}.",
+        f"Speed: {data['methods']['speed']}.",
         Table(["", *targets], _rows(targets, spec))]
     if ref is not None:
         blocks.append(f"Reference interpreter on the same walk: prefill {ref['speed']['prefill_tok_s']} tok/s, "
                       f"decode {ref['speed']['decode_tok_s']} tok/s; greedy tokens "
-                      f"{','.join(map(str, ref['tokens']))}.")
+                      f"{','.join(map(str, ref['tokens']))}; vs unquantized (the quantization error alone): "
+                      f"max abs diff / max logit {_rel(ref['vs_unquantized'])}, top-1 agreement "
+                      f"{ref['vs_unquantized']['top1_agreement']:.3f}.")
     else:
         blocks.append("No target executed here, so nothing was compared with the reference.")
     return Section("Numerics and speed", blocks)
@@ -209,7 +280,7 @@ def methods(data: dict[str, Any]) -> Section:
 
 
 SECTIONS: tuple[Callable[[dict[str, Any]], Section | None], ...] = (
-    summary, compile_times, passes, memory, kernels, numerics, bench, methods)
+    summary, weights, compile_times, passes, memory, kernels, numerics, bench, methods)
 
 
 def sections(data: dict[str, Any]) -> list[Section]:
@@ -275,8 +346,6 @@ def svg_bars(chart: Chart, *, bar: int = 12, label_w: int = 200, plot_w: int = 4
 
 def _inline(text: str) -> str:
     """Escape, then turn the Markdown bits our blocks use (`code`, **bold**) into HTML."""
-    import re
-
     out = html.escape(text)
     out = re.sub(r"`([^`]*)`", r"<code>\1</code>", out)
     return re.sub(r"\*\*([^*]*)\*\*", r"<b>\1</b>", out)

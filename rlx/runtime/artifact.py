@@ -7,7 +7,8 @@ before one is trusted (`rlx.driver.compile` writes it).
       <lib>.so|.tar   the compiled module (.tar of objects for cross targets)
       weights.safetensors   every param in the layout the kernels take (derived params materialised)
       hir/            HIR text before and after passes, per entry
-      report.json     pass report, kernel list, phase timings
+      report.json     pass report, kernel list, phase timings, weights (format and bytes per
+                      tensor, bytes a decode step reads)
 
 It is written into a hidden temp directory next to the destination and renamed into place only
 when complete (`rlx.outputs`), so an interrupted or failed compile leaves no artifact behind.
@@ -28,6 +29,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from rlx.digests import digest_edges
 from rlx.errors import RlxError
 from rlx.hir.tensor_type import TensorType
 from rlx.version import __version__
@@ -166,13 +168,8 @@ def check_compatible(manifest: dict[str, Any], artifact: Path, *,
 
 def quick_digest(path: Path) -> str:
     """sha256 of the file's size and its first and last MiB (see the module docstring)."""
-    size = path.stat().st_size
-    digest = hashlib.sha256(str(size).encode())
-    with open(path, "rb") as f:
-        digest.update(f.read(_EDGE))
-        if size > _EDGE:
-            f.seek(max(_EDGE, size - _EDGE))
-            digest.update(f.read())
+    digest = hashlib.sha256(str(path.stat().st_size).encode())
+    digest_edges(digest, path, _EDGE, _EDGE)
     return digest.hexdigest()
 
 

@@ -18,6 +18,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from rlx.errors import RlxError
 
 _NO_DETOK = "this tokenizer's decoder is not covered: the artifact keeps tokenizer.json, which prints the text"
@@ -90,9 +92,29 @@ def _flatten(decoder: dict[str, Any] | None) -> list[dict[str, Any]]:
     return [decoder]
 
 
+class Pieces(Sequence[str]):
+    """Every token's piece as one UTF-8 blob plus offsets: ~4 MB for Gemma 3's 262k pieces, where
+    a list of Python strings holds ~33 MB next to the weights for the whole generation."""
+
+    def __init__(self, pieces: Sequence[str]) -> None:
+        encoded = [p.encode("utf-8") for p in pieces]
+        self._blob = b"".join(encoded)
+        self._ends = np.cumsum([len(e) for e in encoded], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self._ends)
+
+    def __getitem__(self, i: int) -> str:  # type: ignore[override]
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        i %= len(self)
+        start = int(self._ends[i - 1]) if i else 0
+        return self._blob[start:int(self._ends[i])].decode("utf-8")
+
+
 class Detokenizer:
     def __init__(self, pieces: Sequence[str], steps: Sequence[dict[str, Any]], special: Sequence[int]) -> None:
-        self.pieces = list(pieces)
+        self.pieces = Pieces(pieces)
         self.steps = list(steps)
         self.special = frozenset(special)
 
@@ -106,7 +128,7 @@ class Detokenizer:
         return cls(pieces, steps, special)
 
     def save(self, directory: Path) -> None:
-        blob = {"pieces": self.pieces, "steps": self.steps, "special": sorted(self.special)}
+        blob = {"pieces": list(self.pieces), "steps": self.steps, "special": sorted(self.special)}
         (Path(directory) / FILE).write_text(json.dumps(blob, ensure_ascii=False), encoding="utf-8")
 
     @classmethod

@@ -28,7 +28,7 @@ class Generation:
 
     @property
     def decode_tok_s(self) -> float:
-        steps = max(len(self.logits) - 1, 0)
+        steps = max(len(self.tokens) - 1, 0)  # the first token comes from the prefill
         return steps / self.decode_s if self.decode_s else 0.0
 
     def logits_array(self) -> np.ndarray:
@@ -44,8 +44,11 @@ def generate(
     sampler: Sampler | None = None,
     eos_ids: tuple[int, ...] = (),
     on_token: Callable[[int], None] | None = None,
+    keep_logits: bool = True,
 ) -> Generation:
-    """Generate up to `max_new_tokens`; the last token is sampled without a further step."""
+    """Generate up to `max_new_tokens`; the last token is sampled without a further step.
+    `keep_logits=False` drops each step's logits once sampled (a vocabulary row, 1 MB for Gemma 3,
+    per token: a long generation would otherwise hold them all)."""
     if max_new_tokens < 1:
         raise RunError(f"--max-new-tokens must be >= 1, got {max_new_tokens}", hint="e.g. --max-new-tokens 32")
     if not prompt_ids:
@@ -75,7 +78,8 @@ def generate(
             raise RunError(f"{engine.name}: the logits of {where} hold NaN or inf values; generation stopped",
                            hint="a numerics problem in the model or its weights: check the checkpoint, or run "
                                 "--target reference to compare")
-        gen.logits.append(logits)
+        if keep_logits:
+            gen.logits.append(logits)
         token = sampler(logits)
         gen.tokens.append(token)
         if on_token:

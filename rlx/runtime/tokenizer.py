@@ -107,6 +107,21 @@ def _token_text(value: Any) -> str | None:
     return value.get("content") if isinstance(value, dict) else value
 
 
+def _compact_merges(spec_json: str) -> str:
+    """A BPE tokenizer.json with its merges as "left right" strings instead of [left, right]
+    pairs, when no piece holds a space (then both forms mean the same merges). `tokenizers`
+    parses the string form in half the memory: for Gemma 3's 514k merges, 185 MB at peak and
+    148 MB held instead of 380 / 314 MB, which is most of what `rlx run` peaks at before its
+    weights load."""
+    spec = json.loads(spec_json)
+    merges = (spec.get("model") or {}).get("merges")
+    if not merges or not all(isinstance(m, list) and len(m) == 2 for m in merges) \
+            or any(" " in part for m in merges for part in m):
+        return spec_json
+    spec["model"]["merges"] = [f"{a} {b}" for a, b in merges]
+    return json.dumps(spec, ensure_ascii=False)
+
+
 class Tokenizer:
     """Encodes prompts and decodes generated ids the way the model's own tokenizer does."""
 
@@ -151,7 +166,7 @@ class Tokenizer:
         """Write what `from_hf_dir` reads back: tokenizer.json, the BOS token, the EOS ids; and
         the decode-only `detokenizer.json` when the decoder allows one."""
         directory = Path(directory)
-        self.backend.save(str(directory / "tokenizer.json"))
+        (directory / "tokenizer.json").write_text(_compact_merges(self.backend.to_str()), encoding="utf-8")
         try:
             self.detokenizer().save(directory)
         except RlxError:

@@ -11,7 +11,7 @@ with one integer plane `q` and per-block planes `S` (and `O`), the form every fo
 (`PLANES` gives each format's). The numbers are the format's own: S and O are what
 `gguf.quants.dequantize` computes per block (`d`, or `d * sc` in float32 for K-quants; `m`, or
 `-dmin * m`), and `S * (q - zero) + O` rounds like its formula, so a kernel decoding a tile gets
-the reference's values bit for bit (tests/targets/test_block_planes.py). Only two integer
+the reference's values bit for bit (tests/targets/test_quant_decode.py). Only two integer
 encodings remain, so the kernels (`weight_kernels.py`) are format-free:
 
 - **i8**: one signed byte per value (Q8_0; Q5_0 / Q5_1 / Q5_K / Q6_K, whose 5 and 6-bit values

@@ -157,7 +157,7 @@ def _param_nodes(hir: HIR, chosen: Mapping[str, str] | None = None) -> dict[str,
     return specs
 
 
-def _readers(hir: HIR) -> dict[str, set[tuple[Op, int]]]:
+def weight_readers(hir: HIR) -> dict[str, set[tuple[Op, int]]]:
     """For each weight-only value the kernels read: the (op, input position) pairs reading it."""
     weights = weight_only(hir)
     out: dict[str, set[tuple[Op, int]]] = {}
@@ -178,7 +178,7 @@ def choose_layouts(graphs: Mapping[str, HIR], device: str) -> dict[str, str]:
     readers: dict[str, set[tuple[Op, int]]] = {}
     types: dict[str, TensorType] = {}
     for hir in graphs.values():
-        for key, found in _readers(hir).items():
+        for key, found in weight_readers(hir).items():
             readers.setdefault(key, set()).update(found)
         for spec in _param_nodes(hir).values():
             types[spec.key] = spec.type

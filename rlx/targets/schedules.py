@@ -46,6 +46,9 @@ EXTERN = "extern"  # what the report says of a function that only calls a runtim
 
 # TVM 0.27 raises builtin exception types (ScheduleError is a RuntimeError)
 _SCHEDULE_ERRORS = (RuntimeError, ValueError)
+# a rule that does not understand a function may also fail an internal `assert` (dlight's GEMV
+# analysis does on a quantized weight's byte reads): that rule does not apply, the next one may
+_RULE_ERRORS = (*_SCHEDULE_ERRORS, AssertionError)
 
 
 def _static(extent: tirx.PrimExpr) -> int | None:
@@ -281,7 +284,7 @@ def apply_schedules(rules: Sequence[tuple[str, ScheduleRule]]) -> tvm.transform.
             for name, rule in rules:
                 try:
                     sch = rule.apply(func, target, False)
-                except _SCHEDULE_ERRORS:
+                except _RULE_ERRORS:
                     continue
                 if sch is None:
                     continue

@@ -69,20 +69,29 @@ def _split_lanes(sch: s_tir.Schedule, loop: s_tir.schedule.LoopRV) -> None:
     sch.vectorize(lanes)
 
 
+def _anchored(func: tirx.PrimFunc, anchor: str, stages: set[str]) -> tuple[s_tir.Schedule, dict[str, Block],
+                                                                            list[Block]] | None:
+    """A schedule of `func` if it holds the block `anchor`, with x's producers inlined (the
+    kernel's own `stages` kept): (schedule, blocks by name, the blocks after the anchor)."""
+    if not isinstance(func, tirx.PrimFunc):
+        return None
+    sch = s_tir.Schedule(func)
+    blocks = _blocks(sch)
+    named = _named(sch, blocks)
+    if anchor not in named:
+        return None
+    at = [sch.get(b).name_hint for b in blocks].index(anchor)
+    if not _inline_producers(sch, blocks[:at], stages):
+        return None
+    return sch, named, blocks[at + 1:]
+
+
 class Gemv(ScheduleRule):
     def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool) -> s_tir.Schedule | None:
-        if not isinstance(func, tirx.PrimFunc):
+        found = _anchored(func, GEMV, {GEMV_BLOCK, GEMV_XSUM})
+        if found is None:
             return None
-        sch = s_tir.Schedule(func)
-        blocks = _blocks(sch)
-        named = _named(sch, blocks)
-        if GEMV not in named:
-            return None
-        order = [sch.get(b).name_hint for b in blocks]
-        at = order.index(GEMV)
-        if not _inline_producers(sch, blocks[:at], {GEMV_BLOCK, GEMV_XSUM}):
-            return None
-        consumers = blocks[at + 1:]
+        sch, named, consumers = found
         y = named[GEMV]
         *lead, n, red = sch.get_loops(y)
         task, group, lane = sch.split(n, [None, GEMV_GROUPS, VEC])
@@ -117,18 +126,10 @@ class Gemv(ScheduleRule):
 
 class Gemm(ScheduleRule):
     def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool) -> s_tir.Schedule | None:
-        if not isinstance(func, tirx.PrimFunc):
+        found = _anchored(func, GEMM, {GEMM_PANEL})
+        if found is None:
             return None
-        sch = s_tir.Schedule(func)
-        blocks = _blocks(sch)
-        named = _named(sch, blocks)
-        if GEMM not in named:
-            return None
-        order = [sch.get(b).name_hint for b in blocks]
-        at = order.index(GEMM)
-        if not _inline_producers(sch, blocks[:at], {GEMM_PANEL}):
-            return None
-        consumers = blocks[at + 1:]  # rlx_gemm_out first, then any epilogue
+        sch, named, consumers = found  # consumers: rlx_gemm_out first, then any epilogue
         y = named[GEMM]
         *outer, row, n, k = sch.get_loops(y)
         ro, ri = sch.split(row, [None, MR])

@@ -72,19 +72,21 @@ _CLI_WITH_RSS = ("import re, sys; from rlx.cli import main; rc = main(sys.argv[1
                  "print('maxrss_kb', hwm, file=sys.stderr); sys.exit(rc)")
 
 
-def _rlx_run(model: Path, tmp: Path, *, target: str = "reference",
-             n_new: int = N_NEW) -> tuple[list[int], np.ndarray, str, int]:
+def _rlx_run(model: Path, tmp: Path, *, target: str = "reference", n_new: int = N_NEW,
+             keep_logits: bool = True) -> tuple[list[int], np.ndarray | None, str, int]:
+    """`rlx run` in a child: greedy tokens, logits (with `keep_logits`: --logits-out, which holds
+    every step's 1 MB row until the end), stdout, peak RSS."""
     logits = tmp / "logits.npy"
     proc = subprocess.run(
         [sys.executable, "-c", _CLI_WITH_RSS, "run", str(model), "--target", target, "--prompt", PROMPT,
-         "--max-new-tokens", str(n_new), "--logits-out", str(logits)],
+         "--max-new-tokens", str(n_new), *(["--logits-out", str(logits)] if keep_logits else [])],
         capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stderr
     ids_line = next(ln for ln in proc.stderr.splitlines() if "token ids:" in ln)
     tokens = [int(t) for t in ids_line.split("token ids:")[1].strip().split(",")]
     rss = int(next(ln for ln in proc.stderr.splitlines() if ln.startswith("maxrss_kb")).split()[1]) * 1024
-    return tokens, np.load(logits), proc.stdout, rss
+    return tokens, np.load(logits) if keep_logits else None, proc.stdout, rss
 
 
 def test_gguf_greedy_continuation_equals_transformers(hf_run: HFRun, real_gguf_path: Path, tmp_path: Path) -> None:
@@ -156,3 +158,44 @@ def test_compiled_cpu_artifact_greedy_32_tokens_equal_transformers(hf_run: HFRun
     # the issue's bar: weights held once (1.07 GB, read straight into the device tensors), TVM's
     # runtime library only, no torch, the detokenizer instead of the tokenizer: measured 1.22x
     assert rss < 1.5 * 4 * 268_098_176, f"peak RSS {rss / 2**30:.2f} GiB"
+
+
+# what `rlx run ARTIFACT` holds before it reads a tokenizer or a weight: Python, numpy, rlx's CLI
+# and TVM's runtime library (~120 MB, paid by any model however small)
+_RUNTIME_FLOOR = ("import re; from rlx.runtime.tvm_runtime import import_runtime_only; import_runtime_only(); "
+                  "import rlx.cli, rlx.api, rlx.runtime.artifact_engine, sys; assert 'tvm.relax' not in sys.modules; "
+                  "print(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1))")
+
+N_QUANTIZED = 64
+
+
+def test_gguf_blocks_artifact_greedy_64_tokens_equal_reference_on_dequantized_file(real_gguf_path: Path,
+                                                                                  tmp_path: Path) -> None:
+    """`--quantize gguf` keeps the file's Q8_0 / Q5_0 / Q4_K / Q6_K blocks packed and decodes them in
+    the kernels; the reference interpreter runs the same file dequantized to f32 (gguf-py's
+    dequantize). Same weights, so the same greedy tokens: only f32 summation order differs."""
+    from rlx.frontends.gguf_file import GGUFFile
+
+    art = tmp_path / "artifact"
+    proc = subprocess.run([sys.executable, "-m", "rlx", "compile", str(real_gguf_path), "--target", "cpu",
+                           "--out", str(art), "--no-cache", "--quantize", "gguf"],
+                          capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr
+    manifest = json.loads((art / "manifest.json").read_text())
+    assert manifest["quantize"]["scheme"] == "gguf"
+    ref_tokens, ref_logits, _, _ = _rlx_run(Path(real_gguf_path), tmp_path, n_new=N_QUANTIZED)
+    tokens, logits, text, _ = _rlx_run(art, tmp_path, target="cpu", n_new=N_QUANTIZED)
+    assert tokens == ref_tokens
+    assert "capital" in text
+    assert logits is not None and ref_logits is not None
+    # f32 accumulation over 18 layers in another order: measured max |diff| ~1e-4 of max |logit|
+    np.testing.assert_allclose(logits, ref_logits, rtol=1e-3, atol=1e-3 * np.abs(ref_logits).max())
+    # memory, as a user runs it (no --logits-out): the weights held once, as packed blocks (an f32
+    # copy alone would be 1.07 GB). Peak RSS minus the runtime floor every process pays, against
+    # the GGUF's own tensor bytes.
+    again, _, _, rss = _rlx_run(art, tmp_path, target="cpu", n_new=N_QUANTIZED, keep_logits=False)
+    assert again == tokens
+    floor = int(subprocess.run([sys.executable, "-c", _RUNTIME_FLOOR], capture_output=True, text=True,
+                               check=True).stdout.split()[-1]) * 1024
+    packed = sum(t.nbytes for t in GGUFFile.open(Path(real_gguf_path)).tensors.values())
+    assert rss - floor < 1.3 * packed, f"peak {rss / 2**20:.0f} MiB, floor {floor / 2**20:.0f} MiB"

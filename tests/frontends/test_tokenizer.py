@@ -54,6 +54,21 @@ def test_saved_tokenizer_json_matches(real: tuple, tmp_path: Path) -> None:
         assert from_json.encode(text) == ours.encode(text)
 
 
+def test_artifact_tokenizer_stores_merges_compactly_and_encodes_the_same(real: tuple, tmp_path: Path) -> None:
+    """`Tokenizer.save` (what an artifact carries) writes BPE merges as "a b" strings, which
+    `tokenizers` parses in half the memory; the merges, and so every encoding, stay the same."""
+    import json
+
+    ours, theirs = real
+    ours.save(tmp_path)
+    merges = json.loads((tmp_path / "tokenizer.json").read_text(encoding="utf-8"))["model"]["merges"]
+    assert merges and all(isinstance(m, str) and m.count(" ") == 1 for m in merges)
+    assert [m.split(" ") for m in merges] == json.loads(ours.backend.to_str())["model"]["merges"]
+    saved = Tokenizer.from_hf_dir(tmp_path)
+    for text in [*TEXTS, " ".join(TEXTS) * 3]:
+        assert saved.encode(text) == ours.encode(text) == theirs(text)["input_ids"]
+
+
 @pytest.mark.parametrize(("family", "arch"), [("gemma3", "gemma3"), ("gemma4", "gemma4")])
 def test_tiny_gguf_matches_transformers(family: str, arch: str, tiny_ckpt, tmp_path: Path) -> None:
     """Gemma 1-3 files ("llama" SentencePiece vocab) and Gemma 4 files ("gemma4", no respelling).

@@ -389,6 +389,60 @@ def test_quantized_types_round_trip_as_text(text: str) -> None:
     assert str(t.with_quant(None)) == "f32" + text[text.index("["):]
 
 
-def test_group_size_without_a_format_is_not_a_type() -> None:
-    with pytest.raises(ValueError):
-        TensorType.parse("q4_0g48[6, 48]")
+@pytest.mark.parametrize("name", ["q4_0g48", "q3_k", "q4", "q8_0g16"])
+def test_an_unknown_format_is_not_a_type_and_the_error_lists_the_formats(name: str) -> None:
+    with pytest.raises(ValueError, match=rf"bad type '{name}\[6, 48\]': unknown quantized format '{name}' "
+                                         r"\(known: q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k; q8_0g64, .*q4_1g256\)"):
+        TensorType.parse(f"{name}[6, 48]")
+
+
+def test_an_unknown_element_type_lists_dtypes_and_formats() -> None:
+    with pytest.raises(ValueError, match=r"unknown element type 'f33' \(dtypes: f32, f16, .*; quantized formats: "
+                                         r"q8_0, .*q4_0g64"):
+        TensorType.parse("f33[6, 48]")
+
+
+def test_with_dtype_refuses_a_quantized_type() -> None:
+    """A quantized type's dtype is the float32 its blocks are read as: changing it would have
+    silently dropped the format (a dense tensor of another dtype); callers dequantize on purpose."""
+    q = TensorType.parse("q4_0[6, 64]")
+    with pytest.raises(ValueError, match=r"q4_0\[6, 64\] is quantized"):
+        q.with_dtype(DType.F16)
+    assert str(q.with_quant(None).with_dtype(DType.F16)) == "f16[6, 64]"
+    assert str(TensorType.parse("f32[6, 64]").with_dtype(DType.BF16)) == "bf16[6, 64]"
+
+
+def test_a_cast_of_a_quantized_value_fails_verify_as_an_hir_error() -> None:
+    """The op's type rule says so (verify's HIRError), instead of with_dtype's ValueError escaping."""
+    from rlx.errors import HIRError
+    from rlx.hir.graph import HIR, Node
+    from rlx.hir.ops import Op
+    from rlx.hir.verify import verify
+
+    h = HIR("cast")
+    w = h.param("w", TensorType(DType.F32, (8, 64), "q8_0"))
+    h.insert_raw(Node("c", Op.CAST, (w,), TensorType(DType.F16, (8, 64)), (("dtype", "f16"),)))
+    h.raw_set_output("c", "c")
+    with pytest.raises(HIRError, match=r"types: %c \(cast\): cannot cast quantized q8_0\[8, 64\]"):
+        verify(h)
+
+
+def test_quantized_array_equality_is_one_bool_and_it_is_unhashable() -> None:
+    """Same format and same blocks (shape and bytes): equal; anything else: not equal, never
+    numpy's elementwise `==` (whose truth value raises). Unhashable, as its ndarray is."""
+    fmt = quant_format("q8_0")
+    blocks = fmt.quantize(np.random.default_rng(8).standard_normal((4, 64)).astype(np.float32))
+    q = QuantizedArray(fmt, blocks)
+    assert q == QuantizedArray(quant_format("q8_0"), blocks.copy())
+    dequantized(q)  # the cached dense copy does not take part
+    assert q == QuantizedArray(fmt, blocks.copy()) and not q != QuantizedArray(fmt, blocks.copy())
+    other = blocks.copy()
+    other[0, 5] ^= 1
+    assert q != QuantizedArray(fmt, other)
+    assert q != QuantizedArray(fmt, blocks[:2])                      # other shape
+    assert q != QuantizedArray(quant_format("q4_1g64"), blocks[:, :48])  # other format (same byte count per row)
+    assert q != blocks and q != q.dequantize() and q != "q8_0"
+    assert (blocks == q) is False and (q.dequantize() != q) is True  # an ndarray on the left defers to q
+    assert q in [QuantizedArray(fmt, blocks.copy())]
+    with pytest.raises(TypeError, match="unhashable"):
+        hash(q)

@@ -98,3 +98,43 @@ def test_pattern_matcher_optional_commutative_and_single_use() -> None:
     assert m2 is not None and m2["scale"] == "dead" and m2["v"] == "b"
     m3 = match(h, Opt(Op.SCALE, Pat(Op.GELU_TANH, Var("x")), name="scale"), "a")
     assert m3 is not None and m3.get("scale") is None
+
+
+def test_importing_rlx_passes_registers_every_pass() -> None:
+    """`import rlx.passes` alone registers every pass module's passes (quantize included), in a
+    fresh interpreter, where no other import has registered them by the way."""
+    import subprocess
+    import sys
+
+    script = (
+        "import pkgutil, importlib, rlx.passes\n"
+        "from rlx.hir.pass_infra import REGISTRY, parse_pipeline\n"
+        "before = set(REGISTRY)\n"
+        "print(parse_pipeline('quantize{scheme=q8,layers=q4|none}')[0])\n"
+        "for m in pkgutil.iter_modules(rlx.passes.__path__):\n"
+        "    importlib.import_module(f'rlx.passes.{m.name}')\n"
+        "print(sorted(set(REGISTRY) - before))\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    assert out.splitlines() == ["quantize{scheme=q8,layers=q4|none}", "[]"]
+
+
+def test_a_failing_pass_keeps_its_own_fix_once() -> None:
+    """PassManager names the failing pass and the ones before it, and keeps the pass's own fix
+    (once): it used to replace it by the list of passes."""
+    from rlx.passes.quantize import Quantize
+
+    h = hir("""
+hir m {
+  %x = input() {"name": "x"} : f32[2, 64]
+  %w = param() {"name": "layers.0.q_proj.weight", "scale": 1.0, "shift": 0.0} : f32[8, 64] meta {"layer": 0}
+  %y = linear(%x, %w) : f32[2, 8] meta {"layer": 0, "role": "q"}
+  return y=%y
+}
+""")
+    with pytest.raises(PassError) as info:
+        PassManager([DeadCodeElimination(), Quantize(scheme="q4", group=128)]).run(h)
+    err = info.value
+    assert err.message.startswith("pass quantize{group=128} failed: quantize: tensor layers.0.q_proj.weight has rows")
+    own = "use a group size dividing 64 ([quantize] group = 32 or 64)"
+    assert err.hint is not None and err.hint.count(own) == 1 and "passes that ran before it: dce" in err.hint
+    assert str(err).count("fix:") == 1

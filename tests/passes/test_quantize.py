@@ -14,6 +14,7 @@ Numeric tolerances:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 
 import gguf
@@ -267,7 +268,11 @@ def test_group_must_divide_the_rows(scheme: str, group: int, k: int) -> None:
     with pytest.raises(PassError, match=f"tensor layers.0.q_proj.weight has rows of {k} values, not a multiple "
                                         f"of {scheme}'s group of {group}") as e:
         Quantize(scheme=scheme, group=group).run(_one_linear(None, k=k))
-    assert e.value.hint is not None and f"a group size dividing {k}" in e.value.hint
+    # the fix names the group sizes that do divide the rows, or says there is none (48: 32 does not)
+    fitting = {96: "[quantize] group = 32", 128: "[quantize] group = 32 or 64 or 128"}
+    assert e.value.hint is not None and (f"a group size dividing {k} ({fitting[k]})" if k in fitting else
+                                         f"no group size (32, 64, 128, 256) divides {k}") in e.value.hint
+    assert 'keep it float: [[layers]] quantize = "none" for layer 0' in e.value.hint
     # keeping that layer float, or a scheme without groups, is fine
     assert _weight_type(Quantize(scheme=scheme, group=group, layers=("none",)).run(_one_linear(None, k=k)).hir) \
         == f"f32[8, {k}]"
@@ -288,6 +293,22 @@ def test_bad_options_are_errors_with_a_hint(options: dict[str, object], message:
     with pytest.raises(PassError, match=message) as e:
         Quantize(**options)  # type: ignore[arg-type]
     assert e.value.hint is not None and hint in e.value.hint
+
+
+@pytest.mark.parametrize(("layers", "position", "given"), [
+    ("q8||q4", 1, "'q8||q4'"), ("|q8|q4", 0, "'|q8|q4'"), ("q8|q4|", 2, "'q8|q4|'"), ("q8| |q4", 1, "'q8| |q4'"),
+    (("q8", "", "q4"), 1, "q8||q4"),
+])
+def test_an_empty_layer_scheme_is_an_error_naming_its_position(layers: str | tuple[str, ...], position: int,
+                                                               given: str) -> None:
+    """Dropping it would shift every later layer's scheme onto the layer before: an error instead."""
+    with pytest.raises(PassError, match=f"layers={re.escape(given)} has an empty entry at position {position} of 3 "
+                                        rf"\(the scheme of layer {position}\)") as e:
+        Quantize(scheme="q8", layers=layers)
+    assert e.value.hint is not None and "one scheme per layer" in e.value.hint
+    with pytest.raises(PassError, match="empty entry at position 1"):
+        parse_pipeline("quantize{layers=q8||q4}")
+    assert Quantize(layers="").layers == () and Quantize(layers=" q8 | q4 ").layers == ("q8", "q4")
 
 
 def test_too_few_layer_schemes_is_an_error() -> None:

@@ -105,6 +105,10 @@ def test_numerics_and_status(report_dir: Path, data: dict[str, Any]) -> None:
     assert cpu["status"] == "executed"
     assert cpu["numerics"]["max_abs_diff"] < 1e-4 and cpu["numerics"]["top1_agreement"] == 1.0
     assert cpu["numerics"]["rows"] == 17 and cpu["speed"]["prefill_tok_s"] > 0 and cpu["speed"]["decode_tok_s"] > 0
+    # nothing quantized: the unquantized reference is the reference, and the numbers repeat
+    assert data["quantize"]["unquantized_reference"]["same_as_reference"]
+    assert cpu["numerics"]["vs_unquantized"] == {k: v for k, v in cpu["numerics"].items() if k != "vs_unquantized"}
+    assert data["reference"]["vs_unquantized"]["max_abs_diff"] == 0.0
     expected = {"cuda": "compiled, not executed: no GPU", "metal": "compiled, not executed: needs an Apple GPU"}
     md, page = (report_dir / "report.md").read_text(), (report_dir / "report.html").read_text()
     for target, status in expected.items():
@@ -181,3 +185,112 @@ def test_per_target_pipelines_are_shown_as_differences(tiny_ckpt: Ckpt, tmp_path
         assert not diff["same"] and "fuse-attention" in diff["only_some"]["cpu"] and "cuda" not in diff["only_some"]
     assert "pipelines differ; passes not run by every target: cpu: " in (out / "report.md").read_text()
     assert data["targets"]["cpu"]["numerics"]["top1_agreement"] == 1.0
+
+
+# --- quantized weights: formats, bytes per token, numerics vs the unquantized model ----------------------
+
+_STORED = re.compile(r"[\w.]+\.weight")  # the stored tensors a weight key reads ("concat{...}(a.weight,b.weight)")
+
+
+@pytest.fixture(scope="module")
+def q8_report(tiny_ckpt: Ckpt, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    root = tmp_path_factory.mktemp("compare-q8")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RLX_CACHE_DIR", str(root / "cache"))
+        out = root / "report"
+        assert main(["compare", str(tiny_ckpt("gemma3")), "--targets", "cpu", "--quantize", "q8",
+                     "--prompt-ids", PROMPT, "--out", str(out)]) == 0
+        yield out
+
+
+def test_q8_formats_per_tensor_match_the_quantize_pass(q8_report: Path) -> None:
+    data = json.loads((q8_report / "report.json").read_text())
+    manifest, report, art = _artifact(q8_report, "cpu")
+    weights = data["targets"]["cpu"]["weights"]
+    assert weights == {k: report["weights"][k] for k in weights}  # the artifact's own report.json says the same
+    assert data["quantize"]["profile"]["scheme"] == weights["quantize"]["scheme"] == "q8"
+    tensors = weights["tensors"]
+    assert set(tensors) == set(load_file(str(art / "weights.safetensors")))
+    for key, t in tensors.items():
+        # projections and the (tied) embedding are q8_0; norms stay float
+        assert t["format"] == ("q8_0" if key.endswith("_proj.weight") or key.startswith(("concat", "embed"))
+                               else "f32"), key
+        assert t["format"] == manifest["quantize"]["tensors"].get(key, "f32")
+    # every stored tensor the quantize pass retyped is in exactly one q8_0 param (fusion concatenates some)
+    for mode in ("prefill", "decode"):
+        [stats] = [r["stats"] for r in report["passes"][mode]["passes"] if r["spec"].startswith("quantize")]
+        stored = [n for k, t in tensors.items() if t["format"] == "q8_0" for n in _STORED.findall(k)]
+        assert len(stored) == len(set(stored)) == stats["format.q8_0"] == 4 * 7 + 1
+    by_format = {f: {"tensors": sum(t["format"] == f for t in tensors.values()),
+                     "bytes": sum(t["bytes"] for t in tensors.values() if t["format"] == f),
+                     "per_token_bytes": sum(t["per_token_bytes"] for t in tensors.values() if t["format"] == f)}
+                 for f in ("f32", "q8_0")}
+    assert weights["by_format"] == by_format
+    md = (q8_report / "report.md").read_text()
+    assert "quantize q8 (group 32)" in md and "## Weights and quantization" in md
+    assert f"| q8_0 | {by_format['q8_0']['tensors']} tensors, {by_format['q8_0']['bytes']:,} B |" in md
+
+
+def test_q8_bytes_per_token_from_the_weights_file(q8_report: Path) -> None:
+    data = json.loads((q8_report / "report.json").read_text())
+    _, _, art = _artifact(q8_report, "cpu")
+    arrays = load_file(str(art / "weights.safetensors"))
+    weights = data["targets"]["cpu"]["weights"]
+    for key, t in weights["tensors"].items():
+        assert t["bytes"] == arrays[key].nbytes, key
+        if t["format"] == "q8_0":  # Q8_0: 32 values per block, an f16 scale + 32 int8 = 34 bytes
+            n, k = t["shape"]
+            assert t["bytes"] == n * (k // 32) * 34 and arrays[key].dtype == np.uint8
+        else:
+            assert t["bytes"] == 4 * int(np.prod(t["shape"]))
+    # tiny gemma3 ties the LM head to the embedding: a decode step reads every weight, the table once
+    total = sum(a.nbytes for a in arrays.values())
+    assert weights["total_bytes"] == weights["bytes_per_token"] == total == data["targets"]["cpu"]["memory"]["weight_bytes"]
+    assert weights["tensors"]["embed_tokens.weight"]["per_token_bytes"] == 256 * 2 * 34
+    assert "lm_head.weight" not in weights["tensors"]
+    assert f"| weights read per decode token | {total:,} B |" in (q8_report / "report.md").read_text()
+
+
+def test_q8_numerics_vs_the_unquantized_reference(tiny_ckpt: Ckpt, q8_report: Path) -> None:
+    from rlx.driver.engines import reference_engine
+    from rlx.driver.profile_toml import resolve_profile
+    from rlx.frontends.checkpoint import open_checkpoint
+
+    data = json.loads((q8_report / "report.json").read_text())
+    ids, tokens = [int(i) for i in PROMPT.split(",")], data["reference"]["tokens"]
+    ckpt = open_checkpoint(tiny_ckpt("gemma3"))
+    rows = {}
+    for scheme in ("q8", "none"):  # both fed the q8 reference's greedy tokens, as the report's walks are
+        engine = reference_engine(ckpt, profile=resolve_profile(None, ckpt.path, scheme))
+        rows[scheme] = np.stack([engine.prefill(ids), *(engine.step(t) for t in tokens)]).astype(np.float32)
+    diff = float(np.abs(rows["q8"] - rows["none"]).max())
+    scale = float(np.abs(rows["none"]).max())
+    ref = data["reference"]["vs_unquantized"]
+    assert ref["max_abs_diff"] == pytest.approx(diff, rel=1e-4) and ref["max_abs_logit"] == pytest.approx(scale)
+    assert ref["top1_agreement"] == float(np.mean(rows["q8"].argmax(-1) == rows["none"].argmax(-1)))
+    assert not data["quantize"]["unquantized_reference"]["same_as_reference"]
+    num = data["targets"]["cpu"]["numerics"]
+    assert num["max_abs_diff"] < 1e-4 and num["top1_agreement"] == 1.0  # vs the q8 reference: the same model
+    vs = num["vs_unquantized"]
+    assert vs["rows"] == num["rows"] == 17
+    assert 0 < vs["rel_diff"] < 0.05 and vs["rel_diff"] == pytest.approx(vs["max_abs_diff"] / scale)
+    assert vs["max_abs_diff"] == pytest.approx(diff, abs=1e-4)  # the quantization error, not the target's
+    assert vs["top1_agreement"] >= 0.8
+    md = (q8_report / "report.md").read_text()
+    assert f"| vs unquantized: max abs diff / max logit | {vs['max_abs_diff']:.3g} / {scale:.3g}" in md
+
+
+def test_an_embedding_lookup_reads_one_row_per_token(tiny_ckpt: Ckpt, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RLX_CACHE_DIR", str(tmp_path / "cache"))
+    art = tmp_path / "art"
+    assert main(["compile", str(tiny_ckpt("gemma4-ple")), "--target", "cpu", "--out", str(art)]) == 0
+    weights = json.loads((art / "report.json").read_text())["weights"]
+    arrays = load_file(str(art / "weights.safetensors"))
+    [ple] = [k for k in weights["tensors"] if k.startswith("embed_tokens_per_layer.")]
+    n, k = weights["tensors"][ple]["shape"]
+    # the per-layer-input table is only looked up: one row of it per token; everything else is read whole
+    assert weights["tensors"][ple]["per_token_bytes"] == 4 * k and n * k * 4 == arrays[ple].nbytes
+    assert weights["bytes_per_token"] == sum(a.nbytes for a in arrays.values()) - (n - 1) * k * 4
+    assert weights["by_format"] == {"f32": {"tensors": len(arrays), "bytes": sum(a.nbytes for a in arrays.values()),
+                                            "per_token_bytes": weights["bytes_per_token"]}}

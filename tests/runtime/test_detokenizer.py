@@ -35,7 +35,8 @@ def test_real_gemma3_vocabulary(gemma3: Tokenizer, tmp_path: Path) -> None:
     gemma3.save(tmp_path)  # what rlx compile puts in an artifact
     detok = Detokenizer.load(tmp_path)
     assert len(detok.pieces) == gemma3.vocab_size and detok.special
-    assert (tmp_path / "detokenizer.json").stat().st_size < (tmp_path / "tokenizer.json").stat().st_size / 4
+    # pieces + decoder steps only (tokenizer.json also holds the merges, stored compactly)
+    assert (tmp_path / "detokenizer.json").stat().st_size < (tmp_path / "tokenizer.json").stat().st_size / 3
     rng = np.random.default_rng(0)
     specials = sorted(detok.special)[:3]
     for ids in [*_cases(gemma3.backend, rng), [*specials, 818, *specials]]:

@@ -16,6 +16,7 @@ import pytest
 from tvm import tirx
 
 from rlx.driver.graphs import reference_graphs
+from rlx.driver.profile_toml import resolve_profile
 from rlx.errors import RlxError
 from rlx.frontends.checkpoint import open_checkpoint
 from rlx.passes import DEFAULT_PIPELINE
@@ -26,8 +27,10 @@ Ckpt = Callable[[str], Path]
 NVCC = shutil.which("nvcc") or next((p for p in ("/usr/local/cuda/bin/nvcc",) if Path(p).exists()), None)
 
 
-def _graphs(tiny_ckpt: Ckpt, family: str = "gemma3") -> dict[str, object]:
-    prefill, decode = reference_graphs(open_checkpoint(tiny_ckpt(family)), passes=DEFAULT_PIPELINE)
+def _graphs(tiny_ckpt: Ckpt, family: str = "gemma3", quantize: str | None = None) -> dict[str, object]:
+    path = tiny_ckpt(family)
+    profile = resolve_profile(None, path, quantize) if quantize else None
+    prefill, decode = reference_graphs(open_checkpoint(path), passes=DEFAULT_PIPELINE, profile=profile)
     return {"prefill": prefill, "decode": decode}
 
 
@@ -42,8 +45,14 @@ def _imported(module: object, kind: str) -> object:
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc not installed (CUDA modules need it to compile)")
-def test_cuda_module_has_a_kernel_for_every_function(tiny_ckpt: Ckpt) -> None:
-    built = build(lower(_graphs(tiny_ckpt)).mod, "cuda")
+@pytest.mark.parametrize("quantize", [None, "q4", "q8"])
+def test_cuda_module_has_a_kernel_for_every_function(tiny_ckpt: Ckpt, quantize: str | None) -> None:
+    """Quantized too: the weights stay blocks (plain layout, uint8) and the linears decode them."""
+    lowered = lower(_graphs(tiny_ckpt, quantize=quantize), "cuda")
+    if quantize:
+        blocks = [p for sig in lowered.signatures.values() for p in sig.params if p.physical.dtype.value == "u8"]
+        assert blocks, "no weight was lowered as packed blocks"
+    built = build(lowered.mod, "cuda")
     src = _imported(built.executable.mod, "cuda").inspect_source()  # type: ignore[attr-defined]
     kernels = set(re.findall(r'extern "C" __global__ void (?:__launch_bounds__\(\d+\) )?(\w+)\(', src))
     functions = [gv.name_hint for gv, f in built.scheduled.functions_items() if isinstance(f, tirx.PrimFunc)]
@@ -54,13 +63,15 @@ def test_cuda_module_has_a_kernel_for_every_function(tiny_ckpt: Ckpt) -> None:
     assert any(k.startswith("attention_values") for k in kernels)
 
 
-def test_metal_builds_in_a_child_process(tiny_ckpt: Ckpt, tmp_path: Path) -> None:
-    out = build_isolated(_graphs(tiny_ckpt), "metal", tmp_path / "gemma3.metal.tar")
+@pytest.mark.parametrize("quantize", [None, "q4"])
+def test_metal_builds_in_a_child_process(tiny_ckpt: Ckpt, tmp_path: Path, quantize: str | None) -> None:
+    out = build_isolated(_graphs(tiny_ckpt, quantize=quantize), "metal", tmp_path / "gemma3.metal.tar")
     with tarfile.open(out) as tar:
         assert sorted(tar.getnames()) == ["devc.o", "lib0.o"]  # MSL blob + arm64 macOS host objects
         msl = tar.extractfile("devc.o").read().decode("latin-1")  # type: ignore[union-attr]
     kernels = re.findall(r"kernel void (\w+)\(", msl)
-    for piece in ("attention_values", "linear", "rms_norm", "softmax"):
+    # quantized linears are weight_kernels' block-decoding contractions, the embedding a lookup
+    for piece in ("attention_values", "rms_norm", "softmax", *(("contraction", "lookup") if quantize else ("linear",))):
         assert any(piece in k for k in kernels), piece
 
 

@@ -1,0 +1,188 @@
+"""Quantized weights on the compiled CPU engine (`--quantize q8 / q4`) against the reference
+interpreter on the same quantized graph and weights, and how far they move the tiny models from f32.
+
+For each tiny family (gemma1-gqa, gemma2, gemma3, gemma4, gemma4-moe) and scheme (q8: q8_0, q4:
+q4_0, both at the default group of 32), the compiled engine and the reference interpreter are built
+from the SAME resolved profile (`resolve_profile(None, ckpt, scheme)`), so both run the same HIR
+(the `quantize` pass first, then the default fusion pipeline) on the same blocks: the interpreter
+quantizes float32 weights with `rlx.hir.quant`, the compiled engine uploads those packed bytes and
+decodes them in its kernels (bit-exact to the numpy decode: tests/targets/test_quant_decode.py).
+We prefill PROMPT and run N_DECODE steps fed the reference's greedy tokens.
+
+Tolerances:
+- **compiled vs reference, same quantized weights**: rtol 1e-5 with an absolute floor of
+  1e-5 x max|logit| (as tests/targets/test_cpu.py). The weights each side multiplies are the same
+  float32 values (an f16 scale times a small integer is exact in f32), so only the float32
+  summation order and LLVM's vs libm's exp/tanh/cos differ. Measured max |diff| / max |logit| over
+  the 10 (family, scheme) pairs, prefill + 8 steps: 3.7e-7 .. 1.8e-6 (the worst: gemma2 q4), a
+  5x margin. A decoding bug (a lost scale, swapped nibbles, a wrong block offset) changes the
+  logits by O(10%) (q8) to O(100%) (q4), far outside it.
+- **quantized vs f32 (the unquantized reference)**, the quantized compiled engine fed the f32
+  reference's greedy tokens (teacher-forced, so one early flip does not derail the rest):
+  * top-1 agreement: the fraction of the 1 + N_DECODE rows whose argmax equals f32's. Measured q8:
+    1.0 for all five families; q4: 1.0 (gemma1-gqa, gemma3), 0.889 (gemma2, gemma4-moe), 0.667
+    (gemma4). Floors: q8 >= 0.8, q4 >= 0.5. Tiny random models are sensitive: vocab 256 with
+    logits of O(1..10) often have runner-ups within a few percent of the top, and q4_0's ~7%
+    relative weight error per matrix (tests/passes/test_quantize.py) compounds over 2-4 layers, so
+    q4's floor is deliberately loose; it still catches a decode that returns noise (expected
+    agreement ~1/256).
+  * relative Frobenius error ||q - f32|| / ||f32|| of the logits: measured q8 0.015 .. 0.067,
+    q4 0.20 .. 0.48. Bounds: q8 in (1e-3, 0.15], q4 in (1e-2, 0.75]. The lower bounds prove the
+    weights really were quantized (an unquantized run differs from f32 by ~1e-6); uncorrelated
+    logits (a broken decode) sit near sqrt(2) ~ 1.4.
+
+Rows that are not a multiple of the group: none in these five families (K is 64 or 128
+everywhere; the MoE experts are 3-D and stay float, as does the router, which another op reads
+too). gemma4-ple has a per-layer projection with rows of 8 values, which no group size (32..256)
+divides: the `quantize` pass refuses it, naming the tensor, rather than silently keeping it
+float (test_rows_no_group_divides_are_refused_naming_the_tensor).
+"""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from rlx.api import compile as rlx_compile
+from rlx.driver.compiled_engine import CompiledEngine
+from rlx.driver.engines import reference_engine
+from rlx.driver.profile_toml import resolve_profile
+from rlx.frontends.checkpoint import open_checkpoint
+from rlx.hir.pass_infra import PassError
+from rlx.runtime.engine import Engine
+from rlx.targets.lower import param_keys
+
+Ckpt = Callable[[str], Path]
+PROMPT = [2, 17, 99, 5, 42, 200, 7, 63, 128, 11]  # longer than the sliding window (4)
+N_DECODE = 8
+FAMILIES = ["gemma1-gqa", "gemma2", "gemma3", "gemma4", "gemma4-moe"]
+SCHEMES = ["q8", "q4"]
+FORMAT = {"q8": "q8_0", "q4": "q4_0"}
+TOP1_FLOOR = {"q8": 0.8, "q4": 0.5}                # module docstring
+FROB_RANGE = {"q8": (1e-3, 0.15), "q4": (1e-2, 0.75)}  # module docstring
+
+
+def _walk(engine: Engine, tokens: list[int] | None = None) -> tuple[np.ndarray, list[int]]:
+    """Prefill PROMPT, then N_DECODE steps on `tokens` (default: this engine's own greedy picks)."""
+    rows = [engine.prefill(PROMPT)]
+    fed: list[int] = []
+    for i in range(N_DECODE):
+        fed.append(tokens[i] if tokens else int(np.argmax(rows[-1])))
+        rows.append(engine.step(fed[-1]))
+    return np.stack(rows), fed
+
+
+@pytest.fixture(scope="module")
+def compiled(tiny_ckpt: Ckpt) -> Callable[[str, str], CompiledEngine]:
+    """`compiled(family, scheme)`: one compiled engine per pair for this module."""
+    engines: dict[tuple[str, str], CompiledEngine] = {}
+
+    def get(family: str, scheme: str) -> CompiledEngine:
+        if (family, scheme) not in engines:
+            path = tiny_ckpt(family)
+            engines[family, scheme] = CompiledEngine(open_checkpoint(path), profile=resolve_profile(None, path, scheme))
+        return engines[family, scheme]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def f32_reference(tiny_ckpt: Ckpt) -> Callable[[str], tuple[np.ndarray, list[int]]]:
+    """`f32_reference(family)`: the unquantized interpreter's logits and greedy tokens (cached)."""
+    walks: dict[str, tuple[np.ndarray, list[int]]] = {}
+
+    def get(family: str) -> tuple[np.ndarray, list[int]]:
+        if family not in walks:
+            path = tiny_ckpt(family)
+            walks[family] = _walk(reference_engine(open_checkpoint(path), profile=resolve_profile(None, path)))
+        return walks[family]
+
+    return get
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_quantized_compiled_equals_reference_and_stays_near_f32(
+        family: str, scheme: str, tiny_ckpt: Ckpt, compiled: Callable[[str, str], CompiledEngine],
+        f32_reference: Callable[[str], tuple[np.ndarray, list[int]]]) -> None:
+    path = tiny_ckpt(family)
+    engine = compiled(family, scheme)
+    # the weights really are packed blocks of the scheme's format, in the module and on the device
+    specs = param_keys(list(engine.signatures.values()))
+    quantized = {key for key, spec in specs.items() if spec.type.is_quantized}
+    assert {specs[key].type.quant for key in quantized} == {FORMAT[scheme]}
+    assert len(quantized) >= 5 and {str(engine._weights[key].dtype) for key in quantized} == {"uint8"}
+
+    # 1. the same quantized graph and weights: equal up to float32 summation order
+    ref_engine = reference_engine(open_checkpoint(path), profile=resolve_profile(None, path, scheme))
+    ref, tokens = _walk(ref_engine)
+    ours, _ = _walk(engine, tokens)
+    assert ours.shape == ref.shape == (1 + N_DECODE, 256)
+    rel = float(np.abs(ours - ref).max() / np.abs(ref).max())
+    np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5 * float(np.abs(ref).max()))  # module docstring
+
+    # 2. against the unquantized model, teacher-forced on f32's greedy tokens
+    f32, f32_tokens = f32_reference(family)
+    forced, _ = _walk(engine, f32_tokens)
+    top1 = float(np.mean(forced.argmax(-1) == f32.argmax(-1)))
+    frob = float(np.linalg.norm(forced - f32) / np.linalg.norm(f32))
+    print(f"\n{family} {scheme}: max rel vs quantized reference {rel:.2e}, top-1 agreement vs f32 {top1:.3f} "
+          f"({int(round(top1 * len(f32)))}/{len(f32)}), relative error vs f32 {frob:.3f}")
+    lo, hi = FROB_RANGE[scheme]
+    assert lo < frob <= hi, f"{family} {scheme}: relative error vs f32 {frob:.3g}"
+    assert top1 >= TOP1_FLOOR[scheme], f"{family} {scheme}: top-1 agreement vs f32 {top1:.3f}"
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_rows_no_group_divides_are_refused_naming_the_tensor(scheme: str, tiny_ckpt: Ckpt) -> None:
+    """gemma4-ple's per-layer projection has rows of 8 values: no group size divides them, and the
+    pass says so (naming the tensor and the way out) before anything compiles."""
+    path = tiny_ckpt("gemma4-ple")
+    with pytest.raises(PassError, match=rf"tensor layers\.0\.per_layer_projection\.weight has rows of 8 values, "
+                                        rf"not a multiple of {scheme}'s group of 32") as e:
+        CompiledEngine(open_checkpoint(path), profile=resolve_profile(None, path, scheme))
+    assert e.value.hint is not None
+    assert "no group size (32, 64, 128, 256) divides 8" in e.value.hint
+    assert '[[layers]] quantize = "none" for layer 0' in e.value.hint
+
+
+def _llvm_module(module: Any) -> Any:
+    stack = [module]
+    while stack:
+        m = stack.pop()
+        if m.kind == "llvm":
+            return m
+        stack.extend(m.imports)
+    raise AssertionError("no llvm module imported")
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_kernels_built_for_avx2_only_machines_compute_the_same(scheme: str, tiny_ckpt: Ckpt) -> None:
+    """The schedules assume no AVX-512: built for Haswell (AVX2, FMA; a 16-lane vector is two
+    8-lane registers), the module runs here (AVX-512 machines execute AVX2 code) and equals the
+    reference as closely as the native build does (same tolerance, module docstring)."""
+    path = tiny_ckpt("gemma3")
+    profile = resolve_profile(None, path, scheme)
+    engine = CompiledEngine(open_checkpoint(path), profile=profile, target='{"kind": "llvm", "mcpu": "haswell"}')
+    asm = _llvm_module(engine.built.executable.mod).inspect_source("asm")
+    assert "ymm" in asm and "zmm" not in asm  # AVX2 registers only
+    ref, tokens = _walk(reference_engine(open_checkpoint(path), profile=profile))
+    ours, _ = _walk(engine, tokens)
+    np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5 * float(np.abs(ref).max()))
+
+
+def test_quantized_kernels_cross_compile_for_aarch64(tiny_ckpt: Ckpt, tmp_path: Path) -> None:
+    """The same schedules build for 64-bit Arm (NEON: a 16-lane vector is four 4-lane registers)."""
+    (art,) = rlx_compile(tiny_ckpt("gemma3"), "cpu-aarch64", tmp_path / "arm", quantize="q4")
+    manifest = json.loads((art / "manifest.json").read_text())
+    assert manifest["quantize"]["scheme"] == "q4" and manifest["target"]["name"] == "cpu-aarch64"
+    assert manifest["library"] == "lib.tar"  # objects for the Arm machine to link: no host linker involved
+    with tarfile.open(art / "lib.tar") as tar:
+        objects = [m for m in tar.getmembers() if m.name.endswith(".o")]
+        assert objects and all(tar.extractfile(m).read(20)[18] == 0xB7 for m in objects)  # ELF e_machine AArch64
