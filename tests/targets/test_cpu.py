@@ -25,11 +25,9 @@ from rlx.passes import DEFAULT_PIPELINE
 from rlx.runtime.engine import Engine
 from rlx.targets.kernels import CONTRACTIONS
 from tests.fixtures.tiny import hf_reference
+from tests.targets.walks import FAMILIES, N_DECODE, PROMPT, walk
 
 Ckpt = Callable[[str], Path]
-PROMPT = [2, 17, 99, 5, 42, 200, 7, 63, 128, 11]  # longer than the sliding window (4)
-N_DECODE = 8
-FAMILIES = ["gemma1-gqa", "gemma2", "gemma3", "gemma4", "gemma4-moe"]
 VARIANTS = {"unfused": "", "fused": DEFAULT_PIPELINE}  # pass pipeline text ("" runs none)
 
 
@@ -50,22 +48,12 @@ def compiled(tiny_ckpt: Ckpt) -> Callable[[str, str], CompiledEngine]:
     return get
 
 
-def _walk(engine: Engine, tokens: list[int] | None = None) -> tuple[np.ndarray, list[int]]:
-    """Prefill PROMPT, then N_DECODE steps on `tokens` (default: this engine's own greedy picks)."""
-    rows = [engine.prefill(PROMPT)]
-    fed: list[int] = []
-    for i in range(N_DECODE):
-        fed.append(tokens[i] if tokens else int(np.argmax(rows[-1])))
-        rows.append(engine.step(fed[-1]))
-    return np.stack(rows), fed
-
-
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 @pytest.mark.parametrize("family", FAMILIES)
 def test_prefill_and_decode_match_reference(family: str, variant: str, tiny_ckpt: Ckpt,
                                             compiled: Callable[[str, str], CompiledEngine]) -> None:
-    ref, tokens = _walk(reference_engine(open_checkpoint(tiny_ckpt(family)), passes=VARIANTS[variant]))
-    ours, _ = _walk(compiled(family, variant), tokens)
+    ref, tokens = walk(reference_engine(open_checkpoint(tiny_ckpt(family)), passes=VARIANTS[variant]))
+    ours, _ = walk(compiled(family, variant), tokens)
     assert ours.shape == ref.shape == (1 + N_DECODE, 256)
     assert_close(ours, ref)
 
@@ -75,7 +63,7 @@ def test_matches_transformers(tiny_ckpt: Ckpt, compiled: Callable[[str, str], Co
     as the reference interpreter's own test against it)."""
     for family in ("gemma3", "gemma4-moe"):
         ref = hf_reference(tiny_ckpt(family), PROMPT, N_DECODE)
-        ours, _ = _walk(compiled(family, "fused"), ref.tokens)
+        ours, _ = walk(compiled(family, "fused"), ref.tokens)
         assert_close(ours, ref.logits, rtol=1e-4)
         assert [int(t) for t in ours[:-1].argmax(-1)] == ref.tokens
 

@@ -55,27 +55,14 @@ from rlx.driver.engines import reference_engine
 from rlx.driver.profile_toml import resolve_profile
 from rlx.frontends.checkpoint import open_checkpoint
 from rlx.hir.pass_infra import PassError
-from rlx.runtime.engine import Engine
 from rlx.targets.lower import param_keys
+from tests.targets.walks import FAMILIES, N_DECODE, walk
 
 Ckpt = Callable[[str], Path]
-PROMPT = [2, 17, 99, 5, 42, 200, 7, 63, 128, 11]  # longer than the sliding window (4)
-N_DECODE = 8
-FAMILIES = ["gemma1-gqa", "gemma2", "gemma3", "gemma4", "gemma4-moe"]
 SCHEMES = ["q8", "q4"]
 FORMAT = {"q8": "q8_0", "q4": "q4_0"}
 TOP1_FLOOR = {"q8": 0.8, "q4": 0.5}                # module docstring
 FROB_RANGE = {"q8": (1e-3, 0.15), "q4": (1e-2, 0.75)}  # module docstring
-
-
-def _walk(engine: Engine, tokens: list[int] | None = None) -> tuple[np.ndarray, list[int]]:
-    """Prefill PROMPT, then N_DECODE steps on `tokens` (default: this engine's own greedy picks)."""
-    rows = [engine.prefill(PROMPT)]
-    fed: list[int] = []
-    for i in range(N_DECODE):
-        fed.append(tokens[i] if tokens else int(np.argmax(rows[-1])))
-        rows.append(engine.step(fed[-1]))
-    return np.stack(rows), fed
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +87,7 @@ def f32_reference(tiny_ckpt: Ckpt) -> Callable[[str], tuple[np.ndarray, list[int
     def get(family: str) -> tuple[np.ndarray, list[int]]:
         if family not in walks:
             path = tiny_ckpt(family)
-            walks[family] = _walk(reference_engine(open_checkpoint(path), profile=resolve_profile(None, path)))
+            walks[family] = walk(reference_engine(open_checkpoint(path), profile=resolve_profile(None, path)))
         return walks[family]
 
     return get
@@ -121,15 +108,15 @@ def test_quantized_compiled_equals_reference_and_stays_near_f32(
 
     # 1. the same quantized graph and weights: equal up to float32 summation order
     ref_engine = reference_engine(open_checkpoint(path), profile=resolve_profile(None, path, scheme))
-    ref, tokens = _walk(ref_engine)
-    ours, _ = _walk(engine, tokens)
+    ref, tokens = walk(ref_engine)
+    ours, _ = walk(engine, tokens)
     assert ours.shape == ref.shape == (1 + N_DECODE, 256)
     rel = float(np.abs(ours - ref).max() / np.abs(ref).max())
     np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5 * float(np.abs(ref).max()))  # module docstring
 
     # 2. against the unquantized model, teacher-forced on f32's greedy tokens
     f32, f32_tokens = f32_reference(family)
-    forced, _ = _walk(engine, f32_tokens)
+    forced, _ = walk(engine, f32_tokens)
     top1 = float(np.mean(forced.argmax(-1) == f32.argmax(-1)))
     frob = float(np.linalg.norm(forced - f32) / np.linalg.norm(f32))
     print(f"\n{family} {scheme}: max rel vs quantized reference {rel:.2e}, top-1 agreement vs f32 {top1:.3f} "
@@ -172,8 +159,8 @@ def test_kernels_built_for_avx2_only_machines_compute_the_same(scheme: str, tiny
     engine = CompiledEngine(open_checkpoint(path), profile=profile, target='{"kind": "llvm", "mcpu": "haswell"}')
     asm = _llvm_module(engine.built.executable.mod).inspect_source("asm")
     assert "ymm" in asm and "zmm" not in asm  # AVX2 registers only
-    ref, tokens = _walk(reference_engine(open_checkpoint(path), profile=profile))
-    ours, _ = _walk(engine, tokens)
+    ref, tokens = walk(reference_engine(open_checkpoint(path), profile=profile))
+    ours, _ = walk(engine, tokens)
     np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5 * float(np.abs(ref).max()))
 
 
