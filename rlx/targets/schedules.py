@@ -36,7 +36,7 @@ from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
 
 from rlx.targets.kernels import CONTRACTIONS, MATERIALIZED
-from rlx.targets.weight_schedules import Gemm, Gemv
+from rlx.targets.weight_schedules import Gemm, Gemv, QuantGemvGpu
 
 LANES = 16   # partial sums per output element (one AVX-512 / four NEON f32 vectors)
 TILE_N = 16  # output columns per parallel task
@@ -251,8 +251,10 @@ def cpu_rules() -> list[tuple[str, ScheduleRule]]:
 
 
 def gpu_rules(matmul: bool = True) -> list[tuple[str, ScheduleRule]]:
-    """dlight's GPU rules; Metal drops `Matmul` (TVM 0.27 segfaults inside its Tensorize there)."""
-    rules = [("dlight.gpu.Matmul", dl.gpu.Matmul())] if matmul else []
+    """Our GEMV for quantized decode linears (`weight_schedules.QuantGemvGpu`), then dlight's GPU
+    rules; Metal drops `Matmul` (TVM 0.27 segfaults inside its Tensorize there)."""
+    rules: list[tuple[str, ScheduleRule]] = [("gpu-quant-gemv", QuantGemvGpu())]
+    rules += [("dlight.gpu.Matmul", dl.gpu.Matmul())] if matmul else []
     return rules + [("dlight.gpu.GEMV", dl.gpu.GEMV()), ("dlight.gpu.Reduction", dl.gpu.Reduction()),
                     ("dlight.gpu.GeneralReduction", dl.gpu.GeneralReduction()),
                     ("dlight.gpu.Fallback", dl.gpu.Fallback())]

@@ -18,13 +18,24 @@ each tile of outputs is finished, so the output is written once.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 from tvm import s_tir, tirx
 from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
 
-from rlx.targets.weight_kernels import GEMM, GEMM_PANEL, GEMM_ROWS, GEMV, GEMV_BLOCK, GEMV_XSUM
+from rlx.targets.weight_kernels import (
+    DEQUANT,
+    GEMM,
+    GEMM_PANEL,
+    GEMM_ROWS,
+    GEMV,
+    GEMV_BLOCK,
+    GEMV_ROWS,
+    GEMV_XSUM,
+    QLINEAR,
+)
 
 VEC = 16           # float32 lanes of a vector
 GEMV_GROUPS = 4    # il16 groups (of 16 rows) per GEMV task
@@ -146,3 +157,48 @@ class Gemm(ScheduleRule):
             sch.vectorize(lanes)
         _epilogue(sch, consumers, ro)
         return sch
+
+
+class QuantGemvGpu(ScheduleRule):
+    """GPU decode GEMV over plain-layout blocks (`rlx_dequant` + `rlx_qlinear`, a few static rows):
+    dlight's GEMV rule rejects it (its analysis wants every read a single element, and a block's
+    scale is two bytes of the uint8 blocks). The decode is inlined into the dot product and each
+    output row is a warp: its 32 lanes stride over K (consecutive values, so consecutive bytes of
+    the row's blocks), summed with a cross-thread reduction; `ROWS_PER_BLOCK` rows per thread
+    block; an elementwise epilogue runs on the reducing thread."""
+
+    WARP = 32
+    ROWS_PER_BLOCK = 4
+
+    def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool) -> s_tir.Schedule | None:
+        if not isinstance(func, tirx.PrimFunc) or "thread_warp_size" not in target.attrs:
+            return None
+        sch = s_tir.Schedule(func)
+        blocks = _blocks(sch)
+        named = _named(sch, blocks)
+        if QLINEAR not in named or DEQUANT not in named:
+            return None
+        y = named[QLINEAR]
+        *lead, n, k = sch.get_loops(y)
+        extents = [_static(sch.get(loop).extent) for loop in (*lead, n, k)]
+        if any(e is None for e in extents) or math.prod(extents[:-2]) > GEMV_ROWS:  # type: ignore[misc]
+            return None  # a prefill (symbolic or many rows): dlight's Matmul
+        if extents[-1] % self.WARP or extents[-2] % self.ROWS_PER_BLOCK:  # type: ignore[operator]
+            return None
+        at = [sch.get(b).name_hint for b in blocks].index(QLINEAR)
+        for b in blocks[:at]:  # the decode stage and any injective producer of x
+            sch.compute_inline(b)
+        consumers = blocks[at + 1:]
+        by, ty = sch.split(n, [None, self.ROWS_PER_BLOCK])
+        ko, tx = sch.split(k, [None, self.WARP])
+        sch.reorder(by, ty, *lead, ko, tx)
+        sch.bind(by, "blockIdx.x")
+        sch.bind(ty, "threadIdx.y")
+        sch.bind(tx, "threadIdx.x")
+        for c in consumers:
+            sch.reverse_compute_at(c, ty)
+        return sch
+
+
+def _static(extent: tirx.PrimExpr) -> int | None:
+    return int(extent) if isinstance(extent, tirx.IntImm) else None

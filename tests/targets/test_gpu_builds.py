@@ -60,6 +60,10 @@ def test_cuda_module_has_a_kernel_for_every_function(tiny_ckpt: Ckpt, quantize: 
     missing = [f for f in functions if not any(re.fullmatch(rf"{f}_kernel(_\d+)?", k) for k in kernels)]
     assert not missing, f"no CUDA kernel for {missing}"
     assert "none" not in built.schedules.values()
+    if quantize:  # decode GEMVs: a warp per row over the blocks (dlight's GEMV rule cannot take them)
+        rules = {rule for name, rule in built.schedules.items() if name.startswith("contraction")}
+        assert rules == {"gpu-quant-gemv", "dlight.gpu.Matmul"}, rules
+        assert "__shfl_down_sync" in src
     assert any(k.startswith("attention_values") for k in kernels)
 
 
