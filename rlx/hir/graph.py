@@ -232,3 +232,13 @@ class HIR:
 
     def raw_set_output(self, name: str, node_id: str) -> None:
         self._outputs[name] = node_id
+
+
+def weight_only(hir: HIR) -> set[str]:
+    """Nodes computed from params alone (at least one param, no graph input): load-time work for
+    a compiled module, once-per-interpreter work for the reference."""
+    params, inputs = set(), set()
+    for n in hir.nodes():
+        params.update([n.id] if n.op is Op.PARAM or any(i in params for i in n.inputs) else [])
+        inputs.update([n.id] if n.op is Op.INPUT or any(i in inputs for i in n.inputs) else [])
+    return params - inputs

@@ -24,7 +24,7 @@ import numpy as np
 
 from rlx.errors import HIRError
 from rlx.hir.dtypes import DType
-from rlx.hir.graph import HIR, Node, param_key
+from rlx.hir.graph import HIR, Node, param_key, weight_only
 from rlx.hir.ops import EPILOGUE_STEPS, Op, attr_dim, parse_step
 from rlx.hir.quant import QuantFormat, QuantizedArray, dequantized, quant_format
 from rlx.hir.shapes import bind_shape, eval_dim
@@ -256,12 +256,20 @@ class Interpreter:
     param typed f16 / bf16 is converted from that copy; the `precision` pass instead keeps params
     f32 and casts them in the graph, which this interpreter recomputes on every run)."""
 
-    def __init__(self, hir: HIR, weights: WeightSource | None = None) -> None:
+    def __init__(self, hir: HIR, weights: WeightSource | None = None,
+                 quantized: dict[str, QuantizedArray] | None = None) -> None:
+        """`quantized`: a cache of quantized params (by name, scale, shift and format) to share
+        with other interpreters over the same weights, so each is quantized and dequantized once."""
         self.hir = hir
         self._order = hir.nodes()
         self._weights = weights if weights is not None else {}
         self._cache: dict[str, np.ndarray] = {}
-        self._quantized: dict[str, QuantizedArray] = {}
+        self._quantized: dict[str, QuantizedArray] = quantized if quantized is not None else {}
+        # quantized values computed from weights alone (the q|k|v and gate|up concatenations of
+        # the fusion passes): kept across runs, with their dequantized form (`dequantized`), so a
+        # decode step does not concatenate and dequantize them again
+        self._weight_only = weight_only(hir)
+        self._kept: dict[str, QuantizedArray] = {}
         last_use: dict[str, int] = {}
         for step, node in enumerate(self._order):
             for i in node.inputs:
@@ -331,12 +339,16 @@ class Interpreter:
                 values[node.id] = self._leaf(node, feeds, env)
             elif node.op is Op.RESULT:
                 values[node.id] = _rounded(extra[node.inputs[0]][node.attr("index") - 1], node.type.dtype)
+            elif node.id in self._kept:
+                values[node.id] = self._kept[node.id]
             else:
                 out = IMPLS[node.op]([values[i] for i in node.inputs], node.attr_dict, env)
                 if isinstance(out, tuple):
                     values[node.id], extra[node.id] = _rounded(out[0], node.type.dtype), out[1:]
                 else:
                     values[node.id] = _rounded(out, node.type.dtype)
+                if node.id in self._weight_only and isinstance(values[node.id], QuantizedArray):
+                    self._kept[node.id] = values[node.id]
             for i in set(node.inputs):
                 if self._last_use[i] == step and i not in keep:
                     del values[i]

@@ -15,6 +15,7 @@ from rlx.hir import conventions as cv
 from rlx.hir.graph import HIR
 from rlx.hir.interpreter import Interpreter, WeightSource
 from rlx.hir.pass_manager import PassReport
+from rlx.hir.quant import QuantizedArray
 from rlx.runtime.buckets import DECODE, PREFILL, choose
 from rlx.runtime.dispatch import BucketFamily, Dispatcher, Runner
 
@@ -28,8 +29,10 @@ class ReferenceEngine:
         self.vocab_size = vocab_size
         self.reports: dict[str, PassReport] = dict(reports or {})
         self._graphs = {PREFILL: prefill, DECODE: decode}
-        self._prefill, self._decode = Interpreter(prefill, weights), Interpreter(decode, weights)
-        self._bucketed = Dispatcher(bucketed, lambda g: Interpreter(g, weights)) if bucketed is not None else None
+        quantized: dict[str, QuantizedArray] = {}  # one copy of each quantized weight for every graph
+        self._prefill, self._decode = Interpreter(prefill, weights, quantized), Interpreter(decode, weights, quantized)
+        self._bucketed = (Dispatcher(bucketed, lambda g: Interpreter(g, weights, quantized))
+                          if bucketed is not None else None)
         self._kv: dict[tuple[int, str], np.ndarray] = {}
         self._pos = 0
 

@@ -34,7 +34,7 @@ import tvm
 from tvm import relax
 
 from rlx.errors import HIRError
-from rlx.hir.graph import HIR, param_key
+from rlx.hir.graph import HIR, param_key, weight_only
 from rlx.hir.interpreter import Interpreter, WeightSource
 from rlx.hir.ops import Op
 from rlx.hir.quant import QuantizedArray, quant_format
@@ -100,15 +100,6 @@ class Lowered:
 
 def _natural(name: str) -> list[Any]:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
-
-
-def weight_only(hir: HIR) -> set[str]:
-    """Nodes computed from params alone (at least one param, no graph input): load-time work."""
-    params, inputs = set(), set()
-    for n in hir.nodes():
-        params.update([n.id] if n.op is Op.PARAM or any(i in params for i in n.inputs) else [])
-        inputs.update([n.id] if n.op is Op.INPUT or any(i in inputs for i in n.inputs) else [])
-    return params - inputs
 
 
 def _expr_key(hir: HIR, node_id: str, memo: dict[str, str]) -> str:
