@@ -1,4 +1,6 @@
-"""CPU schedules for `weight_kernels`: the GEMV of a decode step and the GEMM of a prefill.
+"""Schedules for `weight_kernels`: on CPU the GEMV of a decode step and the GEMM of a prefill;
+on GPUs the decode GEMV over quantized blocks in the plain layout (`QuantGemvGpu`; prefill
+linears there are dlight's Matmul).
 
 Both are found by block name in the fused PrimFunc; injective producers of x (a reshape, a cast)
 are inlined, and elementwise consumers (a residual add, a cast back to f16) are computed where
@@ -12,8 +14,9 @@ each tile of outputs is finished, so the output is written once.
 - **GEMM** (`rlx_gemm`, with `rlx_gemm_panel` for quantized weights): tasks of `NR` output
   columns (`NR / 16` il16 groups, decoded once into a float32 panel) run in parallel; inside,
   `MR` rows at a time accumulate an MR x NR tile over all of K in registers (rows unrolled,
-  columns as 16-lane vectors), then the tile is written back with its epilogue. A symbolic row
-  count leaves a guarded tail tile.
+  columns as 16-lane vectors), then the tile is written back with its epilogue. The kernel pads
+  the rows to a multiple of MR (`weight_kernels._gemm`), so even a symbolic row count runs
+  unguarded tiles; only `rlx_gemm_out`, which keeps the real rows, is guarded.
 """
 
 from __future__ import annotations
