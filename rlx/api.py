@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,9 +74,7 @@ def load(path: str | Path, target: str = "reference", *, profile: str | Path | P
     `verify` hashes an artifact's files in full.
     """
     if is_artifact(path):
-        if profile is not None or passes is not None:
-            raise RlxError(f"{path} is an artifact: profile / passes apply when compiling",
-                           hint="compile again with them, or load without them")
+        refuse_compile_options(path, {"profile": profile, "passes": passes})
         return _load_artifact(Path(path), target, verify, quantize)
     if target not in ENGINES:
         raise RlxError(f"unknown target {target!r} for run", hint=f"use one of: {', '.join(ENGINES)}")
@@ -84,6 +82,16 @@ def load(path: str | Path, target: str = "reference", *, profile: str | Path | P
     ckpt = open_checkpoint(path)
     engine = ENGINES[target](ckpt, passes=passes, profile=chosen)
     return Model(engine, ckpt.config.eos_token_ids, lambda: Tokenizer.from_checkpoint(ckpt), chosen)
+
+
+def refuse_compile_options(artifact: str | Path, options: Mapping[str, object]) -> None:
+    """Options that shape a compile (profile, passes; named as the caller spells them) have no
+    meaning for an artifact, compiled already: refuse any that is given."""
+    given = [name for name, value in options.items() if value is not None]
+    if given:
+        raise RlxError(f"{' and '.join(given)} shape a compile; {artifact} is an artifact, compiled already",
+                       hint="drop them, or compile again with them: rlx compile CHECKPOINT "
+                            + " ".join(f"{name} ..." for name in given))
 
 
 def is_artifact(path: str | Path) -> bool:

@@ -118,12 +118,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                        hint="e.g. --prompt 'The capital of France is'")
     sampler = Sampler(args.temperature, args.top_k, args.top_p, args.seed)
     artifact = rlx.api.is_artifact(args.model)
-    compile_flags = [flag for flag, value in (("--profile", args.profile), ("--passes", args.passes))
-                     if value is not None]
-    if artifact and compile_flags:
-        raise RlxError(f"{' and '.join(compile_flags)} shape a compile; {args.model} is an artifact, compiled already",
-                       hint="drop them, or compile again with them: rlx compile CHECKPOINT "
-                            + " ".join(f"{f} ..." for f in compile_flags))
+    if artifact:  # before the tokenizer loads: the flags are wrong whatever else is
+        rlx.api.refuse_compile_options(args.model, {"--profile": args.profile, "--passes": args.passes})
     if args.verify and not artifact:
         raise RlxError(f"--verify checks an artifact's files; {args.model} is a checkpoint", hint="drop --verify")
     if args.logits_out:
@@ -145,7 +141,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         import_runtime_only()
     _progress(f"loading {args.model}")
     model = rlx.load(args.model, target=args.target, profile=args.profile, passes=args.passes,
-                     quantize=args.quantize, **({"verify": True} if args.verify else {}))
+                     quantize=args.quantize, verify=args.verify)
     if tokenizer is not None:  # no small detokenizer to print with: keep the one already built
         model.adopt_tokenizer(tokenizer)
     if decoder is not None:
@@ -316,7 +312,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _interrupted(signum: int) -> int:
     print(f"rlx: interrupted ({signal.Signals(signum).name})", file=sys.stderr)
-    return 128 + signum
+    return Interrupted(signum).exit_code
 
 
 class _Parser(argparse.ArgumentParser):

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -223,13 +224,6 @@ def check_weights(artifact: Path, manifest: Mapping[str, Any], header: Mapping[s
         start, end = info["data_offsets"]
         itemsize = t.dtype.itemsize
         if dtype_names.get(info["dtype"]) != str(t.dtype.numpy) or list(info["shape"]) != shape \
-                or end - start != itemsize * int(_prod(shape)):
+                or end - start != itemsize * math.prod(shape):
             raise ArtifactError(f"{where}: tensor {key} is {info['dtype']} {list(info['shape'])} "
                                 f"({end - start} bytes), the code takes {t}", hint=RECOMPILE)
-
-
-def _prod(shape: list[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n

@@ -8,6 +8,7 @@ outputs); the weights file holds every param already in the kernels' layout. The
 from __future__ import annotations
 
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,12 +72,12 @@ def weights_header(path: Path) -> tuple[dict[str, dict[str, Any]], int]:
     return header, base
 
 
-def load_weights(path: Path, device: tvm.runtime.Device) -> dict[str, tvm.runtime.Tensor]:
-    """A safetensors file straight into device tensors, one at a time and never mmapped. On the
-    CPU the file is read directly into the tensor's memory (a DLPack view), so the weights are
-    held once; elsewhere through one host tensor at a time."""
+def load_weights(path: Path, header: Mapping[str, Mapping[str, Any]], base: int,
+                 device: tvm.runtime.Device) -> dict[str, tvm.runtime.Tensor]:
+    """A safetensors file (its checked `weights_header`) straight into device tensors, one at a
+    time and never mmapped. On the CPU the file is read directly into the tensor's memory (a
+    DLPack view), so the weights are held once; elsewhere through one host tensor at a time."""
     out: dict[str, tvm.runtime.Tensor] = {}
-    header, base = weights_header(path)
     with open(path, "rb") as f:
         for key, info in sorted(header.items()):
             start, end = info["data_offsets"]
@@ -106,7 +107,7 @@ class ArtifactEngine(VMEngine):
         manifest = read_manifest(root)
         check_compatible(manifest, root, runnable=lambda t: t["device"] in DEVICES and can_run(t["device"], t["local"]))
         verify_files(root, manifest, full=verify)
-        header, _ = weights_header(root / manifest["weights"])
+        header, base = weights_header(root / manifest["weights"])
         check_weights(root, manifest, header, DTYPE_NAMES)
         self.manifest = manifest
         self.name = manifest["target"]["name"]
@@ -116,7 +117,7 @@ class ArtifactEngine(VMEngine):
         self.buckets = tuple(manifest["prefill_buckets"])
         self.signatures = {name: EntrySignature.from_manifest(e) for name, e in manifest["entries"].items()}
         self._vm = VirtualMachine(_load_library(root / manifest["library"]), self.device)
-        self._weights = load_weights(root / manifest["weights"], self.device)
+        self._weights = load_weights(root / manifest["weights"], header, base, self.device)
         self._set_threads(manifest["backend"]["threads"])
         self.reports: dict[str, PassReport] = {}  # the passes ran at compile time: see report.json
         self._reset()

@@ -171,9 +171,9 @@ def choose_layouts(graphs: Mapping[str, HIR], device: str) -> dict[str, str]:
     for hir in graphs.values():
         for key, found in weight_readers(hir).items():
             readers.setdefault(key, set()).update(found)
-        for spec in _param_nodes(hir).values():
-            types[spec.key] = spec.type
-    return {key: layouts.choose(types[key], found, device) for key, found in readers.items() if key in types}
+        memo: dict[str, str] = {}
+        types.update((_expr_key(hir, nid, memo), hir.node(nid).type) for nid in weight_only(hir))
+    return {key: layouts.choose(types[key], found, device) for key, found in readers.items()}
 
 
 def signature_of(hir: HIR, function: str, chosen: Mapping[str, str] | None = None) -> Signature:

@@ -91,7 +91,7 @@ def _gelu(fn: _Fn, x: relax.Expr) -> relax.Expr:
 
 
 def _geglu(fn: _Fn, gate: relax.Expr, up: relax.Expr) -> relax.Expr:
-    return _in_f32(lambda g, u: relax.op.multiply(fn.te(kernels.gelu_tanh, fn.emit(g)), u), gate, up)
+    return _in_f32(lambda g, u: relax.op.multiply(_gelu(fn, g), u), gate, up)
 
 
 def _halves(fn: _Fn, x: relax.Expr) -> tuple[relax.Expr, relax.Expr]:

@@ -36,6 +36,7 @@ from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
 
 from rlx.targets.kernels import CONTRACTIONS, MATERIALIZED
+from rlx.targets.schedule_tools import RULE_ERRORS, SCHEDULE_ERRORS, attempt, root_blocks, static_extent
 from rlx.targets.weight_schedules import Gemm, Gemv, QuantGemvGpu
 
 LANES = 16   # partial sums per output element (one AVX-512 / four NEON f32 vectors)
@@ -44,37 +45,13 @@ PARALLEL_MIN = 1 << 14  # elementwise work below this many elements runs on one 
 SCHEDULE_ATTR = "rlx.schedule"
 EXTERN = "extern"  # what the report says of a function that only calls a runtime library
 
-# TVM 0.27 raises builtin exception types (ScheduleError is a RuntimeError)
-_SCHEDULE_ERRORS = (RuntimeError, ValueError)
-# a rule that does not understand a function may also fail an internal `assert` (dlight's GEMV
-# analysis does on a quantized weight's byte reads): that rule does not apply, the next one may
-_RULE_ERRORS = (*_SCHEDULE_ERRORS, AssertionError)
-
-
-def _static(extent: tirx.PrimExpr) -> int | None:
-    return int(extent.value) if isinstance(extent, tirx.IntImm) else None
-
-
 def _lanes(extent: tirx.PrimExpr, most: int = LANES) -> int:
     """The widest power-of-two split (<= most) that divides a static extent; 1 if none."""
-    n = _static(extent)
+    n = static_extent(extent)
     lanes = most
     while n is not None and lanes > 1 and n % lanes:
         lanes //= 2
     return lanes if n is not None else 1
-
-
-def _root_blocks(sch: s_tir.Schedule) -> list[s_tir.schedule.SBlockRV]:
-    return list(sch.get_child_blocks(sch.get_sblock(sch.mod["main"].body.block.name_hint)))
-
-
-def _attempt(sch: s_tir.Schedule, step: Callable[[], object]) -> bool:
-    """Run an optional schedule step; a primitive that refuses leaves the schedule unchanged."""
-    try:
-        step()
-        return True
-    except _SCHEDULE_ERRORS:
-        return False
 
 
 def _extent(sch: s_tir.Schedule, loop: s_tir.schedule.LoopRV) -> tirx.PrimExpr:
@@ -90,7 +67,7 @@ def _schedule_nt(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV,
         partial = sch.rfactor(lane, factor_axis=0)
         *rows, col, lane = sch.get_loops(block)  # the final block now reduces over the lanes
     row = sch.fuse(*rows) if len(rows) > 1 else (rows[0] if rows else None)
-    n = _static(_extent(sch, col))
+    n = static_extent(_extent(sch, col))
     tile, inner = sch.split(col, [None, min(TILE_N, n) if n else TILE_N])
     sch.reorder(tile, *([row] if row is not None else []), inner)
     sch.parallel(tile)
@@ -104,7 +81,7 @@ def _schedule_nt(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV,
         sch.reorder(k_outer, lane_loop)
         sch.vectorize(lane_loop)  # before any decompose_reduction: see the module docstring
     for c in consumers:
-        _attempt(sch, lambda c=c: sch.reverse_compute_at(c, inner))
+        attempt(sch, lambda c=c: sch.reverse_compute_at(c, inner))
 
 
 def _schedule_nn(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV,
@@ -118,7 +95,7 @@ def _schedule_nn(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV,
         _, vec = sch.split(col, [None, lanes])
         sch.vectorize(vec)
     for c in consumers:
-        _attempt(sch, lambda c=c: sch.reverse_compute_at(c, row))
+        attempt(sch, lambda c=c: sch.reverse_compute_at(c, row))
 
 
 _BY_LAYOUT: dict[str, Callable[[s_tir.Schedule, s_tir.schedule.SBlockRV, Sequence[s_tir.schedule.SBlockRV]], None]] = {
@@ -134,7 +111,7 @@ class Contraction(ScheduleRule):
         if not isinstance(func, tirx.PrimFunc):
             return None
         sch = s_tir.Schedule(func)
-        blocks = _root_blocks(sch)
+        blocks = root_blocks(sch)
         found = [(b, CONTRACTIONS[sch.get(b).name_hint]) for b in blocks if sch.get(b).name_hint in CONTRACTIONS]
         if len(found) != 1:
             return None
@@ -142,7 +119,7 @@ class Contraction(ScheduleRule):
         names = [sch.get(b).name_hint for b in blocks]
         at = names.index(sch.get(block).name_hint)
         for producer in blocks[:at]:  # injective producers (a fused transpose, a reshape): inline
-            if not _attempt(sch, lambda p=producer: sch.compute_inline(p)):
+            if not attempt(sch, lambda p=producer: sch.compute_inline(p)):
                 return None
         consumers = blocks[at + 1:]
         _BY_LAYOUT[layout](sch, block, consumers)
@@ -186,7 +163,7 @@ class RowReduction(ScheduleRule):
         if not isinstance(func, tirx.PrimFunc):
             return None
         sch = s_tir.Schedule(func)
-        blocks = _root_blocks(sch)
+        blocks = root_blocks(sch)
         reductions = [i for i, b in enumerate(blocks) if _is_reduction(sch, b)]
         if not reductions or reductions[-1] == len(blocks) - 1:
             return None
@@ -220,9 +197,9 @@ class ParallelOuter(ScheduleRule):
         if not isinstance(func, tirx.PrimFunc):
             return None
         sch = s_tir.Schedule(func)
-        for block in reversed(_root_blocks(sch)[:-1]):
+        for block in reversed(root_blocks(sch)[:-1]):
             if sch.get(block).name_hint not in MATERIALIZED and not _writes_output(sch, block):
-                _attempt(sch, lambda b=block: sch.compute_inline(b))
+                attempt(sch, lambda b=block: sch.compute_inline(b))
         infos = normalize_prim_func(sch)
         if not infos:
             return None
@@ -233,13 +210,13 @@ class ParallelOuter(ScheduleRule):
                 continue
             loops = [it.loop_rv for it in info.iters[:lead]]
             lanes = 1
-            inner = _static(_extent(sch, loops[-1]))
+            inner = static_extent(_extent(sch, loops[-1]))
             if lead == len(kinds) and inner is not None and inner % LANES == 0:
                 rest, vector = sch.split(loops[-1], [None, LANES])
                 sch.vectorize(vector)
                 loops[-1], lanes = rest, LANES
             outer = sch.fuse(*loops) if len(loops) > 1 else loops[0]
-            total = _static(_extent(sch, outer))
+            total = static_extent(_extent(sch, outer))
             if total is None or total * lanes >= PARALLEL_MIN:
                 sch.parallel(outer)
         return sch
@@ -269,7 +246,7 @@ def _lowers(func: tirx.PrimFunc) -> bool:
     try:
         tvm.transform.Sequential([c() for c in _CHECKS])(tvm.IRModule({"main": func}))
         return True
-    except _SCHEDULE_ERRORS:
+    except SCHEDULE_ERRORS:
         return False
 
 
@@ -286,7 +263,7 @@ def apply_schedules(rules: Sequence[tuple[str, ScheduleRule]]) -> tvm.transform.
             for name, rule in rules:
                 try:
                     sch = rule.apply(func, target, False)
-                except _RULE_ERRORS:
+                except RULE_ERRORS:
                     continue
                 if sch is None:
                     continue

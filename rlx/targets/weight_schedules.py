@@ -28,6 +28,7 @@ from tvm import s_tir, tirx
 from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
 
+from rlx.targets.schedule_tools import attempt, root_blocks, static_extent
 from rlx.targets.weight_kernels import (
     DEQUANT,
     GEMM,
@@ -48,32 +49,18 @@ SCOPE = "global"   # small buffers allocated inside a task become stack arrays (
 Block = s_tir.schedule.SBlockRV
 
 
-def _blocks(sch: s_tir.Schedule) -> list[Block]:
-    return list(sch.get_child_blocks(sch.get_sblock(sch.mod["main"].body.block.name_hint)))
-
-
 def _named(sch: s_tir.Schedule, blocks: Sequence[Block]) -> dict[str, Block]:
     return {sch.get(b).name_hint: b for b in blocks}
 
 
 def _inline_producers(sch: s_tir.Schedule, blocks: Sequence[Block], keep: set[str]) -> bool:
     """Inline every injective block before the kernel's own (False if one refuses)."""
-    for b in blocks:
-        if sch.get(b).name_hint in keep:
-            continue
-        try:
-            sch.compute_inline(b)
-        except (RuntimeError, ValueError):
-            return False
-    return True
+    return all(attempt(sch, lambda b=b: sch.compute_inline(b)) for b in blocks if sch.get(b).name_hint not in keep)
 
 
 def _epilogue(sch: s_tir.Schedule, consumers: Sequence[Block], loop: s_tir.schedule.LoopRV) -> None:
-    for c in consumers:
-        try:
-            sch.reverse_compute_at(c, loop)
-        except (RuntimeError, ValueError):
-            pass  # left as its own loop nest: correct, one more pass over the output
+    for c in consumers:  # one that refuses stays its own loop nest: correct, one more pass over the output
+        attempt(sch, lambda c=c: sch.reverse_compute_at(c, loop))
 
 
 def _split_lanes(sch: s_tir.Schedule, loop: s_tir.schedule.LoopRV) -> None:
@@ -90,7 +77,7 @@ def _anchored(func: tirx.PrimFunc, anchor: str, stages: set[str]) -> tuple[s_tir
     if not isinstance(func, tirx.PrimFunc):
         return None
     sch = s_tir.Schedule(func)
-    blocks = _blocks(sch)
+    blocks = root_blocks(sch)
     named = _named(sch, blocks)
     if anchor not in named:
         return None
@@ -174,24 +161,18 @@ class QuantGemvGpu(ScheduleRule):
     ROWS_PER_BLOCK = 4
 
     def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool) -> s_tir.Schedule | None:
-        if not isinstance(func, tirx.PrimFunc) or "thread_warp_size" not in target.attrs:
+        if "thread_warp_size" not in target.attrs:
             return None
-        sch = s_tir.Schedule(func)
-        blocks = _blocks(sch)
-        named = _named(sch, blocks)
-        if QLINEAR not in named or DEQUANT not in named:
+        found = _anchored(func, QLINEAR, set())  # the decode stage and x's producers inlined
+        if found is None or DEQUANT not in found[1]:
             return None
-        y = named[QLINEAR]
-        *lead, n, k = sch.get_loops(y)
-        extents = [_static(sch.get(loop).extent) for loop in (*lead, n, k)]
+        sch, named, consumers = found
+        *lead, n, k = sch.get_loops(named[QLINEAR])
+        extents = [static_extent(sch.get(loop).extent) for loop in (*lead, n, k)]
         if any(e is None for e in extents) or math.prod(extents[:-2]) > GEMV_ROWS:  # type: ignore[misc]
             return None  # a prefill (symbolic or many rows): dlight's Matmul
         if extents[-1] % self.WARP or extents[-2] % self.ROWS_PER_BLOCK:  # type: ignore[operator]
             return None
-        at = [sch.get(b).name_hint for b in blocks].index(QLINEAR)
-        for b in blocks[:at]:  # the decode stage and any injective producer of x
-            sch.compute_inline(b)
-        consumers = blocks[at + 1:]
         by, ty = sch.split(n, [None, self.ROWS_PER_BLOCK])
         ko, tx = sch.split(k, [None, self.WARP])
         sch.reorder(by, ty, *lead, ko, tx)
@@ -201,7 +182,3 @@ class QuantGemvGpu(ScheduleRule):
         for c in consumers:
             sch.reverse_compute_at(c, ty)
         return sch
-
-
-def _static(extent: tirx.PrimExpr) -> int | None:
-    return int(extent) if isinstance(extent, tirx.IntImm) else None
