@@ -78,3 +78,52 @@ def test_stream_prints_each_token(tiny_ckpt: Callable[[str], Path], capsys: pyte
     streamed = capsys.readouterr()
     ids = plain.err.split("token ids:")[1].strip().split(",")
     assert streamed.out == plain.out == "".join(f" [{i}]" for i in ids) + "\n"  # no tokenizer: ids shown
+
+
+class _Scripted:
+    """An engine whose logits are given in advance (prefill first, then one row per step)."""
+
+    name, max_seq, vocab_size, reports = "scripted", 64, 4, {}
+
+    def __init__(self, rows: list[np.ndarray]) -> None:
+        self.rows = list(rows)
+
+    def prefill(self, ids: list[int], capacity: int | None = None) -> np.ndarray:
+        return self.rows.pop(0)
+
+    def step(self, token: int) -> np.ndarray:
+        return self.rows.pop(0)
+
+
+@pytest.mark.parametrize("at, bad, where", [(0, np.inf, "the prefill"), (2, np.nan, "decode step 2")])
+def test_non_finite_logits_stop_generation_naming_the_step(at: int, bad: float, where: str) -> None:
+    """NaN / inf logits are an error naming where they appeared, never a token (argmax of NaNs is 0)."""
+    rows = [LOGITS.copy() for _ in range(4)]
+    rows[at][1] = bad
+    with pytest.raises(RunError, match=rf"logits of {where} hold NaN or inf") as e:
+        generate(_Scripted(rows), [2], 4)
+    assert e.value.hint
+
+
+def test_logits_are_kept_only_when_asked() -> None:
+    """A long generation must not hold a vocabulary row per token unless --logits-out wants them."""
+    kept = generate(_Scripted([LOGITS.copy() for _ in range(3)]), [2], 3)
+    dropped = generate(_Scripted([LOGITS.copy() for _ in range(3)]), [2], 3, keep_logits=False)
+    assert dropped.tokens == kept.tokens and len(kept.logits) == 3 and dropped.logits == []
+    assert dropped.decode_s > 0 and dropped.decode_tok_s > 0
+
+
+def test_cli_run_with_nan_weights_is_an_error_not_token_0(tiny_ckpt: Callable[[str], Path], tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    from safetensors.numpy import load_file, save_file
+
+    from tests.fixtures.edit import copy_tree
+
+    ckpt = copy_tree(tiny_ckpt("gemma3"), tmp_path / "nan")
+    weights = load_file(ckpt / "model.safetensors")
+    weights["model.norm.weight"][:] = np.nan
+    save_file(weights, ckpt / "model.safetensors")
+    assert main(["run", str(ckpt), "--prompt-ids", "2,17,99", "--max-new-tokens", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "rlx: error:" in err and "the prefill hold NaN or inf" in err and "fix:" in err
+    assert "Traceback" not in err
