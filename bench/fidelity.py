@@ -57,8 +57,8 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 
 def rlx_logits(checkpoint: Path, scheme: str, ids: list[int]) -> tuple[np.ndarray, dict[str, float]]:
     """Rows [len(ids), vocab]: row i = the logits after feeding ids[: i + 1] (teacher-forced)."""
-    from rlx.driver.compiled_engine import CompiledEngine
-    from rlx.driver.profile_toml import resolve_profile
+    from rlx.compiler.compiled_engine import CompiledEngine
+    from rlx.compiler.profile_toml import resolve_profile
     from rlx.frontends.checkpoint import open_checkpoint
 
     ckpt = open_checkpoint(checkpoint)

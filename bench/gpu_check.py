@@ -66,7 +66,7 @@ def cuda_problem() -> str | None:
 
 
 def compile_artifact(checkpoint: Path, target: str, out: Path, use_cache: bool, quantize: str) -> tuple[Path, float]:
-    from rlx.driver.compile import compile_checkpoint
+    from rlx.compiler.compile import compile_checkpoint
 
     t0 = time.perf_counter()
     (path,) = compile_checkpoint(checkpoint, [target], out, use_cache=use_cache, quantize=quantize)

@@ -54,8 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=10)
     args = p.parse_args(argv)
     os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))
-    from rlx.driver.compiled_engine import CompiledEngine
-    from rlx.driver.profile_toml import resolve_profile
+    from rlx.compiler.compiled_engine import CompiledEngine
+    from rlx.compiler.profile_toml import resolve_profile
     from rlx.frontends.checkpoint import open_checkpoint
 
     if args.checkpoint is None:

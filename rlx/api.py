@@ -6,9 +6,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from rlx.driver.engines import ENGINES
-from rlx.driver.profile import Profile
-from rlx.driver.profile_toml import resolve_profile
+from rlx.compiler.engines import ENGINES
+from rlx.compiler.profile import Profile
+from rlx.compiler.profile_toml import resolve_profile
 from rlx.errors import RlxError
 from rlx.frontends.checkpoint import open_checkpoint
 from rlx.runtime.detokenizer import FILE as DETOKENIZER_FILE
@@ -129,7 +129,7 @@ def compile(checkpoint: str | Path, target: str | list[str] = "cpu", out: str | 
             profile: str | None = None, passes: str | None = None, max_seq: int | None = None,
             quantize: str | None = None) -> list[Path]:
     """Compile a checkpoint to artifact directories (one per target); see `rlx compile`."""
-    from rlx.driver.compile import compile_checkpoint
+    from rlx.compiler.compile import compile_checkpoint
 
     targets = target.split(",") if isinstance(target, str) else list(target)
     return compile_checkpoint(checkpoint, targets, out, profile=profile, passes=passes, max_seq=max_seq,

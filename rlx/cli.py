@@ -59,9 +59,9 @@ def _report_lines(source: str, reports: Mapping[str, PassReport]) -> list[str]:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from rlx.driver.graphs import run_pipeline
-    from rlx.driver.profile_toml import resolve_profile
-    from rlx.driver.summary import summarize, summary_lines
+    from rlx.compiler.graphs import run_pipeline
+    from rlx.compiler.profile_toml import resolve_profile
+    from rlx.compiler.summary import summarize, summary_lines
     from rlx.frontends.checkpoint import open_checkpoint
     from rlx.hir.dot import to_dot
     from rlx.hir.serialize import hir_to_dict
@@ -204,7 +204,7 @@ def _targets(text: str) -> list[str]:
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    from rlx.driver.compile import compile_checkpoint
+    from rlx.compiler.compile import compile_checkpoint
 
     for path in compile_checkpoint(args.checkpoint, _targets(args.target), args.out, profile=args.profile,
                                    passes=args.passes, max_seq=args.max_seq, use_cache=not args.no_cache,

@@ -1,8 +1,8 @@
 """The package layering: every import of one rlx package by another points down the stack.
 
-    top (api, cli, demo)  ->  report  ->  driver  ->  runtime  ->  frontends  ->  hir  ->  base
-                                          driver  ->  targets  ->  hir
-                                          driver  ->  passes   ->  hir
+    top (api, cli, demo)  ->  report  ->  compiler  ->  runtime  ->  frontends  ->  hir  ->  base
+                                          compiler  ->  targets  ->  hir
+                                          compiler  ->  passes   ->  hir
 
 `base` is errors / progress / outputs / version / interrupts / digests. Every import counts,
 lazy ones inside functions and TYPE_CHECKING ones too: a lazy import is still a dependency, only
@@ -28,9 +28,9 @@ ALLOWED: dict[str, set[str]] = {
     "passes": {"base", "hir"},
     "targets": {"base", "hir"},
     "runtime": {"base", "hir", "frontends"},
-    "driver": {"base", "hir", "frontends", "passes", "targets", "runtime"},
-    "report": {"base", "hir", "frontends", "passes", "targets", "runtime", "driver"},
-    "top": {"base", "hir", "frontends", "passes", "targets", "runtime", "driver", "report"},
+    "compiler": {"base", "hir", "frontends", "passes", "targets", "runtime"},
+    "report": {"base", "hir", "frontends", "passes", "targets", "runtime", "compiler"},
+    "top": {"base", "hir", "frontends", "passes", "targets", "runtime", "compiler", "report"},
 }
 
 

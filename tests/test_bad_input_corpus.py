@@ -56,7 +56,7 @@ class Case:
 
 @pytest.fixture(scope="module")
 def world(tiny_ckpt: Callable[[str], Path], tmp_path_factory: pytest.TempPathFactory) -> World:
-    from rlx.driver.compile import compile_checkpoint
+    from rlx.compiler.compile import compile_checkpoint
     from tests.fixtures.gguf_writer import write_gguf_from_hf
 
     root = tmp_path_factory.mktemp("world")

@@ -161,7 +161,7 @@ def _report_rows(out: str) -> list[str]:
 
 @pytest.mark.parametrize("mode", ["prefill", "decode"])
 def test_inspect_report_lists_each_pass(mode: str, tiny_ckpt: Ckpt, capsys: pytest.CaptureFixture[str]) -> None:
-    from rlx.driver.profile import DEFAULT_PROFILE
+    from rlx.compiler.profile import DEFAULT_PROFILE
 
     assert main(["inspect", str(tiny_ckpt("gemma3")), "--mode", mode, "--report"]) == 0
     out = capsys.readouterr().out

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from rlx.cli import main
-from rlx.driver.compile import compile_checkpoint
+from rlx.compiler.compile import compile_checkpoint
 from rlx.outputs import clean_leftovers, replace_dir_atomic
 from tests.fixtures.edit import tree_digest
 

@@ -55,7 +55,7 @@ def test_interrupted_compile(signum: int, phase: str, tiny_ckpt: Ckpt, tmp_path:
 
 
 def test_interrupted_recompile_keeps_the_earlier_artifact(tiny_ckpt: Ckpt, tmp_path: Path) -> None:
-    from rlx.driver.compile import compile_checkpoint
+    from rlx.compiler.compile import compile_checkpoint
 
     out = tmp_path / "art"
     compile_checkpoint(tiny_ckpt("gemma3"), ["cpu"], out, max_seq=32, use_cache=False)

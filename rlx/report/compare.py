@@ -241,7 +241,7 @@ def _run_target(art: Path, ids: list[int], ref: dict[str, Any], unquantized: dic
 def reference_walk(checkpoint: Any, profile: Any, passes: str | None, ids: list[int],
                    tokens: list[int] | None = None) -> dict[str, Any]:
     """The reference interpreter's walk: greedy, or fed `tokens`."""
-    from rlx.driver.engines import reference_engine
+    from rlx.compiler.engines import reference_engine
 
     choose = (lambda i, logits: int(np.argmax(logits))) if tokens is None else (lambda i, _: tokens[i])
     return _walk(reference_engine(checkpoint, passes=passes, profile=profile), ids, choose)
@@ -250,7 +250,7 @@ def reference_walk(checkpoint: Any, profile: Any, passes: str | None, ids: list[
 def unquantized(profile: Any, passes: str | None) -> tuple[Any, str | None]:
     """`profile` and `passes` with nothing quantized: [quantize] back to none, [[layers]] quantize
     dropped (a patch that did nothing else goes), and any quantize pass left out of `passes`."""
-    from rlx.driver.profile import ProfileError, QuantizeOptions
+    from rlx.compiler.profile import ProfileError, QuantizeOptions
     from rlx.hir.pass_infra import parse_pipeline
 
     layers = []
@@ -312,7 +312,7 @@ def _prompt_ids(checkpoint: Any, prompt: str | None, prompt_ids: list[int] | Non
 
 def _compile_one(checkpoint_path: Path, target: str, dest: Path, profile: Any, passes: str | None) -> dict[str, Any]:
     """Compile one target; a failure becomes {"status": "failed", "error": ...} so the others go on."""
-    from rlx.driver.compile import compile_checkpoint
+    from rlx.compiler.compile import compile_checkpoint
 
     try:
         [art] = compile_checkpoint(checkpoint_path, [target], dest, profile=profile, passes=passes)
@@ -329,7 +329,7 @@ def compare(checkpoint_path: str | Path, targets: list[str], out: str | Path | N
     """Compile every target (through the compile cache), run the runnable ones, write the report
     directory atomically; returns it. Bad input (unknown target, bad profile, missing bench file,
     prompt too long) fails before anything compiles."""
-    from rlx.driver.profile_toml import resolve_profile
+    from rlx.compiler.profile_toml import resolve_profile
     from rlx.frontends.checkpoint import open_checkpoint
     from rlx.outputs import replace_dir_atomic
     from rlx.report.render import write_reports

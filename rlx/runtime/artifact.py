@@ -1,5 +1,5 @@
 """The artifact directory `rlx compile` writes and `rlx run` loads: its format, and the checks made
-before one is trusted (`rlx.driver.compile` writes it).
+before one is trusted (`rlx.compiler.compile` writes it).
 
     ARTIFACT/
       manifest.json   format, tool versions, model hash, config, profile, target, entry

@@ -1,6 +1,6 @@
 """Bucketed prefill at run time: `[specialize] SEQ = [32, 128, 512]` in the profile.
 
-Each bucket is a static-SEQ prefill entry (`prefill_32`...; built by `rlx.driver.graphs` from
+Each bucket is a static-SEQ prefill entry (`prefill_32`...; built by `rlx.compiler.graphs` from
 `specialize_buckets` variants: end padding and a one-hot last-token select, exact for the reasons
 `rlx/runtime/dispatch.py` gives); a prompt runs in the smallest bucket that holds it, one longer
 than every bucket in the dynamic `prefill`, which stays in the module. Static shapes let TVM

@@ -1,6 +1,6 @@
 """The `reference` pseudo-target: prefill and decode HIR run by the numpy interpreter.
 
-The graphs come built (`rlx.driver.engines.reference_engine` makes them with the same
+The graphs come built (`rlx.compiler.engines.reference_engine` makes them with the same
 `target_graphs` as every other engine); this module only runs them. The KV cache is the
 graphs' own: a step's `present` outputs become the next step's `past` inputs, paired by the
 layer and kind the graph records (`rlx.hir.conventions.kv_slots`).

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rlx.driver.engines import reference_engine
+from rlx.compiler.engines import reference_engine
 from rlx.errors import FlowError
 from rlx.frontends.checkpoint import open_checkpoint
 from rlx.frontends.flow import GemmaFlow, LayerOverrides, identity_stage

@@ -26,11 +26,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rlx.driver.engines import reference_engine
-from rlx.driver.graphs import reference_graphs
-from rlx.driver.graphs import run_pipeline as optimize
-from rlx.driver.profile import Profile
-from rlx.driver.profile_toml import parse_profile
+from rlx.compiler.engines import reference_engine
+from rlx.compiler.graphs import reference_graphs
+from rlx.compiler.graphs import run_pipeline as optimize
+from rlx.compiler.profile import Profile
+from rlx.compiler.profile_toml import parse_profile
 from rlx.frontends.checkpoint import open_checkpoint
 from rlx.frontends.flow import GemmaFlow
 from rlx.frontends.weights import WeightCache

@@ -252,8 +252,8 @@ def test_q8_bytes_per_token_from_the_weights_file(q8_report: Path) -> None:
 
 
 def test_q8_numerics_vs_the_unquantized_reference(tiny_ckpt: Ckpt, q8_report: Path) -> None:
-    from rlx.driver.engines import reference_engine
-    from rlx.driver.profile_toml import resolve_profile
+    from rlx.compiler.engines import reference_engine
+    from rlx.compiler.profile_toml import resolve_profile
     from rlx.frontends.checkpoint import open_checkpoint
 
     data = json.loads((q8_report / "report.json").read_text())

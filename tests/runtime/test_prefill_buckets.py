@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rlx.driver.compiled_engine import CompiledEngine
-from rlx.driver.engines import reference_engine
-from rlx.driver.graphs import profile_buckets
-from rlx.driver.profile_toml import parse_profile
+from rlx.compiler.compiled_engine import CompiledEngine
+from rlx.compiler.engines import reference_engine
+from rlx.compiler.graphs import profile_buckets
+from rlx.compiler.profile_toml import parse_profile
 from rlx.frontends.checkpoint import open_checkpoint
 from rlx.passes import DEFAULT_PIPELINE
 from rlx.runtime.buckets import choose, padded_feeds

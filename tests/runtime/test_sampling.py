@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from rlx.cli import main
-from rlx.driver.engines import reference_engine
+from rlx.compiler.engines import reference_engine
 from rlx.errors import RunError
 from rlx.frontends.checkpoint import open_checkpoint
 from rlx.runtime.generate import generate

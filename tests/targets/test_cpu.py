@@ -17,8 +17,8 @@ import pytest
 import tvm
 
 from rlx.cli import main
-from rlx.driver.compiled_engine import CompiledEngine
-from rlx.driver.engines import reference_engine
+from rlx.compiler.compiled_engine import CompiledEngine
+from rlx.compiler.engines import reference_engine
 from rlx.errors import RunError
 from rlx.frontends.checkpoint import open_checkpoint
 from rlx.passes import DEFAULT_PIPELINE

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from tvm import tirx
 
-from rlx.driver.graphs import reference_graphs
-from rlx.driver.profile_toml import resolve_profile
+from rlx.compiler.graphs import reference_graphs
+from rlx.compiler.profile_toml import resolve_profile
 from rlx.errors import RlxError
 from rlx.frontends.checkpoint import open_checkpoint
 from rlx.passes import DEFAULT_PIPELINE

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from tvm import relax, tirx
 
-from rlx.driver.graphs import reference_graphs
+from rlx.compiler.graphs import reference_graphs
 from rlx.frontends.checkpoint import open_checkpoint
 from rlx.frontends.weights import WeightCache
 from rlx.hir.interpreter import Interpreter

@@ -20,8 +20,8 @@ import pytest
 import tvm
 from tvm.runtime.vm import VirtualMachine
 
-from rlx.driver.graphs import run_pipeline as optimize
-from rlx.driver.profile_toml import parse_profile
+from rlx.compiler.graphs import run_pipeline as optimize
+from rlx.compiler.profile_toml import parse_profile
 from rlx.frontends.checkpoint import open_checkpoint
 from rlx.frontends.flow import GemmaFlow
 from rlx.frontends.weights import WeightCache
@@ -81,8 +81,8 @@ def test_fused_low_precision_engine_with_kv_cache_matches_the_interpreter(comput
     """The default (fused) pipeline plus `[precision]`: attention accumulates in f32, the KV
     cache buffers are in the compute dtype, prefill + 4 decode steps stay within the rounding
     bound of the same graphs interpreted (teacher-forced on the interpreter's tokens)."""
-    from rlx.driver.compiled_engine import CompiledEngine
-    from rlx.driver.engines import reference_engine
+    from rlx.compiler.compiled_engine import CompiledEngine
+    from rlx.compiler.engines import reference_engine
 
     ckpt = open_checkpoint(tiny_ckpt("gemma3"))
     profile = parse_profile(f'[precision]\ncompute = "{compute}"\n')

@@ -50,9 +50,9 @@ import numpy as np
 import pytest
 
 from rlx.api import compile as rlx_compile
-from rlx.driver.compiled_engine import CompiledEngine
-from rlx.driver.engines import reference_engine
-from rlx.driver.profile_toml import resolve_profile
+from rlx.compiler.compiled_engine import CompiledEngine
+from rlx.compiler.engines import reference_engine
+from rlx.compiler.profile_toml import resolve_profile
 from rlx.frontends.checkpoint import open_checkpoint
 from rlx.hir.pass_infra import PassError
 from rlx.targets.lower import param_keys

@@ -4,7 +4,7 @@ Phases (each timed, shown on stderr, recorded in report.json): load, graphs (HIR
 lower, build, export (library), weights (materialised in the kernels' layout), write. report.json
 also holds each pass's report, the kernels and their schedules, and the weights: each one's
 format (q8_0, q4_k, f32...) and bytes, and the bytes one decode step reads
-(`rlx.driver.summary.weight_report`). The whole artifact is written by `write_artifact` (through
+(`rlx.compiler.summary.weight_report`). The whole artifact is written by `write_artifact` (through
 `rlx.outputs.replace_dir_atomic`): a failed or interrupted compile leaves nothing at the
 destination.
 
@@ -107,8 +107,8 @@ def _kernels(scheduled: Any) -> list[dict[str, str]]:
 
 def _populate(tmp: Path, checkpoint: Any, resolved: Any, profile: Any, passes: str | None, max_seq: int,
               phases: Phases) -> dict[str, Any]:
-    from rlx.driver.graphs import context_bounds, target_graphs
-    from rlx.driver.summary import weight_report
+    from rlx.compiler.graphs import context_bounds, target_graphs
+    from rlx.compiler.summary import weight_report
     from rlx.frontends.weights import WeightCache
     from rlx.hir.text import print_hir
     from rlx.targets.build import build, build_isolated, schedule_module
@@ -231,7 +231,7 @@ def compile_checkpoint(checkpoint_path: str | Path, targets: list[str], out: str
     """Compile for each target; returns the artifact directories (out/<target> when several).
     Everything that can be checked before the work starts is: the targets, the profile, the
     checkpoint, --max-seq, and every output path (safe to replace, writable), the cache too."""
-    from rlx.driver.profile_toml import resolve_profile
+    from rlx.compiler.profile_toml import resolve_profile
     from rlx.frontends.checkpoint import open_checkpoint
     from rlx.targets.presets import resolve_target
 

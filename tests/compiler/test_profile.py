@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import rlx.driver.profile_toml as profile_toml
-from rlx.driver.engines import reference_engine
-from rlx.driver.graphs import run_pipeline as optimize
-from rlx.driver.profile import (
+import rlx.compiler.profile_toml as profile_toml
+from rlx.compiler.engines import reference_engine
+from rlx.compiler.graphs import run_pipeline as optimize
+from rlx.compiler.profile import (
     DEFAULT_PROFILE,
     PRESETS,
     BackendOptions,
@@ -27,7 +27,7 @@ from rlx.driver.profile import (
     PrecisionOptions,
     Profile,
 )
-from rlx.driver.profile_toml import load_profile, parse_profile, profile_near, resolve_profile
+from rlx.compiler.profile_toml import load_profile, parse_profile, profile_near, resolve_profile
 from rlx.errors import ProfileError
 from rlx.frontends.checkpoint import open_checkpoint
 from rlx.frontends.flow import GemmaFlow, LayerOverrides, identity_stage
@@ -407,7 +407,7 @@ def test_precision_profile_file_gives_f16_linears(tiny_ckpt: Ckpt, tmp_path: Pat
     (and the compiled engine and `rlx compile`, which build theirs with reference_pipelines) and
     `rlx inspect` shows have f16 linears, f32 norms and f32 logits."""
     from rlx.cli import main
-    from rlx.driver.graphs import reference_graphs
+    from rlx.compiler.graphs import reference_graphs
     from rlx.hir.dtypes import DType
     from rlx.hir.text import parse_hir
 

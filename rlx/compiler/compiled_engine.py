@@ -13,8 +13,8 @@ import time
 import tvm
 from tvm.runtime.vm import VirtualMachine
 
-from rlx.driver.graphs import target_graphs
-from rlx.driver.profile import Profile
+from rlx.compiler.graphs import target_graphs
+from rlx.compiler.profile import Profile
 from rlx.errors import RunError
 from rlx.frontends.checkpoint import Checkpoint
 from rlx.frontends.flow import GemmaFlow

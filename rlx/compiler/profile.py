@@ -8,7 +8,7 @@ A profile touches a build in two places: `Profile.apply(flow)` maps `[[layers]]`
 `GemmaFlow` builder (the same calls a Python user would make), and `Profile.pipeline_text(mode)`
 is the pass pipeline `PassManager` runs on the built HIR, ending with the `precision` pass when
 `[precision]` or a `[[layers]] dtype` asks for anything but f32 (`Profile.precision_pass`).
-`rlx.driver.graphs` reads the rest: `[specialize] SEQ` buckets and `[backend.<target>]`
+`rlx.compiler.graphs` reads the rest: `[specialize] SEQ` buckets and `[backend.<target>]`
 opt_level (the build's PassContext) and threads (TVM's thread pool).
 """
 

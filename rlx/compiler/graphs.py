@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from rlx.driver.profile import BackendOptions, Profile
+from rlx.compiler.profile import BackendOptions, Profile
 from rlx.frontends.checkpoint import Checkpoint
 from rlx.frontends.config import GemmaConfig
 from rlx.frontends.flow import GemmaFlow, Mode

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from rlx.driver.graphs import target_graphs
-from rlx.driver.profile import Profile
+from rlx.compiler.graphs import target_graphs
+from rlx.compiler.profile import Profile
 from rlx.frontends.checkpoint import Checkpoint
 from rlx.frontends.flow import GemmaFlow
 from rlx.frontends.weights import WeightCache
@@ -35,7 +35,7 @@ def reference_engine(ckpt: Checkpoint, flow: GemmaFlow | None = None, *, passes:
 def compiled_engine(ckpt: Checkpoint, flow: GemmaFlow | None = None, *, passes: str | None = None,
                     profile: Profile | None = None, target: str = "cpu") -> Engine:
     """Compile in-process for this machine's CPU and run it (`rlx run CHECKPOINT --target cpu`)."""
-    from rlx.driver.compiled_engine import CompiledEngine
+    from rlx.compiler.compiled_engine import CompiledEngine
 
     return CompiledEngine(ckpt, flow, passes=passes, profile=profile, target=target)
 

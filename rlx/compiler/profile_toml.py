@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from rlx.driver.profile import (
+from rlx.compiler.profile import (
     BUCKETED,
     DEFAULT_PROFILE,
     PRESETS,
