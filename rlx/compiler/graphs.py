@@ -92,7 +92,7 @@ def target_graphs(ckpt: Checkpoint, *, target: str | None = None, profile: Profi
         base = profile.apply(base)
     built, graphs, reports = {}, {}, {}
     for mode, make in MODE_FLOWS.items():
-        hir = make(base).build()
+        hir = make(base).build_hir()
         if bounds:
             record_bounds(hir, {k: v for k, v in bounds.items() if k in graph_symbols(hir)})
         built[mode] = hir

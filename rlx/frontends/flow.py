@@ -22,8 +22,9 @@ Attention is emitted unfused (scores, scale, softcap, mask, softmax, value produ
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Literal, Protocol
@@ -32,6 +33,7 @@ import numpy as np
 
 from rlx.errors import FlowError
 from rlx.frontends.config import GemmaConfig, RopeSpec
+from rlx.frontends.paged import DEFAULT_PAGE_SIZE, PagedStep, max_pages_for
 from rlx.hir import conventions as cv
 from rlx.hir.dtypes import DType
 from rlx.hir.graph import HIR
@@ -57,6 +59,31 @@ class LayerOverrides:
     score_scale: float | None = None
     attn_softcap: float | None = None  # 0 removes the softcap
     rope_theta: float | None = None
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """One layer's attention as the stock stage builds it: the config's values for the layer with
+    its overrides applied (what `LayerContext.attention` tells a stage)."""
+
+    heads: int
+    kv_heads: int
+    head_dim: int
+    window: int          # 0: full attention
+    rope: RopeSpec
+    score_scale: float
+    softcap: float       # 0: no attention softcap
+    kv_shared: bool      # attends over an earlier layer's K/V (Gemma 4 `num_kv_shared_layers`)
+
+    @classmethod
+    def of(cls, config: GemmaConfig, i: int, ov: LayerOverrides) -> AttentionSpec:
+        rope = config.layer_rope(i)
+        return cls(heads=config.num_heads, kv_heads=config.layer_kv_heads(i), head_dim=config.layer_head_dim(i),
+                   window=ov.window if ov.window is not None else (config.window(i) or 0),
+                   rope=rope if ov.rope_theta is None else replace(rope, theta=ov.rope_theta),
+                   score_scale=ov.score_scale if ov.score_scale is not None else config.score_scale(i),
+                   softcap=ov.attn_softcap if ov.attn_softcap is not None else (config.attn_softcap or 0.0),
+                   kv_shared=config.is_kv_shared(i))
 
 
 class WeightInfo(Protocol):
@@ -100,6 +127,21 @@ class LayerContext:
     def layer_type(self) -> str:
         return self.config.layer_type(self.index)
 
+    @property
+    def attention(self) -> AttentionSpec:
+        """This layer's attention: heads, kv heads, head dim, window, RoPE, score scale, softcap."""
+        return AttentionSpec.of(self.config, self.index, self.overrides)
+
+    @property
+    def eps(self) -> float:
+        """The RMSNorm epsilon every norm of the model uses."""
+        return self.config.rms_norm_eps
+
+    @property
+    def norm_offset(self) -> float:
+        """What a weighted RMSNorm adds to its weight (1 for Gemma 1-3's stored `w - 1`, 0 for Gemma 4)."""
+        return self.config.norm_shift
+
     def default_stage(self, **overrides: float | int | None) -> Stage:
         """The stock decoder layer, optionally with overrides (window=..., score_scale=...)."""
         merged = replace(self.overrides, **overrides) if overrides else self.overrides
@@ -116,10 +158,12 @@ class FlowSpec:
     past: int | None = None              # decode (or chunked prefill); None: symbolic PAST_SEQ
     has_past: bool = False
     output: Output = "lm_head"
-    export_kv: bool = False
+    export_kv: bool | None = None        # None: the mode's default (decode exports K/V, as in rlx-gemma)
     custom_mask: bool = False
     media_attn_bias: bool = False
     from_hidden: bool = False
+    page_size: int | None = None         # a paged step graph (`GemmaFlow.paged`, frontends/paged.py)
+    max_pages: int = 0                   # its page-table width
     layer_overrides: tuple[tuple[int, LayerOverrides], ...] = ()
 
 
@@ -136,12 +180,13 @@ class GemmaFlow:
         self._layer_fns: tuple[Callable[[LayerContext], Stage | None], ...] = ()
         self._before: tuple[Stage, ...] = ()
         self._after: tuple[Stage, ...] = ()
+        self._tail: tuple[Callable[[LayerContext, str], str | None], ...] = ()
         self._patches: tuple[Callable[[HIR], HIR | None], ...] = ()
 
     def _with(self, **changes: object) -> GemmaFlow:
-        out = GemmaFlow(self.config, self.weights, replace(self.spec, **changes))
-        out._layer_fns, out._before, out._after, out._patches = (
-            self._layer_fns, self._before, self._after, self._patches)
+        """A copy (of the caller's class, with every attribute, so subclasses keep their state)."""
+        out = copy.copy(self)
+        out.spec = replace(self.spec, **changes)
         return out
 
     def _extend(self, attr: str, item: object) -> GemmaFlow:
@@ -196,6 +241,17 @@ class GemmaFlow:
     def export_kv(self, on: bool = True) -> GemmaFlow:
         return self._with(export_kv=on)
 
+    def paged(self, page_size: int = DEFAULT_PAGE_SIZE, max_seq: int | None = None) -> GemmaFlow:
+        """One `step` graph over the ragged tokens of many sequences, K/V in page pools of
+        `page_size` positions (`rlx.frontends.paged`); sequences reach up to `max_seq` positions
+        (default: the model's context)."""
+        limit = max_seq if max_seq is not None else self.config.max_position_embeddings
+        if page_size < 1 or limit < 1:
+            raise FlowError(f"paged(page_size={page_size}, max_seq={limit}): both must be >= 1",
+                            hint="e.g. paged(page_size=16)")
+        return self._with(mode="prefill", batch=1, seq=None, has_past=False, output="lm_head",
+                          page_size=page_size, max_pages=max_pages_for(limit, page_size))
+
     def custom_mask(self, on: bool = True) -> GemmaFlow:
         """Replace the built-in causal/sliding masks by an additive `attn_mask` [B, 1, S, T] input."""
         return self._with(custom_mask=on)
@@ -233,22 +289,44 @@ class GemmaFlow:
                             hint="keep between 0 and the layer count")
         return self.layer(lambda ctx: identity_stage if ctx.index >= k else None)
 
-    def before_layers(self, stage: Stage) -> GemmaFlow:
-        return self._extend("_before", stage)
+    def before_layers(self, stages: Stage | Iterable[Stage]) -> GemmaFlow:
+        """Stages run after the embedding, before layer 0, in order: one stage or an iterable."""
+        out = self._with()
+        out._before = (*self._before, *_stages(stages))
+        return out
 
-    def after_layers(self, stage: Stage) -> GemmaFlow:
-        return self._extend("_after", stage)
+    def after_layers(self, stages: Stage | Iterable[Stage]) -> GemmaFlow:
+        """Stages run after the last layer, before the final norm and LM head: one or an iterable."""
+        out = self._with()
+        out._after = (*self._after, *_stages(stages))
+        return out
 
-    def patch_flow(self, fn: Callable[[HIR], HIR | None]) -> GemmaFlow:
+    def patch_flow(self, fn: Callable[[LayerContext, str], str | None]) -> GemmaFlow:
+        """A hook on the final hidden state, as the crate's: `fn(ctx, h)` runs after every layer and
+        `after_layers` stage, before the final norm and LM head; it may add nodes or outputs
+        (`ctx.hir`) and returns the new hidden id, or None to keep `h`."""
+        return self._extend("_tail", fn)
+
+    def patch_graph(self, fn: Callable[[HIR], HIR | None]) -> GemmaFlow:
         """A hook over the finished graph: return a new HIR, or None after editing in place."""
         return self._extend("_patches", fn)
 
     # ---- build ----
     def build(self) -> HIR:
+        """The verified graph as built (`build_hir`); `rlx.gemma.GemmaFlow.build` instead returns a
+        `BuiltModel` after its profile's passes."""
+        return self.build_hir()
+
+    def build_hir(self) -> HIR:
+        """The verified graph as built, before any pass."""
         spec = self.spec
+        if spec.export_kv is None:
+            spec = replace(spec, export_kv=spec.mode == "decode")
         if spec.seq is None and spec.mode == "prefill" and spec.batch != 1:
             raise FlowError("dynamic_seq needs batch 1 (padded batches need a static seq)",
                             hint="call .batch(1) or give a static .seq(n)")
+        if spec.page_size is not None:
+            _check_paged(spec)
         builder = GraphBuilder(self.config, spec, self.weights)
         h = builder.embed()
         for stage in self._before:
@@ -264,14 +342,39 @@ class GemmaFlow:
                 stage = chosen if chosen is not None else stage
             with builder.in_layer(i):
                 h = stage(ctx, h)
+        tail = LayerContext(builder, self.config.num_layers)
         for stage in self._after:
-            h = stage(LayerContext(builder, self.config.num_layers), h)
+            h = stage(tail, h)
+        for patch in self._tail:
+            h = patch(tail, h) or h
         builder.finish(h)
         hir = builder.hir
         cv.record_kv(hir, builder.kv_slots())
         for patch in self._patches:
             hir = patch(hir) or hir
         return verify(hir)
+
+
+def _stages(stages: Stage | Iterable[Stage]) -> tuple[Stage, ...]:
+    """One stage or an iterable of them (the crate's `impl IntoIterator<Item = FlowStage>`)."""
+    single = callable(stages) or isinstance(stages, str) or not isinstance(stages, Iterable)
+    items = (stages,) if single else tuple(stages)
+    bad = next((s for s in items if not callable(s)), None)
+    if bad is not None:
+        raise FlowError(f"stage {bad!r} is not callable",
+                        hint="a stage is fn(ctx, hidden_id) -> hidden_id, e.g. a rlx.frontends.stages.FlowStage")
+    return items
+
+
+def _check_paged(spec: FlowSpec) -> None:
+    """What a paged step graph cannot express is refused by name."""
+    refused = [name for name, on in (("custom_mask", spec.custom_mask), ("media_attn_bias", spec.media_attn_bias),
+                                     ("prefill_from_hidden", spec.from_hidden), ("export_kv", spec.export_kv),
+                                     ("a past (decode / past)", spec.has_past), ("batch != 1", spec.batch != 1),
+                                     ("a static seq", spec.seq is not None)) if on]
+    if refused:
+        raise FlowError(f"a paged step graph cannot take {', '.join(refused)}",
+                        hint="call paged() last on a plain flow: its K/V live in the page pools it outputs")
 
 
 def _merge(base: LayerOverrides, new: LayerOverrides) -> LayerOverrides:
@@ -306,6 +409,7 @@ class GraphBuilder:
         self._masks: dict[str, str] = {}
         self._slots: dict[tuple[int, str], tuple[str | None, str | None]] = {}  # (layer, kind) -> past, present
         self.layer: int | None = None  # the layer the nodes being built belong to
+        self.paged = PagedStep(self, spec.page_size, spec.max_pages) if spec.page_size is not None else None
 
     @contextmanager
     def in_layer(self, index: int) -> Iterator[None]:
@@ -453,6 +557,9 @@ class GraphBuilder:
         k = self.op(Op.TRANSPOSE, k, name=f"l{i}.k.t", perm=_TO_BHSD)
         v = self.op(Op.TRANSPOSE, v, name=f"l{i}.v.t", perm=_TO_BHSD)
         k = self.op(Op.ROPE, k, self.positions, table, name=f"l{i}.k.rope")
+        if self.paged is not None:  # into the layer's page pools (frontends/paged.py)
+            self._kv[i] = self.paged.write(i, k, v)
+            return self._kv[i]
         kv = {"k": k, "v": v}
         for kind in cv.KV_KINDS:
             past = None
@@ -485,30 +592,32 @@ class GraphBuilder:
         if cfg.traits.qk_norm:
             q = self.norm(q, p + "q_norm.weight", hd, f"l{i}.q.norm")
         q = self.op(Op.TRANSPOSE, q, name=f"l{i}.q.t", perm=_TO_BHSD)
-        rope = cfg.layer_rope(i)
-        if ov.rope_theta is not None:
-            rope = replace(rope, theta=ov.rope_theta)
-        table = self.rope_table(rope, hd)
+        att = AttentionSpec.of(cfg, i, ov)
+        table = self.rope_table(att.rope, hd)
         q = self.op(Op.ROPE, q, self.positions, table, name=f"l{i}.q.rope")
         k, v = self.shared_kv(i) if cfg.is_kv_shared(i) else self.own_kv(i, x, table)
+        if self.paged is not None:  # one paged_attention over the pools replaces the chain below
+            return self.paged.attend(i, q, k, v, x=spec, out=lambda o: self.attention_out(i, o))
         if hq != hk:
             k = self.op(Op.REPEAT_KV, k, name=f"l{i}.k.rep", repeats=hq // hk)
             v = self.op(Op.REPEAT_KV, v, name=f"l{i}.v.rep", repeats=hq // hk)
         kt = self.op(Op.TRANSPOSE, k, name=f"l{i}.k.tt", perm=(0, 1, 3, 2))
         s = self.op(Op.MATMUL, q, kt, name=f"l{i}.attn.scores")
-        scale = ov.score_scale if ov.score_scale is not None else cfg.score_scale(i)
-        if scale != 1.0:
-            s = self.op(Op.SCALE, s, name=f"l{i}.attn.scale", value=float(scale))
-        softcap = ov.attn_softcap if ov.attn_softcap is not None else cfg.attn_softcap
-        if softcap:
-            s = self.op(Op.SOFTCAP, s, name=f"l{i}.attn.softcap", cap=float(softcap))
-        window = ov.window if ov.window is not None else (cfg.window(i) or 0)
-        s = self.mask(i, s, window)
+        if att.score_scale != 1.0:
+            s = self.op(Op.SCALE, s, name=f"l{i}.attn.scale", value=float(att.score_scale))
+        if att.softcap:
+            s = self.op(Op.SOFTCAP, s, name=f"l{i}.attn.softcap", cap=float(att.softcap))
+        s = self.mask(i, s, att.window)
         probs = self.op(Op.SOFTMAX, s, name=f"l{i}.attn.probs")
-        o = self.op(Op.MATMUL, probs, v, name=f"l{i}.attn.out")
+        return self.attention_out(i, self.op(Op.MATMUL, probs, v, name=f"l{i}.attn.out"))
+
+    def attention_out(self, i: int, o: str) -> str:
+        """Heads [B, heads, S, head_dim] merged and projected back to the residual stream."""
+        cfg = self.config
+        hq, hd = cfg.num_heads, cfg.layer_head_dim(i)
         o = self.op(Op.TRANSPOSE, o, name=f"l{i}.attn.out.t", perm=_TO_BHSD)
         o = self.op(Op.RESHAPE, o, name=f"l{i}.attn.merge", shape=_dims(self.B, self.S, hq * hd))
-        return self.linear(o, p + "o_proj.weight", H, hq * hd, f"l{i}.o", "o")
+        return self.linear(o, f"layers.{i}.self_attn.o_proj.weight", cfg.hidden_size, hq * hd, f"l{i}.o", "o")
 
     def mlp(self, i: int, x: str, prefix: str = "mlp.") -> str:
         cfg = self.config
@@ -564,6 +673,8 @@ class GraphBuilder:
         cfg, spec = self.config, self.spec
         if spec.output == "last_token_logits":
             h = self.op(Op.SLICE, h, name="last_token", axis=1, start=-1, stop=None)
+        if self.paged is not None:  # one row per sequence, before the norm and the head
+            h = self.paged.select(h)
         h = self.norm(h, "norm.weight", cfg.hidden_size, "final_norm")
         if spec.output == "hidden":
             self.hir.set_output(cv.HIDDEN, h)
@@ -576,6 +687,8 @@ class GraphBuilder:
         if spec.export_kv:
             for name, nid in self._kv_out.items():
                 self.hir.set_output(name, nid)
+        if self.paged is not None:
+            self.paged.finish()
 
 
 def _dims(*dims: Dim) -> tuple[int | str, ...]:

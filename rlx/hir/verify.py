@@ -9,8 +9,8 @@ from rlx.hir.graph import HIR, Node, param_key
 from rlx.hir.ops import MULTI_RESULT, OPS, Op, TypeRuleError, complete_attrs
 from rlx.hir.shapes import SymDim
 
-# who breaks a rule: a pass, or a user's patch_flow hook / stage
-_FIX = "a pass or a patch_flow hook built an invalid graph: run the passes one by one (--passes) to find which"
+# who breaks a rule: a pass, or a user's patch_graph / patch_flow hook or stage
+_FIX = "a pass or a patch_graph hook built an invalid graph: run the passes one by one (--passes) to find which"
 
 
 def _rule_acyclic(hir: HIR) -> None:

@@ -283,7 +283,7 @@ def _set_window(layer: int, window: int) -> Callable[[HIR], None]:
 EQUIVALENT: dict[str, tuple[str, Callable[[GemmaFlow], GemmaFlow]]] = {
     "index-window": ("index = 1\nwindow = 2",
                      lambda f: f.override_layers(lambda i, t: i == 1, LayerOverrides(window=2))),
-    "index-window-patch-flow": ("index = 2\nwindow = 2", lambda f: f.patch_flow(_set_window(2, 2))),
+    "index-window-patch-flow": ("index = 2\nwindow = 2", lambda f: f.patch_graph(_set_window(2, 2))),
     "range-softcap-scale": ("range = [0, 2]\nsoftcap = 30\nscore_scale = 0.5",
                             lambda f: f.override_layers(lambda i, t: 0 <= i < 2,
                                                         LayerOverrides(attn_softcap=30.0, score_scale=0.5))),
