@@ -170,6 +170,37 @@ def _attention(ins: list[np.ndarray], at: dict[str, Any]) -> np.ndarray:
     return _mm(_softmax(s).astype(v.dtype), v)
 
 
+def _paged_kv_write(ins: list[np.ndarray]) -> np.ndarray:
+    """A copy of the pool with each token's row written where its position lives (functional: the
+    compiled kernel writes the engine's pool in place)."""
+    pages, new, table, seq, pos = ins
+    out = pages.copy()
+    size = pages.shape[2]
+    p = pos[0].astype(np.int64)
+    out[table[seq, p // size], :, p % size, :] = np.swapaxes(new[0], 0, 1).astype(pages.dtype)
+    return out
+
+
+def _paged_attention(ins: list[np.ndarray], at: dict[str, Any]) -> np.ndarray:
+    """The plain form, per sequence: its tokens' queries against its positions 0..max(p), gathered
+    from the pages into a contiguous cache and run through `_attention` (causal, window, softcap),
+    so paged and contiguous attention agree by construction."""
+    q, k_pages, v_pages, table, seq, pos = ins
+    size = k_pages.shape[2]
+    out = np.zeros((*q.shape[:3], v_pages.shape[3]), dtype=F32)
+    attrs = {"scale": at["scale"], "softcap": at["softcap"], "window": at["window"], "mask": "causal"}
+    for n in np.unique(seq):
+        rows = np.nonzero(seq == n)[0]
+        keys = np.arange(int(pos[0, rows].max()) + 1)
+        pages = table[n, keys // size]
+
+        def gather(pool: np.ndarray, pages: np.ndarray = pages, keys: np.ndarray = keys) -> np.ndarray:
+            return np.swapaxes(pool[pages, :, keys % size, :], 0, 1)[None]  # [1, Hk, keys, D]
+
+        out[:, :, rows] = _attention([q[:, :, rows], gather(k_pages), gather(v_pages), pos[:, rows]], attrs)
+    return out
+
+
 def _add_rmsnorm(ins: list[np.ndarray], at: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
     total = ins[0] + ins[1]
     return _rmsnorm(total, ins[2] if len(ins) > 2 else None, at["eps"], at["offset"]), total
@@ -235,6 +266,8 @@ IMPLS: dict[Op, Impl] = {
     Op.ADD_RMSNORM: lambda a, at, env: _add_rmsnorm(a, at),  # type: ignore[dict-item]
     Op.GEGLU: lambda a, at, env: _geglu(a),
     Op.LINEAR_EPILOGUE: lambda a, at, env: _linear_epilogue(a, at),
+    Op.PAGED_KV_WRITE: lambda a, at, env: _paged_kv_write(a),
+    Op.PAGED_ATTENTION: lambda a, at, env: _paged_attention(a, at),
 }
 
 WeightSource = Mapping[str, np.ndarray] | Callable[[str], np.ndarray]

@@ -47,6 +47,9 @@ class Op(enum.Enum):
     RESULT = "result"
     GEGLU = "geglu"
     LINEAR_EPILOGUE = "linear_epilogue"
+    # the paged KV cache of a ragged batched step (runtime/paged_model.py), built by the frontend
+    PAGED_KV_WRITE = "paged_kv_write"
+    PAGED_ATTENTION = "paged_attention"
 
 
 class TypeRuleError(ValueError):
@@ -262,6 +265,39 @@ def _attention(ins: Sequence[TensorType], attrs: Mapping[str, Any]) -> TensorTyp
     return q.with_shape((*q.shape[:3], v.shape[-1]))
 
 
+def _paged_operands(pages: TensorType, rows: TensorType, table: TensorType, seq: TensorType,
+                    pos: TensorType) -> None:
+    """A page pool [PAGES, Hk, PAGE, D] (PAGE static) and the ragged step's addressing: `rows`
+    [1, H, T, D] (T tokens as the sequence axis), page_table int [SEQS, MAX_PAGES], token_seq int
+    [T], positions int [1, T]."""
+    _need(pages.rank == 4 and isinstance(pages.shape[2], int) and pages.dtype.is_float,
+          f"pages must be float [pages, kv_heads, PAGE (static), head_dim], got {pages}")
+    _need(rows.rank == 4 and rows.shape[0] == 1, f"expects [1, heads, tokens, head_dim], got {rows}")
+    tokens = rows.shape[2]
+    _need(table.dtype.is_int and table.rank == 2, f"page_table must be int [seqs, max_pages], got {table}")
+    _need(seq.dtype.is_int and seq.shape == (tokens,), f"token_seq {seq} must be int [{tokens}]")
+    _need(pos.dtype.is_int and pos.shape == (1, tokens), f"positions {pos} must be int [1, {tokens}]")
+
+
+def _paged_kv_write(ins: Sequence[TensorType], attrs: Mapping[str, Any]) -> TensorType:
+    pages, new, table, seq, pos = ins
+    _paged_operands(pages, new, table, seq, pos)
+    _need(new.dtype == pages.dtype and new.shape[1] == pages.shape[1] and new.shape[3] == pages.shape[3],
+          f"new rows {new} do not fit the pages {pages}")
+    return pages
+
+
+def _paged_attention(ins: Sequence[TensorType], attrs: Mapping[str, Any]) -> TensorType:
+    q, k, v, table, seq, pos = ins
+    _paged_operands(k, q, table, seq, pos)
+    hq, hk = q.shape[1], k.shape[1]
+    _need(isinstance(hq, int) and isinstance(hk, int) and hq % hk == 0, f"q heads {hq} not a multiple of kv {hk}")
+    _need(v.rank == 4 and v.shape[:3] == k.shape[:3] and v.dtype == k.dtype and q.shape[3] == k.shape[3],
+          f"k pages {k} / v pages {v} do not fit q {q}")
+    _need(attrs["window"] >= 0, "window must be >= 0 (0: no window)")
+    return q.with_shape((*q.shape[:3], v.shape[3]))
+
+
 def _add_rmsnorm(ins: Sequence[TensorType], attrs: Mapping[str, Any]) -> TensorType:
     a, b, *w = ins
     _need(a == b, f"residual add of {a} and {b} (the fused op needs equal types)")
@@ -374,6 +410,13 @@ OPS: dict[Op, OpSpec] = {
     # linear, then elementwise steps ("add", "mul" take the next operand; "scale=v", "softcap=v", "gelu_tanh")
     Op.LINEAR_EPILOGUE: OpSpec((2, 6), _linear_epilogue, Precision.COMPUTE, {"steps": ((tuple,), REQUIRED)},
                                quantized_inputs=frozenset({1})),
+    # pages, new [1, Hk, T, D], page_table, token_seq, positions -> pages with the T rows written
+    # at (page_table[token_seq[t], p // PAGE], p % PAGE), p = positions[0, t] (in place when compiled)
+    Op.PAGED_KV_WRITE: OpSpec((5, 5), _paged_kv_write, Precision.COMPUTE),
+    # q [1, Hq, T, D], k_pages, v_pages, page_table, token_seq, positions: token t attends over its
+    # sequence's positions max(0, p - window + 1)..p (causal; GQA by index, as `attention`)
+    Op.PAGED_ATTENTION: OpSpec((6, 6), _paged_attention, Precision.COMPUTE,
+                               {"scale": (_NUM, 1.0), "softcap": (_NUM, 0.0), "window": ((int,), 0)}),
 }
 
 

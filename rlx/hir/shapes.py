@@ -13,6 +13,10 @@ from dataclasses import dataclass
 BATCH = "BATCH"
 SEQ = "SEQ"
 PAST_SEQ = "PAST_SEQ"
+# the paged KV cache (runtime/paged_model.py): pages in the pool, page-table rows (sequences), columns
+PAGES = "PAGES"
+SEQS = "SEQS"
+MAX_PAGES = "MAX_PAGES"
 
 _SYMBOL = re.compile(r"[A-Z_][A-Z0-9_]*")
 

@@ -22,7 +22,7 @@ from rlx.hir.graph import Node
 from rlx.hir.ops import EPILOGUE_STEPS, Op, attr_dim, parse_step
 from rlx.hir.shapes import Dim
 from rlx.hir.tensor_type import TensorType
-from rlx.targets import kernels, weight_kernels
+from rlx.targets import flash_attention, kernels, weight_kernels
 from rlx.targets.function_builder import TVM_DTYPES, CacheView, WeightView
 from rlx.targets.function_builder import FunctionBuilder as _Fn
 
@@ -155,6 +155,37 @@ def _attention(fn: _Fn, node: Node, args: list[relax.Expr]) -> relax.Expr:
     return _rounded(node, fn.te(kernels.attention_values, probs, values, start=start))
 
 
+def _scores_to_values(fn: _Fn, node: Node, s: relax.Expr, pos: relax.Expr,
+                      values: Callable[[relax.Expr], relax.Expr]) -> relax.Expr:
+    """Materialised scores -> scale, softcap, causal mask, softmax (f32) -> probabilities in v's
+    dtype -> `values(probs)` (the value product's f32 accumulator) -> the node's dtype."""
+    at = node.attr_dict
+    if at["scale"] != 1.0:
+        s = fn.emit(_scale(s, at["scale"]))
+    if at["softcap"]:
+        s = fn.emit(_softcap(s, at["softcap"]))
+    s = fn.te(kernels.causal_mask, s, pos, window=at["window"], bidirectional=False)
+    v_dtype = TVM_DTYPES[fn.hir.node(node.inputs[2]).type.dtype]
+    probs = fn.emit(_as(fn.emit(relax.op.nn.softmax(s, axis=-1)), v_dtype))
+    return _rounded(node, values(probs))
+
+
+def _paged_attention(fn: _Fn, node: Node, args: list[relax.Expr]) -> relax.Expr:
+    q, k_pages, v_pages, table, seq, pos = args
+    s = fn.te(flash_attention.paged_scores, q, k_pages, table, seq)
+    return _scores_to_values(fn, node, s, pos,
+                             lambda p: fn.te(flash_attention.paged_values, p, v_pages, table, seq))
+
+
+def _paged_kv_write(fn: _Fn, node: Node, args: list[relax.Expr]) -> relax.Expr:
+    """In place (`call_tir_inplace`): the pool is an engine-owned buffer, so a step costs its new
+    rows; the graph must read the pool only through this node's output (as GemmaFlow builds it)."""
+    t = node.type
+    kernel = flash_attention.paged_kv_write(TVM_DTYPES[t.dtype], int(t.shape[2]), int(t.shape[3]))  # type: ignore[arg-type]
+    gv = fn.bb.add_func(kernel, f"paged_kv_write_{TVM_DTYPES[t.dtype]}_{t.shape[2]}_{t.shape[3]}")
+    return relax.call_tir_inplace(gv, args, 0, fn.ty(t))
+
+
 def _add_rmsnorm(fn: _Fn, node: Node, args: list[relax.Expr]) -> relax.Expr:
     at = node.attr_dict
     total = fn.emit(relax.op.add(args[0], args[1]))
@@ -262,6 +293,8 @@ LOWERINGS: dict[Op, Lowering] = {
     Op.ADD_RMSNORM: _add_rmsnorm,
     Op.GEGLU: _geglu_op,
     Op.LINEAR_EPILOGUE: _linear_epilogue,
+    Op.PAGED_KV_WRITE: _paged_kv_write,
+    Op.PAGED_ATTENTION: _paged_attention,
 }
 
 
