@@ -597,7 +597,7 @@ class GraphBuilder:
         q = self.op(Op.ROPE, q, self.positions, table, name=f"l{i}.q.rope")
         k, v = self.shared_kv(i) if cfg.is_kv_shared(i) else self.own_kv(i, x, table)
         if self.paged is not None:  # one paged_attention over the pools replaces the chain below
-            return self.paged.attend(i, q, k, v, x=spec, out=lambda o: self.attention_out(i, o))
+            return self.attention_out(i, self.paged.attend(i, q, k, v, att))
         if hq != hk:
             k = self.op(Op.REPEAT_KV, k, name=f"l{i}.k.rep", repeats=hq // hk)
             v = self.op(Op.REPEAT_KV, v, name=f"l{i}.v.rep", repeats=hq // hk)

@@ -94,3 +94,55 @@ def past_inputs(hir: HIR) -> dict[str, KVSlot]:
 def present_outputs(hir: HIR) -> dict[str, KVSlot]:
     """Cache outputs by output name."""
     return {s.present: s for s in kv_slots(hir) if s.present is not None}
+
+
+# ---- the paged step graph (`GemmaFlow.paged`): the ragged tokens of many sequences, K/V in page pools ----
+# Inputs besides `input_ids` / `positions` [1, SEQ]: which sequence each token belongs to, each
+# sequence's pages, and which token's logits each sequence returns; `logits` is [1, SEQS, vocab]
+# (symbols `SEQS`, `PAGES`: rlx.hir.shapes; the pools' PAGES is chosen when an engine allocates them).
+TOKEN_SEQ = "token_seq"      # [SEQ] int32: the page-table row of each token
+PAGE_TABLE = "page_table"    # [SEQS, max_pages] int32: page ids in position order
+LOGIT_ROWS = "logit_rows"    # [SEQS] int32: per sequence, the token (index into SEQ) whose logits come out
+PAGED = "paged"              # hir.meta key: page size, max pages and the pools (`PagedLayout`)
+
+
+@dataclass(frozen=True)
+class PagedPool:
+    """One layer's K or V page pool [PAGES, kv_heads, page_size, head_dim]: the graph input the
+    engine feeds its pool through, and the output holding the pool after this step's writes.
+    Engines own the pool (the lowering updates it in place, like the contiguous cache buffers)."""
+
+    layer: int
+    kind: str    # "k" | "v"
+    input: str   # k_pages.3
+    output: str  # present_k_pages.3
+
+    def to_json(self) -> dict[str, Any]:
+        return {"layer": self.layer, "kind": self.kind, "input": self.input, "output": self.output}
+
+
+@dataclass(frozen=True)
+class PagedLayout:
+    """What an engine needs to drive a paged step graph: the page size, the page table's width
+    (positions a sequence may reach: page_size * max_pages) and the pools."""
+
+    page_size: int
+    max_pages: int
+    pools: tuple[PagedPool, ...]
+
+    @property
+    def max_seq(self) -> int:
+        return self.page_size * self.max_pages
+
+
+def record_paged(hir: HIR, layout: PagedLayout) -> None:
+    hir.meta[PAGED] = {"page_size": layout.page_size, "max_pages": layout.max_pages,
+                       "pools": [p.to_json() for p in layout.pools]}
+
+
+def paged_layout(hir: HIR) -> PagedLayout | None:
+    """The graph's paged layout; None for a graph that is not a paged step."""
+    meta = hir.meta.get(PAGED)
+    if meta is None:
+        return None
+    return PagedLayout(meta["page_size"], meta["max_pages"], tuple(PagedPool(**p) for p in meta["pools"]))
