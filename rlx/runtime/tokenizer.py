@@ -122,14 +122,28 @@ def _compact_merges(spec_json: str) -> str:
     return json.dumps(spec, ensure_ascii=False)
 
 
+def _chat_template(directory: Path, config: Mapping[str, Any]) -> str | None:
+    """tokenizer_config.json's `chat_template` (a string, or named templates: the "default" one),
+    else transformers' separate chat_template.jinja."""
+    value = config.get("chat_template")
+    if isinstance(value, list):
+        value = next((t.get("template") for t in value if isinstance(t, dict) and t.get("name") == "default"), None)
+    if isinstance(value, str) and value:
+        return value
+    path = directory / "chat_template.jinja"
+    return path.read_text(encoding="utf-8") if path.is_file() else None
+
+
 class Tokenizer:
     """Encodes prompts and decodes generated ids the way the model's own tokenizer does."""
 
-    def __init__(self, backend: Backend, *, bos_id: int | None, eos_ids: Sequence[int], source: str) -> None:
+    def __init__(self, backend: Backend, *, bos_id: int | None, eos_ids: Sequence[int], source: str,
+                 chat_template: str | None = None) -> None:
         self.backend = backend
         self.bos_id = bos_id
         self.eos_ids = tuple(dict.fromkeys(int(e) for e in eos_ids))
         self.source = source
+        self.chat_template = chat_template  # the model's jinja chat template, if it ships one (rlx serve / chat)
 
     @classmethod
     def from_checkpoint(cls, ckpt: Checkpoint) -> Tokenizer:
@@ -137,7 +151,8 @@ class Tokenizer:
         if meta is not None:
             backend = _gguf_backend(meta, str(ckpt.path))
             return cls(backend, bos_id=meta.get("tokenizer.ggml.bos_token_id", ckpt.config.bos_token_id),
-                       eos_ids=ckpt.config.eos_token_ids, source=str(ckpt.path))
+                       eos_ids=ckpt.config.eos_token_ids, source=str(ckpt.path),
+                       chat_template=meta.get("tokenizer.chat_template"))
         return cls.from_hf_dir(ckpt.directory, eos_ids=ckpt.config.eos_token_ids, bos_id=ckpt.config.bos_token_id)
 
     @classmethod
@@ -150,13 +165,14 @@ class Tokenizer:
             backend = Backend.from_file(str(path))
         except Exception as err:  # tokenizers raises a bare Exception on malformed files
             raise RlxError(f"{path} cannot be loaded: {err}", hint="re-download the tokenizer") from err
-        bos_text = _token_text(_json(Path(directory) / "tokenizer_config.json").get("bos_token"))
+        config = _json(Path(directory) / "tokenizer_config.json")
+        bos_text = _token_text(config.get("bos_token"))
         if bos_text is not None and backend.token_to_id(bos_text) is not None:
             bos_id = backend.token_to_id(bos_text)
         generation_eos = _json(Path(directory) / "generation_config.json").get("eos_token_id")
         extra = generation_eos if isinstance(generation_eos, list) else [generation_eos]
         return cls(backend, bos_id=bos_id, eos_ids=[*eos_ids, *(e for e in extra if e is not None)],
-                   source=str(path))
+                   source=str(path), chat_template=_chat_template(Path(directory), config))
 
     def detokenizer(self) -> Detokenizer:
         """The decode-only table (raises RlxError if the decoder has a step it cannot mirror)."""
@@ -172,7 +188,8 @@ class Tokenizer:
         except RlxError:
             pass  # decoding then loads the full tokenizer
         bos = self.backend.id_to_token(self.bos_id) if self.bos_id is not None else None
-        (directory / "tokenizer_config.json").write_text(json.dumps({"bos_token": bos}))
+        config = {"bos_token": bos, **({"chat_template": self.chat_template} if self.chat_template else {})}
+        (directory / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False))
         (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": list(self.eos_ids)}))
 
     @property
