@@ -10,13 +10,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from rlx.compiler.graphs import target_graphs
+from rlx.compiler.graphs import paged_graphs, target_graphs
 from rlx.compiler.profile import Profile
 from rlx.frontends.checkpoint import Checkpoint
 from rlx.frontends.flow import GemmaFlow
+from rlx.frontends.paged import DEFAULT_PAGE_SIZE
 from rlx.frontends.weights import WeightCache
 from rlx.runtime.buckets import DECODE, PREFILL
 from rlx.runtime.engine import Engine
+from rlx.runtime.paged_engine import PagedReferenceEngine
 from rlx.runtime.reference import ReferenceEngine
 
 
@@ -30,6 +32,24 @@ def reference_engine(ckpt: Checkpoint, flow: GemmaFlow | None = None, *, passes:
                            max_seq=ckpt.config.max_position_embeddings, vocab_size=ckpt.config.vocab_size,
                            bucketed=graphs.bucketed,
                            reports=dict(graphs.reports))
+
+
+def paged_reference_engine(ckpt: Checkpoint, flow: GemmaFlow | None = None, *, num_pages: int,
+                           page_size: int = DEFAULT_PAGE_SIZE, passes: str | None = None,
+                           profile: Profile | None = None, max_seq: int | None = None,
+                           shared: ReferenceEngine | None = None) -> PagedReferenceEngine:
+    """The interpreter over the checkpoint's paged step graph (`paged_graphs`: the same profile and
+    passes as `reference_engine`); `shared`: a reference engine of the same checkpoint whose
+    weights (float32 and quantized copies) it reads instead of loading its own."""
+    graphs = paged_graphs(ckpt, profile=profile, passes=passes, flow=flow, page_size=page_size, max_seq=max_seq,
+                          buckets=())
+    if shared is not None:
+        weights, quantized = shared.weights, shared.quantized
+    else:
+        weights, quantized = WeightCache(ckpt.weights), None
+        weights.preload([n.attr("name") for n in graphs.graph.params.values()])
+    return PagedReferenceEngine(graphs.graph, weights, num_pages=num_pages, vocab_size=ckpt.config.vocab_size,
+                                quantized=quantized)
 
 
 def compiled_engine(ckpt: Checkpoint, flow: GemmaFlow | None = None, *, passes: str | None = None,

@@ -17,12 +17,14 @@ from rlx.compiler.profile import BackendOptions, Profile
 from rlx.frontends.checkpoint import Checkpoint
 from rlx.frontends.config import GemmaConfig
 from rlx.frontends.flow import GemmaFlow, Mode
+from rlx.frontends.paged import DEFAULT_PAGE_SIZE
 from rlx.hir.graph import HIR
 from rlx.hir.pass_infra import parse_pipeline
 from rlx.hir.pass_manager import PassManager, PassReport
-from rlx.hir.shapes import PAST_SEQ, SEQ
-from rlx.passes.specialize import BucketedGraphs, graph_symbols, record_bounds, specialize_buckets
+from rlx.hir.shapes import PAST_SEQ, SEQ, SEQS
+from rlx.passes.specialize import BucketedGraphs, bind, graph_symbols, record_bounds, specialize_buckets
 from rlx.runtime.buckets import DECODE, PREFILL, entry
+from rlx.runtime.paged_engine import STEP, step_entry
 
 MODE_FLOWS: dict[Mode, Callable[[GemmaFlow], GemmaFlow]] = {
     PREFILL: lambda f: f.prefill().dynamic_seq(),
@@ -107,3 +109,41 @@ def reference_graphs(ckpt: Checkpoint, flow: GemmaFlow | None = None, *, passes:
     """(prefill, decode) graphs of the reference target; see `target_graphs`."""
     graphs = target_graphs(ckpt, profile=profile, passes=passes, flow=flow).graphs
     return graphs[PREFILL], graphs[DECODE]
+
+
+DEFAULT_STEP_BUCKETS = (1, 2, 4)
+"""Static step entries (SEQ = SEQS = b) next to the dynamic `step`: decode steps of up to 4
+sequences get the GEMV schedules (`weight_kernels.GEMV_ROWS`: static rows <= 4; more rows run
+the GEMM, which a static size does not change)."""
+
+
+@dataclass
+class PagedGraphs:
+    """The paged step graph of a target (`GemmaFlow.paged`) as built and after the passes, and
+    its static bucket variants (`step_<b>`: SEQ and SEQS bound to b)."""
+
+    built: HIR
+    graph: HIR
+    report: PassReport
+    variants: dict[int, HIR] = field(default_factory=dict)
+
+    @property
+    def entries(self) -> dict[str, HIR]:
+        return {STEP: self.graph, **{step_entry(b): g for b, g in sorted(self.variants.items())}}
+
+
+def paged_graphs(ckpt: Checkpoint, *, target: str | None = None, profile: Profile | None = None,
+                 passes: str | None = None, flow: GemmaFlow | None = None, page_size: int = DEFAULT_PAGE_SIZE,
+                 max_seq: int | None = None, buckets: tuple[int, ...] = DEFAULT_STEP_BUCKETS) -> PagedGraphs:
+    """The step graph with the prefill pipeline of `target_graphs` (same profile, passes,
+    `[[layers]]`), for sequences of up to `max_seq` positions (default: the model's context)."""
+    backend = profile.backend_for(target) if profile is not None and target else BackendOptions()
+    if passes is None:
+        passes = backend.passes
+    base = flow or GemmaFlow(ckpt.config, ckpt.weights)
+    if profile is not None:
+        base = profile.apply(base)
+    built = base.paged(page_size, max_seq).build_hir()
+    graph, report = run_pipeline(built, PREFILL, profile, passes, ckpt.config)
+    variants = {b: bind(graph, {SEQ: b, SEQS: b})[0] for b in buckets}
+    return PagedGraphs(built, graph, report, variants)

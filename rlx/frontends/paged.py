@@ -79,11 +79,13 @@ class PagedStep:
         hir = builder.hir
         self.token_seq = hir.input(cv.TOKEN_SEQ, TensorType(DType.I32, (builder.S,)))
         self.page_table = hir.input(cv.PAGE_TABLE, TensorType(DType.I32, (sym(SEQS), max_pages)))
+        # the page ops address with int32 (as the page table): positions cast once for all layers
+        self.positions = builder.op(Op.CAST, builder.positions, name="positions.i32", dtype="i32")
         self.pools: list[cv.PagedPool] = []
         self._outputs: dict[str, str] = {}
 
     def _addressing(self) -> tuple[str, str, str]:
-        return self.page_table, self.token_seq, self.builder.positions
+        return self.page_table, self.token_seq, self.positions
 
     def write(self, i: int, k: str, v: str) -> tuple[str, str]:
         """Layer i's new K / V rows [1, kv_heads, SEQ, head_dim] written into its pools; the

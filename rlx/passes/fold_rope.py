@@ -61,7 +61,11 @@ MAX_TABLE_ELEMENTS = 1 << 20
 
 def key_length(hir: HIR, positions: str) -> Dim | None:
     """T, the number of positions keys sit at: past length + new tokens (None when the past
-    inputs disagree on their length: then there is no one bound to trust)."""
+    inputs disagree on their length: then there is no one bound to trust). In a paged step graph
+    a token may sit at any position its page table reaches: page_size * max_pages."""
+    layout = cv.paged_layout(hir)
+    if layout is not None:
+        return layout.max_seq
     cache_inputs = cv.past_inputs(hir)  # [B, kv_heads, PAST, head_dim] each
     pasts = {n.type.shape[2] for name, n in hir.inputs.items() if name in cache_inputs}
     if len(pasts) > 1:

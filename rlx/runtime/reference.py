@@ -30,6 +30,7 @@ class ReferenceEngine:
         self.reports: dict[str, PassReport] = dict(reports or {})
         self._graphs = {PREFILL: prefill, DECODE: decode}
         quantized: dict[str, QuantizedArray] = {}  # one copy of each quantized weight for every graph
+        self.weights, self.quantized = weights, quantized  # shared with a paged engine over the same model
         self._prefill, self._decode = Interpreter(prefill, weights, quantized), Interpreter(decode, weights, quantized)
         self._bucketed = (Dispatcher(bucketed, lambda g: Interpreter(g, weights, quantized))
                           if bucketed is not None else None)
