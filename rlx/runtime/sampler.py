@@ -1,4 +1,9 @@
-"""Token sampling: greedy by default; temperature, top-k and top-p with a seeded generator."""
+"""Token sampling: greedy by default; temperature, top-k and top-p with a seeded generator.
+
+`draw` is the one implementation of the random choice; `Sampler` (rlx run) and the batched
+engine's per-request sampler (`sampling.py`) both call it, so the same seed and settings give the
+same tokens through either.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,37 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from rlx.errors import RunError
+
+
+def _descending(z: np.ndarray, top_k: int) -> np.ndarray:
+    """Token ids by decreasing z, ties in id order (a stable sort of -z), the first `top_k` only
+    when top_k > 0. A top-k partition picks the candidates first (all ties with the k-th value
+    included), so the result is exactly the full stable sort's first k at a fraction of its cost."""
+    if 0 < top_k < z.shape[0]:
+        kth = np.partition(z, z.shape[0] - top_k)[z.shape[0] - top_k]
+        candidates = np.flatnonzero(z >= kth)
+        return candidates[np.argsort(-z[candidates], kind="stable")][:top_k]
+    order = np.argsort(-z, kind="stable")
+    return order[:top_k] if top_k else order
+
+
+def draw(z: np.ndarray, rng: np.random.Generator, *, top_k: int = 0, top_p: float = 1.0,
+         min_p: float = 0.0) -> int:
+    """Sample from softmax(z) (z: float64 logits already divided by the temperature; -inf marks a
+    banned token), keeping the `top_k` most likely, then the smallest head reaching `top_p`, then
+    those with p >= min_p * p_max."""
+    order = _descending(z, top_k)
+    if not np.isfinite(z[order[-1]]):
+        order = order[np.isfinite(z[order])]
+    p = np.exp(z[order] - z[order[0]])
+    p /= p.sum()
+    if top_p < 1:
+        keep = int(np.searchsorted(np.cumsum(p), top_p) + 1)
+        order, p = order[:keep], p[:keep] / p[:keep].sum()
+    if min_p > 0:
+        keep = int(np.count_nonzero(p >= min_p * p[0]))  # p is sorted: the kept ones are a head
+        order, p = order[:keep], p[:keep] / p[:keep].sum()
+    return int(rng.choice(order, p=p))
 
 
 @dataclass
@@ -34,13 +70,4 @@ class Sampler:
         logits = np.asarray(logits, dtype=np.float64)
         if self.temperature == 0:
             return int(np.argmax(logits))
-        z = logits / self.temperature
-        order = np.argsort(-z, kind="stable")
-        if self.top_k:
-            order = order[: self.top_k]
-        p = np.exp(z[order] - z[order[0]])
-        p /= p.sum()
-        if self.top_p < 1:
-            keep = int(np.searchsorted(np.cumsum(p), self.top_p) + 1)
-            order, p = order[:keep], p[:keep] / p[:keep].sum()
-        return int(self._rng.choice(order, p=p))
+        return draw(logits / self.temperature, self._rng, top_k=self.top_k, top_p=self.top_p)
