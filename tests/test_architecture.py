@@ -3,6 +3,7 @@
     top (cli, demo)  ->  serve  ->  api  ->  report  ->  compiler  ->  runtime  ->  frontends  ->  hir  ->  base
                                           compiler  ->  targets  ->  hir
                                           compiler  ->  passes   ->  hir
+                             api  ->  gemma  ->  compiler   (`rlx.gemma`, the rlx-gemma crate's builder API)
 
 `base` is errors / progress / outputs / version / interrupts / digests. Every import counts,
 lazy ones inside functions and TYPE_CHECKING ones too: a lazy import is still a dependency, only
@@ -20,7 +21,7 @@ RLX = Path(__file__).resolve().parents[1] / "rlx"
 
 LAYER_OF_TOP_MODULE = {"errors": "base", "progress": "base", "outputs": "base", "version": "base",
                        "interrupts": "base", "digests": "base",
-                       "api": "api", "cli": "top", "demo": "top", "__init__": "top", "__main__": "top"}
+                       "gemma": "gemma", "api": "api", "cli": "top", "demo": "top", "__init__": "top", "__main__": "top"}
 ALLOWED: dict[str, set[str]] = {
     "base": set(),
     "hir": {"base"},
@@ -30,9 +31,11 @@ ALLOWED: dict[str, set[str]] = {
     "runtime": {"base", "hir", "frontends"},
     "compiler": {"base", "hir", "frontends", "passes", "targets", "runtime"},
     "report": {"base", "hir", "frontends", "passes", "targets", "runtime", "compiler"},
-    "api": {"base", "hir", "frontends", "passes", "targets", "runtime", "compiler", "report"},
-    "serve": {"base", "hir", "frontends", "passes", "targets", "runtime", "compiler", "report", "api"},
-    "top": {"base", "hir", "frontends", "passes", "targets", "runtime", "compiler", "report", "api", "serve"},
+    "gemma": {"base", "hir", "frontends", "passes", "targets", "runtime", "compiler"},
+    "api": {"base", "hir", "frontends", "passes", "targets", "runtime", "compiler", "report", "gemma"},
+    "serve": {"base", "hir", "frontends", "passes", "targets", "runtime", "compiler", "report", "api", "gemma"},
+    "top": {"base", "hir", "frontends", "passes", "targets", "runtime", "compiler", "report", "api", "serve",
+            "gemma"},
 }
 
 
