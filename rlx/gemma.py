@@ -219,7 +219,7 @@ def build_gemma_decode_graph(config: GemmaConfig, weights: Weights, opts: GemmaD
 __all__ = [
     "GEMMA_PROFILE_FILE", "IDENTITY", "STOCK", "AttentionSpec", "BuiltModel", "Checkpoint", "CompileProfile",
     "FlowStage", "GemmaConfig", "GemmaDecodeOpts", "GemmaFlow", "GemmaPrefillOpts", "GraphWeights", "LayerContext",
-    "LayerOverrides", "Profile", "Stage", "WeightStore", "build_gemma_decode_built", "build_gemma_decode_flow",
-    "build_gemma_decode_graph", "build_gemma_prefill_built", "build_gemma_prefill_flow",
+    "LayerOverrides", "PRESETS", "Profile", "Stage", "WeightStore", "build_gemma_decode_built",
+    "build_gemma_decode_flow", "build_gemma_decode_graph", "build_gemma_prefill_built", "build_gemma_prefill_flow",
     "gemma_profile_near_weights", "identity_stage", "open_checkpoint", "rms_norm", "scale", "softcap", "stock",
 ]

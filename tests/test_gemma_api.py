@@ -8,6 +8,7 @@ never the code under test's own output.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import replace
 from functools import cache
@@ -385,3 +386,37 @@ def test_dynamic_batch_runs_any_batch(tiny_ckpt: Ckpt) -> None:
     assert out["logits"].shape == (2, N, ckpt.config.vocab_size)
     close(out["logits"][0], hf(d).prefill_logits)
     close(out["logits"][1], today_prefill(ckpt, ids=other)["logits"][0], 1e-5)
+
+
+# ---- the README's porting table ----
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def porting_examples() -> list[str]:
+    """The example column of the README's "Porting from rlx-gemma" table."""
+    text = README.read_text().split("## Porting from rlx-gemma", 1)[1].split("\n## ", 1)[0]
+    rows = [ln for ln in text.splitlines() if ln.startswith("| `")]
+    return [re.split(r"(?<!\\)\|", row)[3].strip().strip("`") for row in rows]
+
+
+def test_readme_porting_examples_run(tiny_ckpt: Ckpt, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    examples = porting_examples()
+    assert len(examples) >= 20
+    d = tiny_ckpt("gemma3")
+    monkeypatch.chdir(tmp_path)  # relative weight paths in the examples have no profile beside them
+    ckpt = gemma.open_checkpoint(d)
+    cfg, store = ckpt.config, ckpt.weights
+    flow = gemma.GemmaFlow(cfg, store).prefill(N)
+    scope = {"gemma": gemma, "GemmaFlow": gemma.GemmaFlow, "replace": replace, "cfg": cfg, "store": store,
+             "flow": flow, "built": flow.build(), "ids": FEEDS["input_ids"], "pos": FEEDS["positions"],
+             "opts": gemma.GemmaPrefillOpts.static_prefill(1, N), "dopts": gemma.GemmaDecodeOpts(1, N)}
+    for example in examples:
+        code = example.replace('"gemma-3-270m/"', repr(str(d)))
+        try:
+            result = eval(compile(code, "README", "eval"), scope)  # an expression
+        except SyntaxError:
+            exec(code, scope)  # an assignment
+            continue
+        if isinstance(result, gemma.GemmaFlow):
+            result.build_hir()  # a flow example must also build
