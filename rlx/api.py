@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rlx.compiler.engines import ENGINES
 from rlx.compiler.profile import Profile
@@ -17,6 +19,11 @@ from rlx.runtime.engine import Engine
 from rlx.runtime.generate import Generation, generate
 from rlx.runtime.sampler import Sampler
 from rlx.runtime.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from rlx.runtime.async_engine import AsyncEngine
+    from rlx.runtime.requests import SamplingParams
+    from rlx.runtime.scheduler import Scheduler
 
 
 @dataclass
@@ -61,6 +68,52 @@ class Model:
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         return generate(self.engine, ids, max_new_tokens, sampler=sampler,
                         eos_ids=self.eos_ids, on_token=on_token, keep_logits=keep_logits)
+
+    def generate_batch(self, prompts: Sequence[str | list[int]], max_new_tokens: int | Sequence[int] = 32, *,
+                       sampler: Sampler | None = None, params: SamplingParams | Sequence[SamplingParams] | None = None,
+                       max_batch: int = 8, keep_logits: bool = False) -> list[Generation]:
+        """Generate for many prompts at once (continuous batching over the paged engine); one
+        `Generation` per prompt, in order, the tokens `generate` gives for it. Greedy unless
+        `sampler` (its settings and seed for every prompt) or `params` (one `SamplingParams` for
+        every prompt, with `max_new_tokens`; or one per prompt, their own max_new_tokens) is given."""
+        from rlx.frontends.paged import DEFAULT_PAGE_SIZE
+        from rlx.runtime.batch import generate_batch, pages_for_batch
+        from rlx.runtime.sampling import params_from_sampler
+
+        ids = [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+        news = [max_new_tokens] * len(ids) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+        if len(news) != len(ids):
+            raise RlxError(f"{len(ids)} prompts but {len(news)} max_new_tokens values",
+                           hint="give one int, or one per prompt")
+        if params is None:
+            settings = [params_from_sampler(sampler, n) for n in news]
+        else:
+            settings = list(params) if isinstance(params, Sequence) else \
+                [dataclasses.replace(params, max_new_tokens=n) for n in news]
+        paged = self.paged_model(num_pages=pages_for_batch(ids, settings, page_size=DEFAULT_PAGE_SIZE,
+                                                           max_batch=max_batch))
+        return generate_batch(paged, ids, settings, eos_ids=self.eos_ids, max_batch=max_batch,
+                              keep_logits=keep_logits)
+
+    def scheduler(self, *, num_pages: int | None = None, page_size: int | None = None, max_batch: int = 8,
+                  max_queue: int = 256, max_tokens_per_step: int = 256, prefix_cache: bool = True) -> Scheduler:
+        """A continuous-batching scheduler over this model's paged engine (`runtime/scheduler.py`).
+        `num_pages` None: room for `max_batch` sequences of 2048 positions."""
+        from rlx.frontends.paged import DEFAULT_PAGE_SIZE
+        from rlx.runtime.scheduler import Scheduler
+
+        if num_pages is None:
+            num_pages = max_batch * -(-2048 // (page_size or DEFAULT_PAGE_SIZE))
+        return Scheduler(self.paged_model(num_pages=num_pages, page_size=page_size), max_batch=max_batch,
+                         max_queue=max_queue, max_tokens_per_step=max_tokens_per_step, eos_ids=self.eos_ids,
+                         prefix_cache=prefix_cache)
+
+    def async_engine(self, **scheduler_options: int | bool | None) -> AsyncEngine:
+        """A scheduler (options as `scheduler`) driven by a background thread for asyncio code
+        (`runtime/async_engine.py`: `submit` / `generate` stream `TokenEvent`s; the server's engine)."""
+        from rlx.runtime.async_engine import AsyncEngine
+
+        return AsyncEngine(self.scheduler(**scheduler_options))  # type: ignore[arg-type]
 
 
 def load(path: str | Path, target: str = "reference", *, profile: str | Path | Profile | None = None,

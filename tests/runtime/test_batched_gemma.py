@@ -20,6 +20,7 @@ import pytest
 from rlx.compiler.engines import paged_reference_engine, reference_engine
 from rlx.frontends.checkpoint import open_checkpoint
 from rlx.passes import DEFAULT_PIPELINE
+from rlx.runtime.batch import generate_batch, pages_for_batch
 from rlx.runtime.generate import generate
 from rlx.runtime.reference import ReferenceEngine
 from rlx.runtime.requests import SamplingParams, TokenEvent
@@ -122,3 +123,19 @@ def test_exhausted_pool_preempts_and_cancel_frees(tiny_ckpt: Ckpt, single: Calla
     assert by_id[doomed][-1].finish_reason == "cancelled" and len(tokens_of(by_id[doomed])) == 2
     assert s.stats().preemptions > 0
     assert_all_pages_back(s)
+
+
+def test_generate_batch_equals_generate_per_prompt(tiny_ckpt: Ckpt, single: Callable[[str], ReferenceEngine]) -> None:
+    engine = single("gemma3")
+    prompts = [[2, 17, 99, 5], [2, 30], [2, 77, 88, 9, 10, 11, 12, 13, 14], [2, 40, 41]]
+    news = [5, 3, 6, 1]
+    params = [SamplingParams(max_new_tokens=n) for n in news]
+    paged = paged_reference_engine(open_checkpoint(tiny_ckpt("gemma3")), passes=DEFAULT_PIPELINE, shared=engine,
+                                   num_pages=pages_for_batch(prompts, params, page_size=16, max_batch=2))
+    gens = generate_batch(paged, prompts, params, eos_ids=EOS, max_batch=2, keep_logits=True)
+    for gen, prompt, n in zip(gens, prompts, news, strict=True):
+        ref = generate(engine, prompt, n, eos_ids=EOS)
+        assert (gen.prompt_ids, gen.tokens, gen.stopped_at_eos) == (prompt, ref.tokens, ref.stopped_at_eos)
+        np.testing.assert_allclose(gen.logits_array(), ref.logits_array(), rtol=1e-5,
+                                   atol=1e-5 * float(np.abs(ref.logits_array()).max()))
+        assert gen.prefill_s > 0 and gen.decode_s >= 0
