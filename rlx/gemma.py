@@ -109,16 +109,17 @@ class GemmaFlow(_flow.GemmaFlow):
         flow = self
         if weights is not None:
             flow = self._with()
-            flow.weights = weight_shapes(weights)  # param shapes checked against them as the graph is built
+            flow.weights = weight_shapes(weights)  # param shapes are checked against them as the graph is built
         elif isinstance(self.weights, WeightStore):
             weights = self.weights
         else:
             raise FlowError("build() needs the model's weights: this flow was made without a WeightStore",
                             hint="pass build(checkpoint.weights), or make the flow with GemmaFlow(config, "
                                  "checkpoint.weights)")
+        source = weight_source(weights)  # checked before any work
         profile = self.chosen_profile
         hir, report = run_pipeline(profile.apply(flow).build_hir(), self.spec.mode, profile, config=self.config)
-        return BuiltModel(hir, GraphWeights.of(hir, weight_source(weights)), report)
+        return BuiltModel(hir, GraphWeights.of(hir, source), report)
 
 
 # ---- the one-call builders and their options ----

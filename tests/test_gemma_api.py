@@ -23,7 +23,7 @@ from rlx.cli import main as cli_main
 from rlx.compiler.engines import reference_engine
 from rlx.compiler.graphs import run_pipeline
 from rlx.compiler.profile import PRESETS
-from rlx.errors import FlowError, ProfileError
+from rlx.errors import FlowError, ProfileError, WeightError
 from rlx.frontends.flow import GemmaFlow as PlainFlow
 from rlx.frontends.weights import WeightCache
 from rlx.hir.interpreter import Interpreter
@@ -180,6 +180,8 @@ def test_build_needs_weights(tiny_ckpt: Ckpt) -> None:
     ckpt = gemma.open_checkpoint(tiny_ckpt("gemma3"))
     with pytest.raises(FlowError, match="build\\(\\) needs the model's weights"):
         gemma.GemmaFlow.for_prefill(ckpt.config, 1, N).build()
+    with pytest.raises(WeightError, match="got Checkpoint"):
+        gemma.GemmaFlow.for_prefill(ckpt.config, 1, N).build(ckpt)  # type: ignore[arg-type]
     built = gemma.GemmaFlow(ckpt.config, ckpt.weights).prefill(N).build()  # the store the flow was made with
     assert built.hir.outputs.keys() == {"logits"}
 
@@ -369,6 +371,8 @@ def test_layer_context_tells_a_stage_its_attention_and_eps(family: str, tiny_ckp
         assert att.window == (2 if i == 0 else cfg.window(i) or 0)
         assert att.rope.theta == (5e4 if i == 0 else {0: 1e4, 1: 1e6}[i % 2])
     assert [seen[i][0].window for i in (1, 2, 3)] == [0, 4, 0]  # full, sliding, full
+    with pytest.raises(FlowError, match="outside the layer stack"):
+        gemma.GemmaFlow(cfg, ckpt.weights).before_layers(lambda ctx, h: (ctx.attention, h)[1]).build_hir()
     if family == "gemma4":  # full layers: their own head dim, one kv head, proportional RoPE, no score scale
         assert (seen[1][0].head_dim, seen[1][0].kv_heads, seen[1][0].rope.kind) == (32, 1, "proportional")
         assert seen[1][0].score_scale == 1.0

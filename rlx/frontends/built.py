@@ -29,6 +29,9 @@ Weights = WeightStore | Mapping[str, np.ndarray] | Callable[[str], np.ndarray]
 
 def weight_source(weights: Weights) -> WeightSource:
     """A store becomes a `WeightCache` (each tensor read once, a GGUF's blocks kept as stored)."""
+    if not isinstance(weights, WeightStore | Mapping) and not callable(weights):
+        raise WeightError(f"weights must be a WeightStore, a mapping of arrays or a loader, got "
+                          f"{type(weights).__name__}", hint="pass checkpoint.weights (rlx.gemma.open_checkpoint(path))")
     return WeightCache(weights) if isinstance(weights, WeightStore) else weights
 
 

@@ -130,6 +130,10 @@ class LayerContext:
     @property
     def attention(self) -> AttentionSpec:
         """This layer's attention: heads, kv heads, head dim, window, RoPE, score scale, softcap."""
+        if not 0 <= self.index < self.config.num_layers:
+            raise FlowError(f"ctx.attention asked outside the layer stack (index {self.index})",
+                            hint="only a layer's stage has an attention spec; before/after stages and "
+                                 "patch_flow run outside the layers")
         return AttentionSpec.of(self.config, self.index, self.overrides)
 
     @property
