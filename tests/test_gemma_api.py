@@ -210,6 +210,21 @@ def test_prefill_opts_builders(family: str, tiny_ckpt: Ckpt) -> None:
     close(dynamic.run(FEEDS)["logits"][0], ref.prefill_logits)
 
 
+def test_prefill_hidden_and_media_bias_opts(tiny_ckpt: Ckpt) -> None:
+    d = tiny_ckpt("gemma3")
+    ckpt = gemma.open_checkpoint(d)
+    opts = gemma.GemmaPrefillOpts(1, N, with_lm_head=True, prefill_hidden=True)
+    embeds = ckpt.weights.get("embed_tokens.weight")[PROMPT] * np.float32(ckpt.config.hidden_size ** 0.5)
+    built = gemma.build_gemma_prefill_built(ckpt.config, ckpt.weights, opts)
+    assert set(built.hir.inputs) == {"inputs_embeds", "positions"}
+    close(built.run({"inputs_embeds": embeds[None], "positions": FEEDS["positions"]})["logits"][0],
+          hf(d).prefill_logits)
+    media = gemma.build_gemma_prefill_built(ckpt.config, ckpt.weights, replace(opts, media_attn_bias=True))
+    assert media.hir.inputs["media_attn_bias"].type.shape == (1, 1, N, N)
+    crate_name = gemma.GemmaFlow(ckpt.config, ckpt.weights).prefill(N).prefill_media_attn_bias()
+    assert crate_name.build_hir() == gemma.GemmaFlow(ckpt.config, ckpt.weights).prefill(N).media_attn_bias().build_hir()
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_decode_opts_builders(family: str, tiny_ckpt: Ckpt) -> None:
     d = tiny_ckpt(family)
