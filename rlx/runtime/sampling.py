@@ -56,6 +56,9 @@ class RequestSampler:
         self._seen = set(prompt_ids)  # prompt + generated: the repetition penalty's tokens
         self._bias_ids = np.fromiter(params.logit_bias.keys(), dtype=np.int64, count=len(params.logit_bias))
         self._bias = np.fromiter(params.logit_bias.values(), dtype=np.float64, count=len(params.logit_bias))
+        self._plain_greedy = (params.temperature == 0 and params.logprobs is None and not params.logit_bias
+                              and params.repetition_penalty == 1 and not params.presence_penalty
+                              and not params.frequency_penalty)
 
     def process(self, logits: np.ndarray, allowed: np.ndarray | None = None) -> np.ndarray:
         """The processed logits (float64): bias, penalties, then the constraint's mask."""
@@ -79,6 +82,11 @@ class RequestSampler:
     def __call__(self, logits: np.ndarray, allowed: np.ndarray | None = None) -> Choice:
         """Choose the next token from one row of logits [vocab] (finite), given the constraint's mask."""
         p = self.params
+        if self._plain_greedy and allowed is None:  # nothing to process: the argmax of the row as it is
+            token = int(np.argmax(logits))
+            self._generated[token] += 1
+            self._seen.add(token)
+            return Choice(token)
         z = self.process(logits, allowed)
         if p.temperature == 0:
             token = int(np.argmax(z))

@@ -239,6 +239,7 @@ class Scheduler:
             except Exception as e:  # an engine failure ends this step's requests, not the server
                 log.exception("%s: step failed", self.model.name)
                 error = f"{self.model.name}: the step failed: {type(e).__name__}: {e}"
+            finite = np.isfinite(logits).all(axis=1) if error is None else None
             with self._lock:
                 self._in_step = False
                 self._steps += 1
@@ -251,7 +252,7 @@ class Scheduler:
                         seq.computed += n
                         self._offer_full_pages(seq)
                         if not seq.pending:
-                            events.append(self._sample(seq, logits[row]))
+                            events.append(self._sample(seq, logits[row], bool(finite[row])))
             return events
         finally:
             self._stepping.release()
@@ -355,9 +356,9 @@ class Scheduler:
             parent = seq.nodes[-1] if seq.nodes else ROOT
             seq.nodes.append(self.cache.insert(parent, seq.tokens[i * size:(i + 1) * size], seq.pages[i]))
 
-    def _sample(self, seq: _Sequence, row: np.ndarray) -> TokenEvent:
+    def _sample(self, seq: _Sequence, row: np.ndarray, finite: bool) -> TokenEvent:
         """Choose the sequence's next token from its logits row; finish it if that ends it."""
-        if not np.isfinite(row).all():
+        if not finite:
             return self._finish(seq, "error", error=f"{self.model.name}: the logits of step {seq.generated} of "
                                                     f"{seq.request_id} hold NaN or inf values")
         try:
