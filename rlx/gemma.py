@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Self
 
 import numpy as np
 
@@ -68,32 +68,32 @@ class GemmaFlow(_flow.GemmaFlow):
     _profile: Profile | None = None
 
     @classmethod
-    def for_prefill(cls, config: GemmaConfig, batch: int, seq: int) -> GemmaFlow:
+    def for_prefill(cls, config: GemmaConfig, batch: int, seq: int) -> Self:
         """A static prefill of `batch` x `seq` tokens."""
         return cls(config).prefill(seq).batch(batch)
 
     @classmethod
-    def for_decode(cls, config: GemmaConfig, batch: int, past: int) -> GemmaFlow:
+    def for_decode(cls, config: GemmaConfig, batch: int, past: int) -> Self:
         """One decode step after `past` cached positions, with logits (and K/V: the decode default)."""
         return cls(config).decode(past).batch(batch).lm_head()
 
-    def prefill_media_attn_bias(self) -> GemmaFlow:
+    def prefill_media_attn_bias(self) -> Self:
         """The crate's name for `media_attn_bias()`."""
         return self.media_attn_bias()
 
     # ---- profiles ----
-    def profile(self, profile: Profile) -> GemmaFlow:
+    def profile(self, profile: Profile) -> Self:
         out = self._with()
         out._profile = profile
         return out
 
-    def profile_prefill(self) -> GemmaFlow:
+    def profile_prefill(self) -> Self:
         return self.profile(PRESETS[MODE_PRESETS["prefill"]])
 
-    def profile_decode(self) -> GemmaFlow:
+    def profile_decode(self) -> Self:
         return self.profile(PRESETS[MODE_PRESETS["decode"]])
 
-    def profile_near(self, weights_path: str | Path) -> GemmaFlow:
+    def profile_near(self, weights_path: str | Path) -> Self:
         """The profile beside the weights; without one, the preset of the flow's mode now."""
         return self.profile(gemma_profile_near_weights(weights_path, self.spec.mode == "decode"))
 

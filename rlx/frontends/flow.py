@@ -27,7 +27,7 @@ import dataclasses
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Literal, Protocol
+from typing import Literal, Protocol, Self
 
 import numpy as np
 
@@ -187,65 +187,65 @@ class GemmaFlow:
         self._tail: tuple[Callable[[LayerContext, str], str | None], ...] = ()
         self._patches: tuple[Callable[[HIR], HIR | None], ...] = ()
 
-    def _with(self, **changes: object) -> GemmaFlow:
+    def _with(self, **changes: object) -> Self:
         """A copy (of the caller's class, with every attribute, so subclasses keep their state)."""
         out = copy.copy(self)
         out.spec = replace(self.spec, **changes)
         return out
 
-    def _extend(self, attr: str, item: object) -> GemmaFlow:
+    def _extend(self, attr: str, item: object) -> Self:
         out = self._with()
         setattr(out, attr, (*getattr(self, attr), item))
         return out
 
     # ---- mode and dims ----
-    def prefill(self, seq: int | None = None) -> GemmaFlow:
+    def prefill(self, seq: int | None = None) -> Self:
         return self._with(mode="prefill", seq=seq, has_past=False)
 
-    def decode(self, past: int | None = None) -> GemmaFlow:
+    def decode(self, past: int | None = None) -> Self:
         return self._with(mode="decode", seq=1, past=past, has_past=True)
 
-    def batch(self, n: int) -> GemmaFlow:
+    def batch(self, n: int) -> Self:
         if n < 1:
             raise FlowError(f"batch must be >= 1, got {n}", hint="use batch(n) with n >= 1")
         return self._with(batch=n)
 
-    def dynamic_batch(self) -> GemmaFlow:
+    def dynamic_batch(self) -> Self:
         return self._with(batch=None)
 
-    def seq(self, n: int) -> GemmaFlow:
+    def seq(self, n: int) -> Self:
         if self.spec.mode == "decode":
             raise FlowError("seq() is for prefill; a decode step has seq 1", hint="use past(n) for decode")
         if n < 1:
             raise FlowError(f"seq must be >= 1, got {n}", hint="use seq(n) with n >= 1")
         return self._with(seq=n)
 
-    def past(self, n: int) -> GemmaFlow:
+    def past(self, n: int) -> Self:
         """Static past length; in prefill this makes a chunked prefill over an existing cache."""
         if n < 0:
             raise FlowError(f"past must be >= 0, got {n}", hint="use past(n) with n >= 0")
         return self._with(past=n, has_past=True)
 
-    def dynamic_seq(self) -> GemmaFlow:
+    def dynamic_seq(self) -> Self:
         return self._with(seq=None)
 
-    def dynamic_past(self) -> GemmaFlow:
+    def dynamic_past(self) -> Self:
         return self._with(past=None, has_past=True)
 
     # ---- outputs and inputs ----
-    def lm_head(self) -> GemmaFlow:
+    def lm_head(self) -> Self:
         return self._with(output="lm_head")
 
-    def hidden_only(self) -> GemmaFlow:
+    def hidden_only(self) -> Self:
         return self._with(output="hidden")
 
-    def last_token_logits(self) -> GemmaFlow:
+    def last_token_logits(self) -> Self:
         return self._with(output="last_token_logits")
 
-    def export_kv(self, on: bool = True) -> GemmaFlow:
+    def export_kv(self, on: bool = True) -> Self:
         return self._with(export_kv=on)
 
-    def paged(self, page_size: int = DEFAULT_PAGE_SIZE, max_seq: int | None = None) -> GemmaFlow:
+    def paged(self, page_size: int = DEFAULT_PAGE_SIZE, max_seq: int | None = None) -> Self:
         """One `step` graph over the ragged tokens of many sequences, K/V in page pools of
         `page_size` positions (`rlx.frontends.paged`); sequences reach up to `max_seq` positions
         (default: the model's context)."""
@@ -256,16 +256,16 @@ class GemmaFlow:
         return self._with(mode="prefill", batch=1, seq=None, has_past=False, output="lm_head",
                           page_size=page_size, max_pages=max_pages_for(limit, page_size))
 
-    def custom_mask(self, on: bool = True) -> GemmaFlow:
+    def custom_mask(self, on: bool = True) -> Self:
         """Replace the built-in causal/sliding masks by an additive `attn_mask` [B, 1, S, T] input."""
         return self._with(custom_mask=on)
 
-    def media_attn_bias(self, on: bool = True) -> GemmaFlow:
+    def media_attn_bias(self, on: bool = True) -> Self:
         """Add a `media_attn_bias` [B, 1, S, T] input to every layer's scores; sliding layers become
         bidirectional inside their window (the bias carries any causality media tokens need)."""
         return self._with(media_attn_bias=on)
 
-    def prefill_from_hidden(self) -> GemmaFlow:
+    def prefill_from_hidden(self) -> Self:
         """Start from an `inputs_embeds` [B, S, hidden] input already in the residual stream (scaled).
 
         Models with per-layer embeddings (Gemma 4 `hidden_size_per_layer_input`) also take
@@ -275,43 +275,43 @@ class GemmaFlow:
         return self._with(from_hidden=True, mode="prefill")
 
     # ---- stages and patches ----
-    def layer(self, fn: Callable[[LayerContext], Stage | None]) -> GemmaFlow:
+    def layer(self, fn: Callable[[LayerContext], Stage | None]) -> Self:
         """`fn(ctx)` returns the stage for layer ctx.index (`ctx.default_stage()` keeps the stock
         layer, `identity_stage` drops it, None keeps what earlier callbacks chose)."""
         return self._extend("_layer_fns", fn)
 
-    def override_layers(self, select: Callable[[int, str], bool], overrides: LayerOverrides) -> GemmaFlow:
+    def override_layers(self, select: Callable[[int, str], bool], overrides: LayerOverrides) -> Self:
         """Apply overrides to the layers for which `select(index, layer_type)` is true."""
         chosen = tuple((i, overrides) for i in range(self.config.num_layers)
                        if select(i, self.config.layer_type(i)))
         return self._with(layer_overrides=self.spec.layer_overrides + chosen)
 
-    def keep_layers(self, k: int) -> GemmaFlow:
+    def keep_layers(self, k: int) -> Self:
         """Run only the first k layers (the rest become identity stages)."""
         if not 0 <= k <= self.config.num_layers:
             raise FlowError(f"keep_layers({k}): the model has {self.config.num_layers} layers",
                             hint="keep between 0 and the layer count")
         return self.layer(lambda ctx: identity_stage if ctx.index >= k else None)
 
-    def before_layers(self, stages: Stage | Iterable[Stage]) -> GemmaFlow:
+    def before_layers(self, stages: Stage | Iterable[Stage]) -> Self:
         """Stages run after the embedding, before layer 0, in order: one stage or an iterable."""
         out = self._with()
         out._before = (*self._before, *_stages(stages))
         return out
 
-    def after_layers(self, stages: Stage | Iterable[Stage]) -> GemmaFlow:
+    def after_layers(self, stages: Stage | Iterable[Stage]) -> Self:
         """Stages run after the last layer, before the final norm and LM head: one or an iterable."""
         out = self._with()
         out._after = (*self._after, *_stages(stages))
         return out
 
-    def patch_flow(self, fn: Callable[[LayerContext, str], str | None]) -> GemmaFlow:
+    def patch_flow(self, fn: Callable[[LayerContext, str], str | None]) -> Self:
         """A hook on the final hidden state, as the crate's: `fn(ctx, h)` runs after every layer and
         `after_layers` stage, before the final norm and LM head; it may add nodes or outputs
         (`ctx.hir`) and returns the new hidden id, or None to keep `h`."""
         return self._extend("_tail", fn)
 
-    def patch_graph(self, fn: Callable[[HIR], HIR | None]) -> GemmaFlow:
+    def patch_graph(self, fn: Callable[[HIR], HIR | None]) -> Self:
         """A hook over the finished graph: return a new HIR, or None after editing in place."""
         return self._extend("_patches", fn)
 
