@@ -17,7 +17,9 @@ One step (`step()`):
    and never stalls the decodes.
 2. Waiting requests join, first come first served, while batch slots (`max_batch`), budget and
    pages allow. A request first takes the prefix cache's pages for the whole pages its tokens
-   start with (`prefix_cache.py`) and computes only the rest.
+   start with (`prefix_cache.py`) and computes only the rest. One whose first pages a running
+   sequence is still computing (`n` completions of one prompt, a shared system prompt arriving
+   twice) waits until they are cached, so they are computed once.
 3. The step's pages are allocated (`kv_pages.py`); pages held only by the prefix cache are
    evicted, least recently used first, when the pool has too few free ones. When a running
    sequence still cannot grow, the youngest running sequence is preempted: its pages are freed
@@ -281,16 +283,37 @@ class Scheduler:
                 if seq.pending != 1:  # the decodes' tokens were set aside before the loop
                     prefill_budget -= n
                 i += 1
-        while (not preempted and self._waiting and len(self._running) < self.max_batch and prefill_budget > 0):
-            seq = self._waiting[0]
+        deferred: list[_Sequence] = []
+        while not preempted and self._waiting and len(self._running) < self.max_batch and prefill_budget > 0:
+            seq = self._waiting.popleft()
+            if self._twin_is_computing(seq):
+                deferred.append(seq)
+                continue
             n = self._admit(seq, prefill_budget)
             if not n:
+                self._waiting.appendleft(seq)
                 break
-            self._waiting.popleft()
             self._running.append(seq)
             plan.append((seq, n))
             prefill_budget -= n
+        self._waiting.extendleft(reversed(deferred))
         return plan
+
+    def _twin_is_computing(self, seq: _Sequence) -> bool:
+        """A running sequence is still computing full pages this one starts with (the same system
+        prompt, `n` completions of one prompt): wait for them to reach the prefix cache rather
+        than compute them twice."""
+        if self.cache is None:
+            return False
+        size = self.pool.page_size
+        for other in self._running:
+            if other.pending > 1:
+                common = next((i for i, (a, b) in enumerate(zip(seq.tokens, other.tokens, strict=False)) if a != b),
+                              min(len(seq.tokens), len(other.tokens)))
+                shared = min(common, len(seq.tokens) - 1) // size * size
+                if shared > other.computed:
+                    return True
+        return False
 
     def _admit(self, seq: _Sequence, budget: int) -> int:
         """Give a waiting sequence its cached prefix and the pages of its first chunk; the chunk's

@@ -326,3 +326,18 @@ def test_constraint_masks_and_terminates() -> None:
     assert tokens_of(events) == [9, 8, 7] and events[-1].finish_reason == "stop"
     assert all(e.logprob == 0.0 and e.top_logprobs[0] == (e.token, 0.0) for e in events)
     assert_all_pages_back(s)
+
+
+def test_requests_sharing_a_prompt_compute_its_pages_once() -> None:
+    """`n` completions of one prompt arriving together: the twins wait for the first's pages."""
+    model = ToyPagedModel(page_size=4)
+    s = Scheduler(model, eos_ids=())
+    prompt = list(range(2, 15))  # 13 tokens: 3 full pages
+    settings = [SamplingParams(max_new_tokens=5, temperature=1.0, seed=i) for i in range(4)]
+    ids = [s.submit(prompt, params) for params in settings]
+    by_id = collect(list(s.run()))
+    for rid, params in zip(ids, settings, strict=True):
+        assert tokens_of(by_id[rid]) == alone(prompt, params, eos=())
+    assert s.stats().prefix_hits == 3 * 12
+    assert sum(b.num_tokens for b in model.steps) == 13 + 3 * 1 + 4 * 4  # one prefill, 3 last tokens, decodes
+    assert_all_pages_back(s)
