@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 import numpy as np
 
+from rlx import progress
 from rlx.errors import RlxError
 from rlx.interrupts import Interrupted, handle_interrupts, received
 from rlx.outputs import guard_file_output
@@ -195,7 +196,7 @@ def _detokenizer(model: Model) -> Callable[[list[int]], str]:
 
 
 def _progress(message: str) -> None:
-    print(f"[rlx] {message}", file=sys.stderr, flush=True)
+    progress.say(message)  # on unless --quiet (main)
 
 
 def _targets(text: str) -> list[str]:
@@ -229,6 +230,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="rlx", description="Compile and run Gemma models with TVM.")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr (errors still)")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("inspect", help="print a checkpoint's HIR and a summary")
@@ -280,6 +282,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bench", help="bench/bench_cpu.py --json output, to plot the cpu speed against")
     _compile_flags(p)
     p.set_defaults(fn=cmd_compare)
+
+    from rlx.serve.commands import add_commands  # `rlx serve`, `rlx chat` (light: handlers import lazily)
+
+    add_commands(sub)
     return parser
 
 
@@ -298,7 +304,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with handle_interrupts():
             args = build_parser().parse_args(argv)
-            return args.fn(args)
+            with progress.reporting(not args.quiet):
+                return args.fn(args)
     except RlxError as e:
         if (signum := received()) is not None:  # a library turned the interrupt into its own error
             return _interrupted(signum)

@@ -1,0 +1,118 @@
+"""What the server and the chat sit on: a loaded model's batched engine, tokenizer and chat template.
+
+`load_backend` opens a checkpoint (compiled through the compile cache first for `--target cpu`,
+with progress on stderr) or an artifact, builds its paged engine with a page pool of
+`--kv-pages` pages, a continuous-batching `Scheduler` over it (`--max-batch`, `--max-queue`) and
+the `AsyncEngine` that steps it in a background thread. Everything above works on `Backend`.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rlx.errors import RlxError
+from rlx.runtime.async_engine import AsyncEngine
+from rlx.runtime.scheduler import Scheduler
+from rlx.runtime.tokenizer import Tokenizer
+from rlx.serve.chat_template import ChatTemplate, load_chat_template
+from rlx.serve.structured import GrammarFactory
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    target: str = "reference"
+    max_batch: int = 8
+    max_queue: int = 64
+    kv_pages: int | None = None   # None: enough for max_batch full-length sequences
+    chat_template: str | None = None
+
+
+@dataclass
+class Backend:
+    """A model ready to serve."""
+
+    name: str                       # the model name clients send
+    engine: AsyncEngine
+    tokenizer: Tokenizer
+    template: ChatTemplate
+    grammars: GrammarFactory
+    max_seq: int
+    vocab_size: int
+    eos_ids: tuple[int, ...]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Generated text: special tokens (EOS, turn markers) are not part of it."""
+        return self.tokenizer.decode(list(ids), skip_special=True)
+
+    def token_text(self, token: int) -> str:
+        return self.tokenizer.decode([token])
+
+    def encode_chat(self, messages: Sequence[dict[str, Any]], *, add_generation_prompt: bool = True) -> list[int]:
+        """As transformers' apply_chat_template(tokenize=True): the template writes BOS itself."""
+        text = self.template.render(messages, add_generation_prompt=add_generation_prompt)
+        return self.tokenizer.encode(text, add_bos=False)
+
+    def stats(self) -> dict[str, float]:
+        """The engine's state under the metric names of `metrics.py`."""
+        s = self.engine.stats()
+        return {"num_requests_running": s.running, "num_requests_waiting": s.waiting,
+                "kv_cache_usage_perc": s.kv_usage, "prefix_cache_queries": s.prefix_queries,
+                "prefix_cache_hits": s.prefix_hits}
+
+
+def _progress(message: str) -> None:
+    print(f"[rlx] {message}", file=sys.stderr, flush=True)
+
+
+def _paged_model(model: Any, path: Path, target: str, num_pages: int) -> Any:
+    """The model's paged engine: `Model.paged_model` where the loaded model offers it, else (a
+    checkpoint on the reference target) the interpreter over its paged step graph, sharing the
+    single-sequence engine's weights."""
+    if hasattr(model, "paged_model"):
+        return model.paged_model(num_pages)
+    if target != "reference":
+        raise RlxError(f"the batched engine for --target {target} is not available in this build",
+                       hint="use --target reference")
+    from rlx.compiler.engines import paged_reference_engine
+    from rlx.frontends.checkpoint import open_checkpoint
+
+    return paged_reference_engine(open_checkpoint(path), num_pages=num_pages, shared=model.engine)
+
+
+def load_backend(path: str | Path, options: EngineOptions, *, served_name: str | None = None,
+                 progress: Callable[[str], None] = _progress) -> Backend:
+    """Load everything a server needs (seconds to minutes: compile, weights, tokenizer)."""
+    import rlx.api
+
+    path = Path(path)
+    if not path.exists():
+        raise RlxError(f"{path} does not exist", hint="pass a checkpoint (HF directory or .gguf) or an artifact")
+    source: str | Path = path
+    if not rlx.api.is_artifact(path) and options.target != "reference":
+        progress(f"compiling {path} for {options.target} (the compile cache keeps it for next time)")
+        source = rlx.api.compile(path, options.target)[0]
+    progress(f"loading {source}")
+    model = rlx.api.load(source, target=options.target if not rlx.api.is_artifact(source) else "reference")
+    tokenizer = model.tokenizer
+    max_seq_single = model.engine.max_seq
+    pages_per_seq = -(-max_seq_single // 16)
+    num_pages = options.kv_pages if options.kv_pages is not None else max(options.max_batch * pages_per_seq, 64)
+    paged = _paged_model(model, path, options.target, num_pages)
+    scheduler = Scheduler(paged, max_batch=options.max_batch, max_queue=options.max_queue,
+                          max_tokens_per_step=max(256, options.max_batch), eos_ids=model.eos_ids)
+    special = {"bos_token": tokenizer.backend.id_to_token(tokenizer.bos_id) if tokenizer.bos_id is not None else None,
+               "eos_token": tokenizer.backend.id_to_token(model.eos_ids[0]) if model.eos_ids else None}
+    template = load_chat_template(options.chat_template, tokenizer.chat_template, special)
+    progress(f"serving with {paged.num_pages} KV pages of {paged.page_size} positions, chat template "
+             f"{template.origin}")
+    return Backend(name=served_name or _default_name(path), engine=AsyncEngine(scheduler), tokenizer=tokenizer,
+                   template=template, grammars=GrammarFactory.from_tokenizer(tokenizer, paged.vocab_size),
+                   max_seq=paged.max_seq, vocab_size=paged.vocab_size, eos_ids=tuple(model.eos_ids))
+
+
+def _default_name(path: Path) -> str:
+    return path.stem if path.suffix == ".gguf" else path.name
