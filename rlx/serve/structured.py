@@ -86,8 +86,8 @@ class GrammarFactory:
         if kind == "text":
             return None
         compiler = self._get_compiler()
-        if kind == "json_object":
-            return compiler.compile_builtin_json_grammar()
+        if kind == "json_object":  # OpenAI's json mode is an object (xgrammar's builtin JSON is any value)
+            return compiler.compile_json_schema('{"type": "object"}', any_whitespace=False, strict_mode=False)
         spec = response_format.get("json_schema") or {}
         schema = spec.get("schema") if isinstance(spec, Mapping) else None
         if not isinstance(schema, Mapping):
