@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from rlx.compiler.engines import ENGINES
+from rlx.compiler.engines import ENGINES, PAGED_ENGINES
 from rlx.compiler.profile import Profile
 from rlx.compiler.profile_toml import resolve_profile
 from rlx.errors import RlxError
 from rlx.frontends.checkpoint import open_checkpoint
+from rlx.frontends.paged import DEFAULT_PAGE_SIZE
 from rlx.runtime.detokenizer import FILE as DETOKENIZER_FILE
 from rlx.runtime.detokenizer import Detokenizer
 from rlx.runtime.engine import Engine
 from rlx.runtime.generate import Generation, generate
+from rlx.runtime.paged_engine import PagedEngine
 from rlx.runtime.sampler import Sampler
 from rlx.runtime.tokenizer import Tokenizer
 
@@ -36,7 +38,9 @@ class Model:
     tokenizer_from: Callable[[], Tokenizer]
     profile: Profile | None = None
     detokenizer_from: Callable[[], Detokenizer] | None = None  # a decode-only table, when there is one
+    paged_from: Callable[[int, int | None], PagedEngine] | None = None  # (num_pages, page_size) -> paged engine
     _tokenizer: Tokenizer | None = None
+    _paged: dict[int | None, PagedEngine] = field(default_factory=dict)  # one compiled step module per page size
     _decoder: Detokenizer | Tokenizer | None = None
 
     @property
@@ -54,6 +58,19 @@ class Model:
         """Use a detokenizer loaded before the weights (its parse is then not on top of them)."""
         if self._decoder is None:
             self._decoder = decoder
+
+    def paged_model(self, num_pages: int, page_size: int | None = None) -> PagedEngine:
+        """The batched engine over this model's weights (`rlx.runtime.paged_model.PagedModel`, what
+        the scheduler drives) with a pool of `num_pages` pages per layer of its own. `page_size`
+        None: 16 for a checkpoint, the compiled one for an artifact. The step graph is built (and
+        compiled) once per page size; each call gets fresh pools."""
+        if self.paged_from is None:
+            raise RlxError("this model has no paged engine", hint="load it with rlx.load(checkpoint or artifact)")
+        made = self._paged.get(page_size)
+        if made is None:
+            made = self._paged[page_size] = self.paged_from(num_pages, page_size)
+            return made
+        return made.with_pool(num_pages)
 
     @property
     def decoder(self) -> Detokenizer | Tokenizer:
@@ -134,7 +151,12 @@ def load(path: str | Path, target: str = "reference", *, profile: str | Path | P
     chosen = resolve_profile(profile, path, quantize)  # a bad profile fails before any weight is read
     ckpt = open_checkpoint(path)
     engine = ENGINES[target](ckpt, passes=passes, profile=chosen)
-    return Model(engine, ckpt.config.eos_token_ids, lambda: Tokenizer.from_checkpoint(ckpt), chosen)
+
+    def paged(num_pages: int, page_size: int | None) -> PagedEngine:
+        return PAGED_ENGINES[target](ckpt, engine, num_pages=num_pages, page_size=page_size or DEFAULT_PAGE_SIZE,
+                                     passes=passes, profile=chosen)
+
+    return Model(engine, ckpt.config.eos_token_ids, lambda: Tokenizer.from_checkpoint(ckpt), chosen, paged_from=paged)
 
 
 def refuse_compile_options(artifact: str | Path, options: Mapping[str, object]) -> None:
@@ -167,7 +189,7 @@ def _load_artifact(path: Path, target: str, verify: bool, quantize: str | None) 
                        hint=f"drop --target, or compile for it: rlx compile CHECKPOINT --target {target}")
     detokenizer = (lambda: Detokenizer.load(path)) if (path / DETOKENIZER_FILE).is_file() else None
     return Model(engine, engine.config.eos_token_ids, lambda: Tokenizer.from_hf_dir(path),
-                 detokenizer_from=detokenizer)
+                 detokenizer_from=detokenizer, paged_from=engine.paged_model)
 
 
 def tokenizer_for(path: str | Path) -> Tokenizer:
@@ -180,10 +202,13 @@ def tokenizer_for(path: str | Path) -> Tokenizer:
 
 def compile(checkpoint: str | Path, target: str | list[str] = "cpu", out: str | Path | None = None, *,
             profile: str | None = None, passes: str | None = None, max_seq: int | None = None,
-            quantize: str | None = None) -> list[Path]:
-    """Compile a checkpoint to artifact directories (one per target); see `rlx compile`."""
+            quantize: str | None = None, progress: bool = False) -> list[Path]:
+    """Compile a checkpoint to artifact directories (one per target); see `rlx compile`. Quiet
+    unless `progress` (phase lines on stderr, as the CLI shows them)."""
     from rlx.compiler.compile import compile_checkpoint
+    from rlx.progress import reporting
 
     targets = target.split(",") if isinstance(target, str) else list(target)
-    return compile_checkpoint(checkpoint, targets, out, profile=profile, passes=passes, max_seq=max_seq,
-                              quantize=quantize)
+    with reporting(progress):
+        return compile_checkpoint(checkpoint, targets, out, profile=profile, passes=passes, max_seq=max_seq,
+                                  quantize=quantize)

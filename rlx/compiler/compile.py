@@ -90,7 +90,7 @@ def write_artifact(dest: Path, populate: Callable[[Path], dict[str, Any]], prote
 def _cache_key(model_hash: str, profile: Any, passes: str | None, target: dict[str, Any], max_seq: int) -> str:
     blob = json.dumps({"model": model_hash, "profile": repr(profile), "passes": passes, "target": target,
                        "max_seq": max_seq, "versions": tool_versions(), "format": FORMAT_VERSION,
-                       "report": REPORT_VERSION},
+                       "report": REPORT_VERSION, "paged": _paged_entries()},
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
@@ -107,10 +107,11 @@ def _kernels(scheduled: Any) -> list[dict[str, str]]:
 
 def _populate(tmp: Path, checkpoint: Any, resolved: Any, profile: Any, passes: str | None, max_seq: int,
               phases: Phases) -> dict[str, Any]:
-    from rlx.compiler.graphs import context_bounds, target_graphs
+    from rlx.compiler.graphs import context_bounds, paged_graphs, target_graphs
     from rlx.compiler.summary import weight_report
     from rlx.frontends.weights import WeightCache
     from rlx.hir.text import print_hir
+    from rlx.runtime.paged_engine import STEP
     from rlx.targets.build import build, build_isolated, schedule_module
     from rlx.targets.lower import lower, param_keys, weight_readers
 
@@ -118,11 +119,13 @@ def _populate(tmp: Path, checkpoint: Any, resolved: Any, profile: Any, passes: s
         bounds = context_bounds(max_seq)
         graphs = target_graphs(checkpoint, target=resolved.name, profile=profile, passes=passes, bounds=bounds,
                                max_seq=max_seq)
+        paged = paged_graphs(checkpoint, target=resolved.name, profile=profile, passes=passes, max_seq=max_seq)
         (tmp / "hir").mkdir()
-        for mode, hir in graphs.graphs.items():
-            (tmp / "hir" / f"{mode}.before.hir").write_text(print_hir(graphs.built[mode]))
-            (tmp / "hir" / f"{mode}.after.hir").write_text(print_hir(hir))
-    entries = graphs.entries
+        for mode, (before, after) in {**{m: (graphs.built[m], h) for m, h in graphs.graphs.items()},
+                                      STEP: (paged.built, paged.graph)}.items():
+            (tmp / "hir" / f"{mode}.before.hir").write_text(print_hir(before))
+            (tmp / "hir" / f"{mode}.after.hir").write_text(print_hir(after))
+    entries = {**graphs.entries, **paged.entries}
     backend = graphs.backend
     with phases("lower"):
         lowered = lower(entries, resolved.device)
@@ -172,11 +175,31 @@ def _populate(tmp: Path, checkpoint: Any, resolved: Any, profile: Any, passes: s
         "layouts": {key: spec.layout for key, spec in sorted(specs.items())},
         "bounds": {**bounds, "KV_CAP": max_seq},
         "prefill_buckets": list(graphs.buckets),
+        "paged": paged_manifest(paged),
         "backend": {"opt_level": backend.opt_level, "threads": backend.threads},
         "max_seq": max_seq,
         "library": library,
         "weights": WEIGHTS,
     }
+
+
+def _paged_entries() -> dict[str, Any]:
+    """The paged step entries artifacts hold (manifest "paged"), for the cache key: a cached
+    artifact built with other ones is compiled again."""
+    from rlx.compiler.graphs import DEFAULT_STEP_BUCKETS
+    from rlx.frontends.paged import DEFAULT_PAGE_SIZE
+
+    return {"page_size": DEFAULT_PAGE_SIZE, "buckets": DEFAULT_STEP_BUCKETS}
+
+
+def paged_manifest(paged: Any) -> dict[str, Any]:
+    """What `ArtifactEngine.paged_model` needs of the step entries: the page size, the page table's
+    width, the pools and the static buckets (`step_<b>`)."""
+    from rlx.runtime.paged_engine import paged_layout_of
+
+    layout = paged_layout_of(paged.graph)
+    return {"page_size": layout.page_size, "max_pages": layout.max_pages, "buckets": sorted(paged.variants),
+            "pools": [p.to_json() for p in layout.pools]}
 
 
 def save_weights_streaming(path: Path, specs: dict[str, Any], cache: Any) -> None:

@@ -18,7 +18,7 @@ from rlx.frontends.paged import DEFAULT_PAGE_SIZE
 from rlx.frontends.weights import WeightCache
 from rlx.runtime.buckets import DECODE, PREFILL
 from rlx.runtime.engine import Engine
-from rlx.runtime.paged_engine import PagedReferenceEngine
+from rlx.runtime.paged_engine import PagedEngine, PagedReferenceEngine
 from rlx.runtime.reference import ReferenceEngine
 
 
@@ -63,4 +63,26 @@ def compiled_engine(ckpt: Checkpoint, flow: GemmaFlow | None = None, *, passes: 
 ENGINES: dict[str, Callable[..., Engine]] = {  # (checkpoint, *, passes, profile) -> engine
     "reference": reference_engine,
     "cpu": compiled_engine,
+}
+
+
+def _paged_reference(ckpt: Checkpoint, shared: Engine, *, num_pages: int, page_size: int, passes: str | None,
+                     profile: Profile | None) -> PagedEngine:
+    return paged_reference_engine(ckpt, num_pages=num_pages, page_size=page_size, passes=passes, profile=profile,
+                                  shared=shared if isinstance(shared, ReferenceEngine) else None)
+
+
+def _paged_compiled(ckpt: Checkpoint, shared: Engine, *, num_pages: int, page_size: int, passes: str | None,
+                    profile: Profile | None) -> PagedEngine:
+    from rlx.compiler.compiled_engine import CompiledEngine, compiled_paged_engine
+
+    single = shared if isinstance(shared, CompiledEngine) else None
+    return compiled_paged_engine(ckpt, num_pages=num_pages, page_size=page_size, passes=passes, profile=profile,
+                                 target=single.name if single is not None else "cpu", shared=single)
+
+
+PAGED_ENGINES: dict[str, Callable[..., PagedEngine]] = {
+    # (checkpoint, the target's single-sequence engine (weights to share), *, num_pages, page_size, passes, profile)
+    "reference": _paged_reference,
+    "cpu": _paged_compiled,
 }

@@ -19,6 +19,7 @@ from tvm.runtime.vm import VirtualMachine
 
 from rlx.frontends.config import GemmaConfig
 from rlx.frontends.safetensors_file import DTYPE_NAMES, read_header
+from rlx.hir.conventions import PagedLayout, PagedPool
 from rlx.hir.pass_manager import PassReport
 from rlx.hir.tensor_type import TensorType
 from rlx.runtime.artifact import (
@@ -30,6 +31,7 @@ from rlx.runtime.artifact import (
     read_manifest,
     verify_files,
 )
+from rlx.runtime.paged_vm import PagedVMEngine
 from rlx.runtime.vm_engine import DEVICES, VMEngine
 
 
@@ -121,6 +123,21 @@ class ArtifactEngine(VMEngine):
         self._set_threads(manifest["backend"]["threads"])
         self.reports: dict[str, PassReport] = {}  # the passes ran at compile time: see report.json
         self._reset()
+
+    def paged_model(self, num_pages: int, page_size: int | None = None) -> PagedVMEngine:
+        """The artifact's batched engine (its `step*` entries, manifest "paged") over the weights
+        this engine loaded, with pools of `num_pages` pages; the page size is compiled in."""
+        paged = self.manifest.get("paged")
+        if paged is None:
+            raise ArtifactError(f"{self.manifest['target']['name']} artifact has no paged step entries",
+                                hint=RECOMPILE)
+        if page_size is not None and page_size != paged["page_size"]:
+            raise ArtifactError(f"this artifact's pages hold {paged['page_size']} positions, not {page_size}",
+                                hint=f"drop page_size, or compile again with page size {page_size}")
+        layout = PagedLayout(paged["page_size"], paged["max_pages"], tuple(PagedPool(**p) for p in paged["pools"]))
+        return PagedVMEngine(name=self.name, vm=self._vm, device=self.device, weights=self._weights,
+                             signatures=self.signatures, layout=layout, buckets=tuple(paged["buckets"]),
+                             num_pages=num_pages, vocab_size=self.vocab_size)
 
 
 def _load_library(path: Path) -> tvm.runtime.Module:

@@ -12,7 +12,9 @@ outputs become the next step's pools (the interpreter's `paged_kv_write` is func
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
+from typing import Protocol
 
 import numpy as np
 
@@ -22,7 +24,7 @@ from rlx.hir.graph import HIR
 from rlx.hir.interpreter import Interpreter, WeightSource
 from rlx.hir.quant import QuantizedArray
 from rlx.hir.shapes import PAGES, eval_shape
-from rlx.runtime.paged_model import StepBatch
+from rlx.runtime.paged_model import PagedModel, StepBatch
 
 STEP = "step"  # the dynamic entry (any number of tokens and sequences); `step_<b>` the static buckets
 HINT = "build the StepBatch from the scheduler's page tables (rlx.runtime.paged_model describes it)"
@@ -86,6 +88,13 @@ def step_bucket(tokens: int, seqs: int, buckets: Sequence[int]) -> int | None:
     return next((b for b in sorted(buckets) if b >= max(tokens, seqs)), None)
 
 
+class PagedEngine(PagedModel, Protocol):
+    """A `PagedModel` that can hand out another over the same graph or module and weights, with
+    pools of its own (`rlx.load(...).paged_model` builds a step once per page size)."""
+
+    def with_pool(self, num_pages: int) -> PagedEngine: ...
+
+
 def paged_layout_of(step: HIR) -> cv.PagedLayout:
     layout = cv.paged_layout(step)
     if layout is None:
@@ -103,17 +112,26 @@ class PagedReferenceEngine:
                  quantized: dict[str, QuantizedArray] | None = None) -> None:
         """`quantized`: the quantized-weight cache of the single-sequence reference engine over the
         same weights, so each quantized weight is held once."""
-        layout = paged_layout_of(step)
-        if num_pages < 1:
-            raise RunError(f"a page pool needs >= 1 page, got {num_pages}", hint="pass num_pages >= 1")
         self.step_graph = step
-        self.layout = layout
-        self.page_size, self.max_seq, self.num_pages = layout.page_size, layout.max_seq, num_pages
+        self.layout = paged_layout_of(step)
+        self.page_size, self.max_seq = self.layout.page_size, self.layout.max_seq
         self.vocab_size = vocab_size
         self._interp = Interpreter(step, weights, quantized)
+        self._allocate(num_pages)
+
+    def with_pool(self, num_pages: int) -> PagedReferenceEngine:
+        """Another engine over the same graph and interpreter (weights), with pools of its own."""
+        other = copy.copy(self)
+        other._allocate(num_pages)
+        return other
+
+    def _allocate(self, num_pages: int) -> None:
+        if num_pages < 1:
+            raise RunError(f"a page pool needs >= 1 page, got {num_pages}", hint="pass num_pages >= 1")
+        self.num_pages = num_pages
         self.pools: dict[str, np.ndarray] = {}
-        for pool in layout.pools:
-            t = step.inputs[pool.input].type
+        for pool in self.layout.pools:
+            t = self.step_graph.inputs[pool.input].type
             self.pools[pool.input] = np.zeros(eval_shape(t.shape, {PAGES: num_pages}), t.dtype.numpy)
 
     def forward(self, batch: StepBatch) -> np.ndarray:

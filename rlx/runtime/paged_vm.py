@@ -72,6 +72,12 @@ class PagedVMEngine:
             shape = eval_shape(t.shape, {PAGES: num_pages + 1})  # + the scratch page pads write into
             self.pools[pool.input] = tvm.runtime.tensor(np.zeros(shape, t.dtype.numpy), device)
 
+    def with_pool(self, num_pages: int) -> PagedVMEngine:
+        """Another engine over the same module and weights, with pools of its own."""
+        return PagedVMEngine(name=self.name, vm=self._vm, device=self.device, weights=self._weights,
+                             signatures=self.signatures, layout=self.layout, buckets=self.buckets,
+                             num_pages=num_pages, vocab_size=self.vocab_size)
+
     def forward(self, batch: StepBatch) -> np.ndarray:
         check_batch(batch, vocab_size=self.vocab_size, num_pages=self.num_pages, page_size=self.page_size,
                     max_seq=self.max_seq)

@@ -14,13 +14,17 @@ Measured max |diff| / max |logit| <= 1e-6. Greedy tokens must be equal.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+import rlx
 from rlx.compiler.compiled_engine import CompiledEngine, compiled_paged_engine
+from rlx.compiler.graphs import DEFAULT_STEP_BUCKETS
+from rlx.errors import RlxError
 from rlx.frontends.checkpoint import open_checkpoint
 from rlx.passes import DEFAULT_PIPELINE
 from rlx.runtime.paged_vm import PagedVMEngine
@@ -49,12 +53,7 @@ def compiled(tiny_ckpt: Ckpt) -> Callable[[str], tuple[CompiledEngine, Callable[
             single = CompiledEngine(ckpt, passes=DEFAULT_PIPELINE)
             first = compiled_paged_engine(ckpt, num_pages=NUM_PAGES, page_size=PAGE, passes=DEFAULT_PIPELINE,
                                           buckets=BUCKETS[family], shared=single)
-
-            def fresh(p: PagedVMEngine = first) -> PagedVMEngine:
-                return PagedVMEngine(name=p.name, vm=p._vm, device=p.device, weights=p._weights,
-                                     signatures=p.signatures, layout=p.layout, buckets=p.buckets,
-                                     num_pages=NUM_PAGES, vocab_size=p.vocab_size)
-            made[family] = single, fresh
+            made[family] = single, lambda p=first: p.with_pool(NUM_PAGES)
         return made[family]
 
     return get
@@ -108,3 +107,45 @@ def test_shuffled_pages_and_buckets_give_the_same_logits(compiled: Callable) -> 
     untouched = sorted(set(range(NUM_PAGES)) - set(SHUFFLED))
     assert not np.abs(pool[untouched]).any()
     assert np.abs(pool[NUM_PAGES]).any()  # the scratch page took the pads
+
+
+@pytest.fixture(scope="module")
+def artifact(tiny_ckpt: Ckpt, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A gemma3 artifact (context 64: positions up to 63, page table of 4 pages of 16)."""
+    (path,) = rlx.compile(tiny_ckpt("gemma3"), "cpu", tmp_path_factory.mktemp("paged") / "gemma3", max_seq=64)
+    return path
+
+
+def test_artifact_paged_model_equals_its_single_sequence_engine(artifact: Path) -> None:
+    """`rlx compile` builds the step entries; `rlx.load(artifact).paged_model(n)` runs them over
+    the weights the single-sequence engine loaded (TVM's runtime only, like `rlx run`)."""
+    model = rlx.load(artifact)
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    assert manifest["paged"]["page_size"] == 16 and manifest["paged"]["buckets"] == list(DEFAULT_STEP_BUCKETS)
+    assert {"step", *(f"step_{b}" for b in DEFAULT_STEP_BUCKETS)} <= set(manifest["entries"])
+    paged = model.paged_model(num_pages=8)
+    assert (paged.page_size, paged.num_pages, paged.max_seq) == (16, 8, 64)
+    assert all(paged._weights[k] is model.engine._weights[k] for k in paged._weights)  # type: ignore[attr-defined]
+    streams = walk(paged, [5, 2, 7, 0, 3, 6])
+    for s in streams:
+        assert_close(batched_rows(s), single_sequence_rows(model.engine, s))
+    other = model.paged_model(num_pages=4)  # the same module, pools of its own
+    assert other.num_pages == 4 and not np.abs(other.pool(0, "k")).any()
+    with pytest.raises(RlxError, match="hold 16 positions, not 8"):
+        model.paged_model(num_pages=8, page_size=8)
+
+
+def test_load_paged_model_reference_and_cpu(tiny_ckpt: Ckpt) -> None:
+    """`rlx.load(checkpoint, target).paged_model(...)`: each call gets fresh pools over one built
+    step (and, compiled, the weights the single engine uploaded); both targets agree."""
+    rows = {}
+    for target in ("reference", "cpu"):
+        model = rlx.load(tiny_ckpt("gemma2"), target)
+        first = model.paged_model(num_pages=16, page_size=PAGE)
+        (stream,) = walk(first, range(16), prompts=[PROMPTS[0]], schedule=[[(0, 10)], [(0, 1)], [(0, 1)]])
+        again = model.paged_model(num_pages=16, page_size=PAGE)
+        (repeat,) = walk(again, range(16), prompts=[PROMPTS[0]], schedule=[[(0, 10)], [(0, 1)], [(0, 1)]])
+        np.testing.assert_array_equal(batched_rows(stream), batched_rows(repeat))
+        assert_close(batched_rows(stream), single_sequence_rows(model.engine, stream))
+        rows[target] = batched_rows(stream)
+    assert_close(rows["cpu"], rows["reference"])
