@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from rlx.compiler.engines import paged_reference_engine, reference_engine
+from rlx.errors import RlxError
 from rlx.frontends.checkpoint import open_checkpoint
 from rlx.passes import DEFAULT_PIPELINE
 from rlx.runtime.batch import generate_batch, pages_for_batch
@@ -139,3 +140,20 @@ def test_generate_batch_equals_generate_per_prompt(tiny_ckpt: Ckpt, single: Call
         np.testing.assert_allclose(gen.logits_array(), ref.logits_array(), rtol=1e-5,
                                    atol=1e-5 * float(np.abs(ref.logits_array()).max()))
         assert gen.prefill_s > 0 and gen.decode_s >= 0
+
+
+@pytest.mark.parametrize("target", ["reference", "cpu"])
+def test_model_generate_batch_equals_generate(target: str, tiny_ckpt: Ckpt) -> None:
+    """The public API on both engines: `generate_batch` (greedy, and one seeded sampler for all)
+    gives each prompt what `generate` gives it; max_new_tokens per prompt."""
+    import rlx
+
+    model = rlx.load(tiny_ckpt("gemma3"), target)
+    prompts = [[2, 17, 99, 5, 42, 200, 7], [2, 30], [2, 77, 88, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22]]
+    news = [6, 3, 5]
+    for make in (lambda: None, lambda: Sampler(temperature=0.9, top_k=20, seed=8)):
+        gens = model.generate_batch(prompts, news, sampler=make(), max_batch=2)
+        for gen, prompt, n in zip(gens, prompts, news, strict=True):
+            assert gen.tokens == model.generate(prompt, n, sampler=make()).tokens
+    with pytest.raises(RlxError, match="2 max_new_tokens values"):
+        model.generate_batch(prompts, [1, 2])
