@@ -357,7 +357,7 @@ class Service:
                     yield f"data: {json.dumps(APIError(500, f'generation failed: {choice.error}').body())}\n\n"
                     break
                 new_logprobs = choice.logprobs[seen:]
-                if not delta and not choice.done and not new_logprobs:
+                if not delta and not choice.done and not new_logprobs and not request.return_token_ids:
                     continue
                 part: dict[str, Any] = {"index": choice.index}
                 if chat:

@@ -25,13 +25,15 @@ CHARS = ["\n", *(chr(c) for c in range(32, 127))]
 
 def write_char_tokenizer(directory: Path, *, chat_template: str | None = GEMMA_TEMPLATE) -> None:
     """tokenizer.json: specials, newline and printable ASCII as single-character pieces, then
-    <unusedN> specials up to the model's vocabulary; BOS 2, EOS 1 (the tiny fixtures' ids)."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models
+    <unusedN> specials up to the model's vocabulary; BOS 2 (added by encode, as Gemma's), EOS 1
+    (the tiny fixtures' ids)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, processors
 
     pieces = [*SPECIALS, *CHARS]
     pieces += [f"<unused{i}>" for i in range(VOCAB - len(pieces))]
     backend = Tokenizer(models.BPE(vocab={p: i for i, p in enumerate(pieces)}, merges=[], unk_token="<unk>"))
     backend.decoder = decoders.Fuse()
+    backend.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
     special = [p for p in pieces if p.startswith("<") and p.endswith(">") and len(p) > 1]
     backend.add_special_tokens([AddedToken(p, normalized=False, special=True) for p in special])
     backend.save(str(directory / "tokenizer.json"))
