@@ -54,7 +54,7 @@ from rlx.runtime.kv_pages import PagePool
 from rlx.runtime.paged_model import PagedModel, StepBatch
 from rlx.runtime.prefix_cache import ROOT, PrefixCache
 from rlx.runtime.requests import FinishReason, RequestError, SamplingParams, TokenConstraint, TokenEvent
-from rlx.runtime.sampling import RequestSampler
+from rlx.runtime.sampling import Choice, RequestSampler
 
 log = logging.getLogger(__name__)
 
@@ -241,9 +241,8 @@ class Scheduler:
             except Exception as e:  # an engine failure ends this step's requests, not the server
                 log.exception("%s: step failed", self.model.name)
                 error = f"{self.model.name}: the step failed: {type(e).__name__}: {e}"
-            finite = np.isfinite(logits).all(axis=1) if error is None else None
+            sample: list[tuple[_Sequence, int]] = []
             with self._lock:
-                self._in_step = False
                 self._steps += 1
                 for row, (seq, n) in enumerate(plan):
                     if seq.cancelled:
@@ -254,7 +253,15 @@ class Scheduler:
                         seq.computed += n
                         self._offer_full_pages(seq)
                         if not seq.pending:
-                            events.append(self._sample(seq, logits[row], bool(finite[row])))
+                            sample.append((seq, row))
+            # sampling (a sort of the vocabulary per sampled row) runs outside the lock, so submit /
+            # cancel / stats never wait for it; only this thread touches a running sequence's sampler
+            finite = np.isfinite(logits[[row for _, row in sample]]).all(axis=1) if sample else []
+            choices = [self._choose(seq, logits[row], bool(ok)) for (seq, row), ok in zip(sample, finite, strict=True)]
+            with self._lock:
+                self._in_step = False
+                for (seq, _), choice in zip(sample, choices, strict=True):
+                    events.append(self._finish(seq, "cancelled") if seq.cancelled else self._emit(seq, choice))
             return events
         finally:
             self._stepping.release()
@@ -379,20 +386,25 @@ class Scheduler:
             parent = seq.nodes[-1] if seq.nodes else ROOT
             seq.nodes.append(self.cache.insert(parent, seq.tokens[i * size:(i + 1) * size], seq.pages[i]))
 
-    def _sample(self, seq: _Sequence, row: np.ndarray, finite: bool) -> TokenEvent:
-        """Choose the sequence's next token from its logits row; finish it if that ends it."""
+    def _choose(self, seq: _Sequence, row: np.ndarray, finite: bool) -> Choice | str:
+        """The sequence's next token from its logits row, or what went wrong."""
         if not finite:
-            return self._finish(seq, "error", error=f"{self.model.name}: the logits of step {seq.generated} of "
-                                                    f"{seq.request_id} hold NaN or inf values")
+            return f"{self.model.name}: the logits of step {seq.generated} of {seq.request_id} hold NaN or inf values"
         try:
             allowed = seq.constraint.allowed(self.model.vocab_size) if seq.constraint else None
             choice = seq.sampler(row, allowed)
             if seq.constraint:
                 seq.constraint.accept(choice.token)
         except RunError as e:
-            return self._finish(seq, "error", error=e.message)
+            return e.message
         if self.on_logits:
             self.on_logits(seq.request_id, row)
+        return choice
+
+    def _emit(self, seq: _Sequence, choice: Choice | str) -> TokenEvent:
+        """Append the chosen token; finish the request if it ends it (or if choosing failed)."""
+        if isinstance(choice, str):
+            return self._finish(seq, "error", error=choice)
         seq.tokens.append(choice.token)
         self._generation_tokens += 1
         stops = seq.params.stop_ids if seq.params.ignore_eos else (*self.eos_ids, *seq.params.stop_ids)

@@ -204,17 +204,25 @@ def test_cancel_mid_decode_frees_pages_at_once() -> None:
     assert_all_pages_back(s)
 
 
-def test_cancel_during_a_step_frees_pages_when_it_returns() -> None:
+@pytest.mark.parametrize("during", ["forward", "sampling"])
+def test_cancel_during_a_step_frees_pages_when_it_returns(during: str) -> None:
+    """The step's forward and its sampling run without the lock: a cancel then only marks the request."""
     s = Scheduler(ToyPagedModel(), eos_ids=())
     rid = s.submit([3, 4, 5], SamplingParams(max_new_tokens=10))
     forward = s.model.forward
 
-    def cancelling(batch):  # noqa: ANN001, ANN202
+    def cancel(*_: object) -> None:
         assert s.cancel(rid)
-        assert s.stats().pages_used > 0  # the step still reads them
+        assert s.stats().pages_used > 0  # the step still uses them
+
+    def cancelling(batch):  # noqa: ANN001, ANN202
+        cancel()
         return forward(batch)
 
-    s.model.forward = cancelling
+    if during == "forward":
+        s.model.forward = cancelling
+    else:
+        s.on_logits = cancel
     assert s.step() == [TokenEvent(rid, 0, None, finish_reason="cancelled")]
     assert_all_pages_back(s)
 
