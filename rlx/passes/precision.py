@@ -30,7 +30,8 @@ residual adds are compute ops and it is f16 / bf16 between the norms.
 - **Graph interface.** Outputs keep their declared dtypes (the logits stay f32: a cast is their
   last node), except the KV cache: `present_k.i` / `present_v.i` are in layer i's compute dtype,
   and the `past_k.i` / `past_v.i` inputs are retyped to match, so a decode step takes the last
-  step's outputs unchanged and the cache is half the bytes. Other float inputs (`inputs_embeds`,
+  step's outputs unchanged and the cache is half the bytes (a paged step's page pools alike:
+  written in place, they must be the type the writes store). Other float inputs (`inputs_embeds`,
   `attn_mask`, `media_attn_bias`, `last_token_select`) keep their dtype and are cast where read.
 - **Layers.** A node whose meta says layer i (`rlx.hir.conventions`) computes in `layers[i]`;
   anything else (embedding, final norm, LM head) and every layer when `layers` is empty, in
@@ -129,7 +130,12 @@ class _Rewrite:
         self.out = HIR(hir.name)
         self.out.meta = copy.deepcopy(hir.meta)
         self.casts: dict[tuple[str, DType], str] = {}
-        self.kv_inputs, self.kv_outputs = cv.past_inputs(hir), cv.present_outputs(hir)
+        # cache inputs / outputs by name -> their layer: the KV slots, and a paged step's pools
+        paged = cv.paged_layout(hir)
+        pools = paged.pools if paged is not None else ()
+        self.kv_inputs = {**{n: s.layer for n, s in cv.past_inputs(hir).items()}, **{p.input: p.layer for p in pools}}
+        self.kv_outputs = {**{n: s.layer for n, s in cv.present_outputs(hir).items()},
+                           **{p.output: p.layer for p in pools}}
         self.stats = {"casts": 0, "weight-casts": 0, "retyped": 0}
 
     def read(self, value: str, dtype: DType) -> str:
@@ -160,9 +166,9 @@ class _Rewrite:
 
     def run(self) -> PassResult:
         for node in self.hir.nodes():
-            slot = self.kv_inputs.get(node.attr("name")) if node.op is Op.INPUT else None
-            if slot is not None and node.type.dtype.is_float:
-                dtype = self.spec.layer_dtype(slot.layer)
+            layer = self.kv_inputs.get(node.attr("name")) if node.op is Op.INPUT else None
+            if layer is not None and node.type.dtype.is_float:
+                dtype = self.spec.layer_dtype(layer)
                 new = Node(node.id, node.op, node.inputs, node.type.with_dtype(dtype), node.attrs, dict(node.meta))
             elif OPS[node.op].precision is Class.LEAF or node.id in self.static:
                 new = node
@@ -171,7 +177,7 @@ class _Rewrite:
             self.stats["retyped"] += new.type != node.type
             self.out.insert_raw(new)
         for name, nid in self.hir.outputs.items():
-            slot = self.kv_outputs.get(name)
-            dtype = self.spec.layer_dtype(slot.layer) if slot is not None else self.hir.node(nid).type.dtype
+            layer = self.kv_outputs.get(name)
+            dtype = self.spec.layer_dtype(layer) if layer is not None else self.hir.node(nid).type.dtype
             self.out.raw_set_output(name, self.read(nid, dtype))
         return PassResult(self.out, self.out != self.hir, self.stats)

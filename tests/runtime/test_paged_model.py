@@ -15,11 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import rlx
 from rlx.compiler.engines import paged_reference_engine, reference_engine
 from rlx.errors import FlowError, RunError
 from rlx.frontends.checkpoint import open_checkpoint
 from rlx.frontends.flow import GemmaFlow
 from rlx.hir import conventions as cv
+from rlx.hir.ops import Op
 from rlx.passes import DEFAULT_PIPELINE
 from rlx.runtime.paged_engine import PagedReferenceEngine
 from rlx.runtime.paged_model import StepBatch
@@ -150,3 +152,20 @@ def test_step_graph_interface(tiny_ckpt: Ckpt) -> None:
     assert str(hir.inputs["k_pages.1"].type) == "f32[PAGES, 1, 4, 32]"  # the full layer's own head dim / KV heads
     assert set(hir.outputs) == {cv.LOGITS, *(p.output for p in layout.pools)}
     assert not cv.kv_slots(hir)
+
+
+def test_f16_profile_keeps_the_pools_in_the_compute_dtype(tiny_ckpt: Ckpt, tmp_path: Path) -> None:
+    """Under `[precision] compute = "f16"` the pools are f16 inputs written as they are (a cast of
+    a pool would write into a copy, not into the engine's pool), and the batched logits equal the
+    single engine's within f16 rounding (its own prefill and decode differ by ~7e-4 of max|logit|)."""
+    (tmp_path / "gemma.rlx.toml").write_text('[precision]\ncompute = "f16"\n')
+    model = rlx.load(tiny_ckpt("gemma3"), "reference", profile=tmp_path / "gemma.rlx.toml")
+    paged = model.paged_model(num_pages=NUM_PAGES, page_size=PAGE)
+    step = paged.step_graph  # type: ignore[attr-defined]
+    layout = cv.paged_layout(step)
+    assert layout is not None
+    for pool in layout.pools:
+        assert step.inputs[pool.input].type.dtype.value == "f16"
+        assert all(u.op is Op.PAGED_KV_WRITE for u in step.users(step.inputs[pool.input].id))
+    for s in walk(paged, SHUFFLED):
+        assert_close(batched_rows(s), single_sequence_rows(model.engine, s), rtol=3e-3)
