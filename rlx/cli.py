@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 import numpy as np
 
-from rlx import progress
+import rlx.progress as progress
 from rlx.errors import RlxError
 from rlx.interrupts import Interrupted, handle_interrupts, received
 from rlx.outputs import guard_file_output

@@ -8,15 +8,22 @@ and it proves the destination writable. Leftovers of runs that died (`.NAME.part
 `.NAME.old-PID`) are cleaned at the next run; an old copy whose replacement never arrived is put
 back. A SIGINT / SIGTERM during the work aborts it (`rlx.interrupts`): the destination stays as
 it was.
+
+Several processes may write and read one destination at once (parallel compiles into one
+`--out`, compile-cache hits while another process refreshes the entry): the renames that swap a
+directory in, and the checks before them, hold an exclusive `dir_lock` on its parent; whoever
+copies a finished directory holds it shared, so it never sees one half-swapped.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import rlx.interrupts as interrupts
@@ -59,6 +66,31 @@ def check_writable(directory: Path, what: str, hint: str) -> None:
         raise OutputError(f"cannot write {what} under {base}: {e.strerror}", hint=hint) from None
 
 
+@contextmanager
+def dir_lock(directory: Path, *, shared: bool = False) -> Iterator[None]:
+    """An advisory lock (flock) on `directory` itself, so no lock file is left behind; released
+    when the block ends or the process dies. Exclusive for whoever renames entries in it, shared
+    for readers of an entry."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _check_replaceable(real: Path, given: Path, owned: Callable[[Path], bool], what: str, fix: str) -> None:
+    if real.exists() and not real.is_dir():
+        raise OutputError(f"{what} {given} is a file, not a directory: rlx writes a directory there", hint=fix)
+    if real.is_dir() and any(real.iterdir()) and not owned(real):
+        raise OutputError(f"{what} {given} is a directory with files rlx did not write: replacing it would "
+                          "delete them", hint=fix)
+
+
+def _fix(what: str) -> str:
+    return f"choose another {what} path (a new or empty directory, or an earlier rlx {what})"
+
+
 def guard_dir_output(dest: str | Path, *, owned: Callable[[Path], bool], what: str,
                      protect: Iterable[str | Path] = ()) -> Path:
     """The resolved directory `dest` names, once it is known safe to replace and writable; an
@@ -67,17 +99,17 @@ def guard_dir_output(dest: str | Path, *, owned: Callable[[Path], bool], what: s
     must survive: `dest` may be neither one of them nor a directory holding one."""
     given = Path(dest).expanduser()
     real = given.resolve()  # a symlinked --out: replace the directory it points to, keep the link
-    fix = f"choose another {what} path (a new or empty directory, or an earlier rlx {what})"
+    fix = _fix(what)
     for p in protect:
         kept = Path(p).expanduser().resolve()
         if real == kept or real in kept.parents:
             relation = "the checkpoint" if real == kept else "a directory holding the checkpoint"
             raise OutputError(f"{what} {given} is {relation} {p}: writing it would delete the checkpoint", hint=fix)
-    if real.exists() and not real.is_dir():
-        raise OutputError(f"{what} {given} is a file, not a directory: rlx writes a directory there", hint=fix)
-    if real.is_dir() and any(real.iterdir()) and not owned(real):
-        raise OutputError(f"{what} {given} is a directory with files rlx did not write: replacing it would "
-                          "delete them", hint=fix)
+    if real.parent.is_dir():
+        with dir_lock(real.parent, shared=True):  # not while another rlx swaps its own copy in
+            _check_replaceable(real, given, owned, what, fix)
+    else:
+        _check_replaceable(real, given, owned, what, fix)
     check_writable(real.parent, f"{what} {given}", hint=f"{fix}, in a directory you can write")
     return real
 
@@ -116,20 +148,26 @@ def replace_dir_atomic(dest: str | Path, fill: Callable[[Path], None], *, owned:
     except OSError as e:
         raise OutputError(f"cannot create {real.parent} for {what} {dest}: {e.strerror}",
                           hint=f"choose a {what} path in a directory you can write") from None
-    clean_leftovers(real)
     tmp = Path(tempfile.mkdtemp(prefix=f".{real.name}.{PARTIAL}-{os.getpid()}-", dir=real.parent))
     old = real.with_name(f".{real.name}.{OLD}-{os.getpid()}")
     try:
         with interrupts.handle_interrupts():
             fill(tmp)
             interrupts.check()  # a signal some library call swallowed still aborts the write
-            if real.exists():
-                real.rename(old)
-            tmp.rename(real)
+            with dir_lock(real.parent):
+                clean_leftovers(real)
+                # again: another process may have written there since the guard looked
+                _check_replaceable(real, Path(dest), owned, what, _fix(what))
+                try:
+                    if real.exists():
+                        real.rename(old)
+                    tmp.rename(real)
+                except BaseException:
+                    if old.exists() and not real.exists():  # interrupted between the two renames
+                        old.rename(real)
+                    raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not real.exists():  # interrupted between the two renames
-            old.rename(real)
         raise
     shutil.rmtree(old, ignore_errors=True)
     return Path(dest)

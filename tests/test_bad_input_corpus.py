@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -306,6 +307,15 @@ def cache_under_file(w: World, tmp: Path) -> list[str]:
     return ["compile", str(w.hf), "--out", str(tmp / "art")]
 
 
+def bench_file(content: bytes) -> Make:
+    """`rlx compare --bench` of a file holding `content`."""
+    def make(w: World, tmp: Path) -> list[str]:
+        (tmp / "garbage.json").write_bytes(content)
+        return ["compare", str(w.hf), "--targets", "cpu", "--prompt-ids", "2,5", "--bench", str(tmp / "garbage.json"),
+                "--out", str(tmp / "r")]
+    return make
+
+
 def two_ggufs(w: World, tmp: Path) -> list[str]:
     copy_tree(w.gguf, tmp / "m" / "a.gguf")
     copy_tree(w.gguf, tmp / "m" / "b.gguf")
@@ -561,6 +571,14 @@ FLAG_CASES = [
     Case("compare-bench-missing", argv("compare", "{model}", "--bench", "{tmp}/b.json", "--out", "{tmp}/r"),
          r"--bench"),
     Case("compare-no-tokenizer", argv("compare", "{model}", "--targets", "cpu", "--out", "{tmp}/r"), r"tokenize"),
+    Case("compare-id-past-vocab", argv("compare", "{model}", "--targets", "cpu", "--prompt-ids", "2,999", "--out",
+                                       "{tmp}/r"), r"prompt id 999 is outside the vocabulary"),
+    Case("compare-id-negative", argv("compare", "{model}", "--targets", "cpu", "--prompt-ids", "2,-7", "--out",
+                                     "{tmp}/r"), r"prompt id -7 is outside the vocabulary"),
+    Case("compare-bench-garbage", bench_file(b"\x00garbage{"), r"--bench \{tmp\}/garbage\.json is not JSON"),
+    Case("compare-bench-no-numbers", bench_file(b'{"engines": [{"name": "x"}]}'), r"holds no benchmark numbers"),
+    Case("compare-bench-directory", argv("compare", "{model}", "--targets", "cpu", "--prompt-ids", "2", "--bench",
+                                         "{tmp}", "--out", "{tmp}/r"), r"--bench \{tmp\}: cannot read it"),
 ]
 
 ARTIFACT_CASES = [
@@ -608,6 +626,12 @@ ARTIFACT_CASES = [
          r"truncated"),
     Case("art-weights-header-garbage", artifact(lambda a: (a / "weights.safetensors").write_bytes(b"\xff" * 64)),
          r"weights\.safetensors"),
+    Case("art-max-seq-raised", artifact(manifest(set_path(4096, "max_seq")), "--max-new-tokens", "200"),
+         r"key max_seq differs from what the artifact was compiled with"),
+    Case("art-bounds-raised", artifact(manifest(set_path(4096, "bounds", "SEQ"))), r"key bounds differs"),
+    Case("art-buckets-added", artifact(manifest(set_path([8], "prefill_buckets"))), r"key prefill_buckets differs"),
+    Case("art-weights-no-contract", artifact(consistent(art_weights(lambda h: h.__delitem__("__metadata__")))),
+         r"weights\.safetensors records no manifest digest"),
     Case("art-files-size-lie", artifact(manifest(lambda m: m["files"]["lib.so"].update(bytes=1))), r"lib\.so has"),
 ]
 
@@ -638,11 +662,25 @@ def test_the_corpus_is_large_and_unique() -> None:
     assert len({c.id for c in CASES}) == len(CASES)
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
-def test_bad_input(case: Case, world: World, tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                   monkeypatch: pytest.MonkeyPatch) -> None:
-    tree = tmp_path / "user"
-    tree.mkdir()
+def error_message(err: str, paths: dict[str, Path]) -> str:
+    """The `rlx: error:` message alone (not its `fix:` line, not the progress lines), with every
+    path of the test's own (`paths`: placeholder -> path) written as its placeholder: the temp
+    directories are named after the test case, so a pattern matched against them could pass
+    because of the case's own name, not because the message names what is wrong."""
+    message = err[err.index("rlx: error: "):].split("\n  fix: ")[0]
+    for placeholder, path in sorted(paths.items(), key=lambda kv: -len(str(kv[1]))):
+        for spelling in {str(path.resolve()), str(path)}:
+            message = message.replace(spelling, placeholder)
+    return message
+
+
+def world_paths(w: World, tree: Path) -> dict[str, Path]:
+    return {"{tmp}": tree, "{model}": w.hf, "{gguf}": w.gguf, "{art}": w.artifact, "{moe}": w.moe}
+
+
+def check_case(case: Case, world: World, tree: Path, capsys: pytest.CaptureFixture[str],
+               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run one case in `tree` (the user's tree) and assert everything the module docstring lists."""
     monkeypatch.chdir(tree)  # default outputs (artifacts/, reports/) would land in the tree
     monkeypatch.setenv("RLX_CACHE_DIR", str(tree / "cache"))
     for key, value in case.env.items():
@@ -657,5 +695,29 @@ def test_bad_input(case: Case, world: World, tmp_path: Path, capsys: pytest.Capt
     assert len(errors) == 1, err
     assert "\n  fix: " in err[err.index("rlx: error: "):], err
     assert "Traceback" not in err
-    assert re.search(case.expect, err), f"{case.expect!r} not in:\n{err}"
+    message = error_message(err, world_paths(world, tree))
+    assert re.search(case.expect, message), f"{case.expect!r} not in the error message:\n{message}"
     assert tree_digest(tree) == before, "the user's files changed"
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_bad_input(case: Case, world: World, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                   monkeypatch: pytest.MonkeyPatch) -> None:
+    tree = tmp_path / "user"
+    tree.mkdir()
+    check_case(case, world, tree, capsys, monkeypatch)
+
+
+def test_a_pattern_naming_the_wrong_thing_fails(world: World, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The checker itself: a pattern found only in the case's own paths (its temp directory, the
+    checkpoint's), or only in the fix line, or naming another key, fails the case."""
+    [case] = [c for c in CASES if c.id == "config-hidden-size-zero"]  # the error names hidden_size
+    tree = tmp_path / "intermediate_size-rope_theta" / "user"
+    tree.mkdir(parents=True)
+    check_case(case, world, tree, capsys, monkeypatch)  # the real pattern passes
+    for wrong in (r"intermediate_size", r"rope_theta", r"fix:", r"pytest|tiny-gemma3", r"num_attention_heads"):
+        shutil.rmtree(tree)  # each run starts from an empty tree
+        tree.mkdir()
+        with pytest.raises(AssertionError, match="not in the error message"):
+            check_case(Case(case.id, case.make, wrong), world, tree, capsys, monkeypatch)

@@ -1,7 +1,7 @@
 """`rlx compile`: checkpoint -> artifact directory, per target, in named phases.
 
-Phases (each timed, shown on stderr, recorded in report.json): load, graphs (HIR + passes),
-lower, build, export (library), weights (materialised in the kernels' layout), write. report.json
+Phases (`PHASES`; each timed, shown as progress, recorded in report.json): graphs (HIR + passes),
+lower, build, export (library), weights (materialised in the kernels' layout), hash. report.json
 also holds each pass's report, the kernels and their schedules, and the weights: each one's
 format (q8_0, q4_k, f32...) and bytes, and the bytes one decode step reads
 (`rlx.compiler.summary.weight_report`). The whole artifact is written by `write_artifact` (through
@@ -10,7 +10,9 @@ destination.
 
 A compile cache (`$RLX_CACHE_DIR`, default `~/.cache/rlx/artifacts`) is keyed by model hash,
 profile, pass pipeline, target, max-seq, tool versions and report.json's version: a repeated
-compile copies the cached artifact instead of building again.
+compile copies the cached artifact instead of building again. A miss builds into the cache and
+copies out like a hit, so the cache only ever holds its own key's build; many processes may hit,
+fill and write one `--out` at once (`rlx.outputs` locks the swaps, readers copy under a shared lock).
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -29,13 +30,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import rlx.progress as progress
 from rlx.errors import RlxError
-from rlx.outputs import OutputError, check_writable, guard_dir_output, replace_dir_atomic
+from rlx.outputs import OutputError, check_writable, dir_lock, guard_dir_output, replace_dir_atomic
 from rlx.runtime.artifact import (
     FORMAT,
     FORMAT_VERSION,
     MANIFEST,
     ArtifactError,
+    contract_metadata,
     file_record,
     is_artifact_dir,
     read_manifest,
@@ -55,20 +58,27 @@ def cache_root() -> Path:
     return Path(os.environ.get("RLX_CACHE_DIR", Path.home() / ".cache" / "rlx")) / "artifacts"
 
 
+# the phases of one target's compile, in order (a Metal build has no export: its library is
+# written by the build, in a child process); report.json's `phases` holds their timings
+PHASES = ("graphs", "lower", "build", "export", "weights", "hash")
+
+
 @dataclass
 class Phases:
-    """Phase timings, printed as they finish."""
+    """Phase timings, shown as progress (`rlx.progress`) as they start and finish."""
 
     target: str
     seconds: dict[str, float] = field(default_factory=dict)
 
     @contextmanager
     def __call__(self, name: str) -> Iterator[None]:
-        print(f"[rlx] {self.target}: {name} ...", file=sys.stderr, flush=True)
+        if name not in PHASES:
+            raise ValueError(f"compile phase {name!r} is not in PHASES {PHASES}")
+        progress.say(f"{self.target}: {name} ...")
         t0 = time.perf_counter()
         yield
         self.seconds[name] = round(time.perf_counter() - t0, 3)
-        print(f"[rlx] {self.target}: {name} done in {self.seconds[name]:.2f} s", file=sys.stderr, flush=True)
+        progress.say(f"{self.target}: {name} done in {self.seconds[name]:.2f} s")
 
 
 def _signature_dict(sig: Any) -> dict[str, Any]:
@@ -142,24 +152,8 @@ def _populate(tmp: Path, checkpoint: Any, resolved: Any, profile: Any, passes: s
             built.executable.export_library(str(tmp / library))
             if resolved.device == "cuda":
                 (tmp / "kernels.cu").write_text(_cuda_source(built.executable.mod))
-    with phases("weights"):
-        specs = param_keys(list(lowered.signatures.values()))
-        save_weights_streaming(tmp / WEIGHTS, specs, WeightCache(checkpoint.weights))
-    report = {
-        "target": resolved.name,
-        "passes": {mode: rep.to_dict() for mode, rep in graphs.reports.items()},
-        "kernels": _kernels(scheduled),
-        "phases": phases.seconds,
-        "weights": weight_report(specs, {p.key for p in lowered.signatures["decode"].params},
-                                 weight_readers(graphs.graphs["decode"]), dataclasses.asdict(profile.quantize)),
-    }
-    (tmp / "report.json").write_text(json.dumps(report, indent=1))
-    _save_tokenizer(checkpoint, tmp)
-    with phases("hash"):
-        files = {name: file_record(tmp / name) for name in (library, WEIGHTS)}
-    return {
-        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "files": files,
+    specs = param_keys(list(lowered.signatures.values()))
+    manifest = {
         "versions": tool_versions(),
         "model_hash": checkpoint.model_hash(),
         "checkpoint": str(checkpoint.path),
@@ -181,6 +175,21 @@ def _populate(tmp: Path, checkpoint: Any, resolved: Any, profile: Any, passes: s
         "library": library,
         "weights": WEIGHTS,
     }
+    with phases("weights"):
+        save_weights_streaming(tmp / WEIGHTS, specs, WeightCache(checkpoint.weights), contract_metadata(manifest))
+    report = {
+        "target": resolved.name,
+        "passes": {mode: rep.to_dict() for mode, rep in graphs.reports.items()},
+        "kernels": _kernels(scheduled),
+        "phases": phases.seconds,
+        "weights": weight_report(specs, {p.key for p in lowered.signatures["decode"].params},
+                                 weight_readers(graphs.graphs["decode"]), dataclasses.asdict(profile.quantize)),
+    }
+    (tmp / "report.json").write_text(json.dumps(report, indent=1))
+    _save_tokenizer(checkpoint, tmp)
+    with phases("hash"):
+        files = {name: file_record(tmp / name) for name in (library, WEIGHTS)}
+    return {"created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), "files": files, **manifest}
 
 
 def _paged_entries() -> dict[str, Any]:
@@ -202,9 +211,10 @@ def paged_manifest(paged: Any) -> dict[str, Any]:
             "pools": [p.to_json() for p in layout.pools]}
 
 
-def save_weights_streaming(path: Path, specs: dict[str, Any], cache: Any) -> None:
+def save_weights_streaming(path: Path, specs: dict[str, Any], cache: Any, metadata: dict[str, str]) -> None:
     """The artifact's weights file, one param at a time; every stored tensor leaves the cache
-    after its last use, so compile never holds the weights twice."""
+    after its last use, so compile never holds the weights twice. `metadata`: the header's
+    `__metadata__` (the manifest contract, `rlx.runtime.artifact.contract_metadata`)."""
     from rlx.frontends.safetensors_file import write_streaming
 
     keys = sorted(specs)
@@ -223,7 +233,7 @@ def save_weights_streaming(path: Path, specs: dict[str, Any], cache: Any) -> Non
 
     entries = [(k, str(specs[k].physical.dtype.numpy), [int(d) for d in specs[k].physical.shape]) for k in keys]
     try:
-        write_streaming(path, entries, produce)
+        write_streaming(path, entries, produce, metadata)
     except ValueError as e:
         raise RlxError(f"weights file {path.name}: {e}", hint="this is a bug in rlx: please report it") from None
 
@@ -235,7 +245,7 @@ def _save_tokenizer(checkpoint: Any, out: Path) -> None:
     try:
         Tokenizer.from_checkpoint(checkpoint).save(out)
     except RlxError:
-        print("[rlx] no tokenizer in the checkpoint: the artifact runs with --prompt-ids", file=sys.stderr)
+        progress.say("no tokenizer in the checkpoint: the artifact runs with --prompt-ids")
 
 
 def _cuda_source(module: Any) -> str:
@@ -287,26 +297,31 @@ def compile_checkpoint(checkpoint_path: str | Path, targets: list[str], out: str
         key = _cache_key(checkpoint.model_hash(), prof, passes, r.target.export(), seq)
         cached = cache_root() / key
         phases = Phases(r.name)
-        if use_cache and _usable_cache_entry(cached):
-            print(f"[rlx] {r.name}: compile cache hit ({cached})", file=sys.stderr)
-            written.append(write_artifact(dest, lambda tmp, src=cached: _copy_artifact(src, tmp), [checkpoint_path]))
-            continue
         populate: Callable[[Path], dict[str, Any]] = (
             lambda tmp, r=r, phases=phases: _populate(tmp, checkpoint, r, prof, passes, seq, phases))
-        written.append(write_artifact(dest, populate, [checkpoint_path]))
-        if use_cache:
-            write_artifact(cached, lambda tmp, src=dest: _copy_artifact(src, tmp))
-        print(f"[rlx] {r.name}: artifact {dest}", file=sys.stderr)
+        if not use_cache:
+            written.append(write_artifact(dest, populate, [checkpoint_path]))
+        elif (hit := from_cache(cached, dest, [checkpoint_path])) is not None:
+            progress.say(f"{r.name}: compile cache hit ({cached})")
+            written.append(hit)
+        else:  # built into the cache, then copied out like a hit: the cache never holds another
+            # process's build of this --out (one that may have compiled something else there)
+            write_artifact(cached, populate)
+            if (copied := from_cache(cached, dest, [checkpoint_path])) is None:
+                raise RlxError(f"the compile cache entry {cached} vanished while it was copied to {dest}",
+                               hint="compile again, or pass --no-cache")
+            written.append(copied)
+        progress.say(f"{r.name}: artifact {dest}")
     return written
 
 
-def _usable_cache_entry(cached: Path) -> bool:
-    """A cache entry is only copied if it is intact (a damaged one is compiled again and replaced)."""
+def from_cache(cached: Path, dest: Path, protect: Sequence[str | Path]) -> Path | None:
+    """`dest` as a copy of the cache entry `cached`; None if there is no intact entry (a damaged
+    one is compiled again and replaced). Safe while other processes read and replace the entry."""
     try:
-        verify_files(cached, read_manifest(cached))
-    except ArtifactError:
-        return False
-    return True
+        return write_artifact(dest, lambda tmp: _copy_artifact(cached, tmp), protect)
+    except (ArtifactError, FileNotFoundError):
+        return None
 
 
 def _link_or_copy(src: str, dst: str) -> None:
@@ -319,7 +334,14 @@ def _link_or_copy(src: str, dst: str) -> None:
 
 
 def _copy_artifact(src: Path, tmp: Path) -> dict[str, Any]:
-    """Copy a finished artifact into a temp dir; its manifest (less the format keys write_atomic adds)."""
-    shutil.copytree(src, tmp, dirs_exist_ok=True, copy_function=_link_or_copy)
-    return {k: v for k, v in json.loads((src / "manifest.json").read_text()).items()
-            if k not in ("format", "format_version")}
+    """Copy an intact artifact (an `ArtifactError` if it is not) into a temp dir; returns its
+    manifest (less the format keys `write_artifact` adds), which `write_artifact` writes anew.
+    The manifest is not linked: writing it in the copy would rewrite the source's in place."""
+    if not src.parent.is_dir():
+        raise FileNotFoundError(src)
+    with dir_lock(src.parent, shared=True):  # the entry is not swapped while it is read
+        manifest = read_manifest(src)
+        verify_files(src, manifest)
+        shutil.copytree(src, tmp, dirs_exist_ok=True, copy_function=_link_or_copy,
+                        ignore=shutil.ignore_patterns(MANIFEST))
+    return {k: v for k, v in manifest.items() if k not in ("format", "format_version")}

@@ -3,7 +3,8 @@
     [u64 little-endian header size][JSON header, padded to 8 bytes][tensor bytes...]
 
 The header maps each tensor name to {dtype, shape, data_offsets} (offsets relative to the end
-of the header); the optional `__metadata__` entry is dropped. Checkpoint reading (mmapped,
+of the header); the optional `__metadata__` string map is kept apart (`read_header_and_metadata`:
+an artifact's weights record there what manifest they were compiled with). Checkpoint reading (mmapped,
 frontends.weights), artifact weights (written streaming by compile, read straight into device
 tensors by the artifact engine) and the compare report (sizes) all go through here.
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from math import prod
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -71,6 +72,12 @@ def read_header(f: BinaryIO) -> tuple[dict[str, dict[str, Any]], int]:
     entry checked against the file: a known dtype, a shape of non-negative integers, and
     data_offsets inside the file that hold exactly dtype x shape bytes and overlap no other
     tensor. Damage raises ValueError naming the tensor; callers add the file and their error type."""
+    header, base, _ = read_header_and_metadata(f)
+    return header, base
+
+
+def read_header_and_metadata(f: BinaryIO) -> tuple[dict[str, dict[str, Any]], int, dict[str, str]]:
+    """`read_header`, plus the `__metadata__` string map ({} when absent or not a string map)."""
     size = f.seek(0, io.SEEK_END)
     f.seek(0)
     prefix = f.read(8)
@@ -90,13 +97,15 @@ def read_header(f: BinaryIO) -> tuple[dict[str, dict[str, Any]], int]:
         raise ValueError(f"the header is not valid JSON ({err})") from None
     if not isinstance(header, dict):
         raise ValueError(f"the header is a JSON {type(header).__name__}, not an object")
-    header.pop("__metadata__", None)
+    metadata = header.pop("__metadata__", None)
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        metadata = {}
     spans = sorted((*_check_entry(name, info, size - 8 - n), name) for name, info in header.items())
     filled = [s for s in spans if s[1] > s[0]]  # empty tensors take no bytes
     for (_, end, first), (begin, _, second) in zip(filled, filled[1:], strict=False):
         if begin < end:
             raise ValueError(f"tensors {first!r} and {second!r} overlap (their data_offsets share bytes)")
-    return header, 8 + n
+    return header, 8 + n, metadata
 
 
 def tensor_bytes(path: Path) -> int:
@@ -107,10 +116,11 @@ def tensor_bytes(path: Path) -> int:
 
 
 def write_streaming(path: Path, entries: Sequence[tuple[str, str, Sequence[int]]],
-                    produce: Callable[[str], np.ndarray]) -> None:
+                    produce: Callable[[str], np.ndarray], metadata: Mapping[str, str] | None = None) -> None:
     """Write tensors (name, dtype name, shape) one at a time: the header is known up front, each
-    tensor is produced, written and dropped, so the whole set is never in memory at once."""
-    header: dict[str, Any] = {}
+    tensor is produced, written and dropped, so the whole set is never in memory at once.
+    `metadata` becomes the header's `__metadata__` (string values, as the format requires)."""
+    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
     offset = 0
     for name, dtype, shape in entries:
         size = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype if dtype != "bfloat16" else np.uint16).itemsize

@@ -24,6 +24,7 @@ import numpy as np
 
 from rlx.errors import RlxError
 from rlx.frontends.safetensors_file import tensor_bytes
+from rlx.runtime.generate import check_prompt_ids
 
 REPORT_FORMAT = "rlx-compare"
 REPORT_VERSION = 2
@@ -279,12 +280,19 @@ def _numbers(data: Any, path: str = "") -> list[tuple[str, float]]:
 
 
 def read_bench(path: Path) -> dict[str, Any]:
-    """`bench/bench_cpu.py --json` output: engines[] {name, prefill_tok_s, decode_tok_s}. Read
-    defensively: another layout yields whatever tok/s numbers it holds, with a note saying so."""
+    """`bench/bench_cpu.py --json` output: engines[] {name, prefill_tok_s, decode_tok_s}. Another
+    JSON layout yields whatever tok/s numbers it holds, with a note saying so; a file that is not
+    JSON, or holds no tok/s number at all, is refused (a report silently without the peer the user
+    asked for would look like a finished comparison)."""
+    fix = "pass the file bench/bench_cpu.py --json FILE wrote, or drop --bench"
     try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
-        return {"file": str(path), "engines": [], "found": [], "note": f"could not read it: {e}"}
+        data = json.loads(Path(path).read_bytes())
+    except FileNotFoundError:
+        raise RlxError(f"--bench {path}: no such file", hint="write one with bench/bench_cpu.py --json FILE") from None
+    except OSError as e:
+        raise RlxError(f"--bench {path}: cannot read it ({e.strerror})", hint=fix) from None
+    except (ValueError, RecursionError) as e:
+        raise RlxError(f"--bench {path} is not JSON ({str(e).splitlines()[0][:120]})", hint=fix) from None
     engines = data.get("engines") if isinstance(data, dict) else None
     rows = [{"name": str(e.get("name", f"engine {i}")),
              **{k: float(e[k]) for k in ("prefill_tok_s", "decode_tok_s") if isinstance(e.get(k), int | float)}}
@@ -292,7 +300,10 @@ def read_bench(path: Path) -> dict[str, Any]:
     rows = [r for r in rows if len(r) > 1]
     if rows:
         return {"file": str(path), "engines": rows, "found": [], "note": None}
-    return {"file": str(path), "engines": [], "found": [{"key": k, "value": v} for k, v in _numbers(data)],
+    found = _numbers(data)
+    if not found:
+        raise RlxError(f"--bench {path} holds no benchmark numbers (no engines[] rows, no *tok_s* values)", hint=fix)
+    return {"file": str(path), "engines": [], "found": [{"key": k, "value": v} for k, v in found],
             "note": "expected engines[] with name / prefill_tok_s / decode_tok_s; not found, so these are "
                     "the tok/s numbers the file holds"}
 
@@ -340,13 +351,13 @@ def compare(checkpoint_path: str | Path, targets: list[str], out: str | Path | N
         raise RlxError("--targets is empty", hint="e.g. --targets cpu,cuda,metal")
     resolved = {t: resolve_target(t) for t in targets}
     prof = resolve_profile(profile, checkpoint_path, quantize)
-    if bench is not None and not Path(bench).is_file():
-        raise RlxError(f"--bench {bench}: no such file", hint="write one with bench/bench_cpu.py --json FILE")
+    peer = read_bench(Path(bench)) if bench is not None else None
     checkpoint = open_checkpoint(checkpoint_path)
     ids = _prompt_ids(checkpoint, prompt, prompt_ids)
     if not ids or len(ids) + DECODE_STEPS > checkpoint.config.max_position_embeddings:
         raise RlxError(f"the prompt has {len(ids)} tokens; the walk needs 1..."
                        f"{checkpoint.config.max_position_embeddings - DECODE_STEPS}", hint="shorten the prompt")
+    check_prompt_ids(ids, checkpoint.config.vocab_size)
     dest = Path(out) if out is not None else Path("reports") / Path(checkpoint_path).stem
     plain_prof, plain_passes = unquantized(prof, passes)
 
@@ -381,7 +392,7 @@ def compare(checkpoint_path: str | Path, targets: list[str], out: str | Path | N
                            "vs_unquantized": reference["vs_unquantized"]} if reference else None),
             "targets": results,
             "pipeline_differences": pipeline_differences(results),
-            "bench": read_bench(Path(bench)) if bench is not None else None,
+            "bench": peer,
             "methods": METHODS,
         }
         write_reports(tmp, data)

@@ -18,7 +18,8 @@ type (`SCHEMA`, errors name the key); the format and tool versions match; every 
 manifest lists exists with its recorded size and quick digest (sha256 of its size, first and
 last MiB: catches truncation and most damage in milliseconds; `--verify` hashes whole files);
 the weights file's header lists exactly the tensors the entries take, each with the dtype,
-shape and byte count the manifest declares.
+shape and byte count the manifest declares; the manifest keys the code was compiled for
+(`CONTRACT`: max_seq, bounds, entries...) match the digest compile stored in that header.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ from rlx.hir.tensor_type import TensorType
 from rlx.version import __version__
 
 FORMAT = "rlx-artifact"
-FORMAT_VERSION = 5  # 3: file sizes / hashes, target.local, created; 4: quantized weights; 5: kernel layouts
+FORMAT_VERSION = 6  # 3: file sizes / hashes, target.local, created; 4: quantized weights; 5: kernel layouts;
+# 6: the weights header records the manifest's contract (`CONTRACT`)
 MANIFEST = "manifest.json"
 _EDGE = 1 << 20  # bytes a quick digest reads from each end of a file
 RECOMPILE = "compile the artifact again: rlx compile CHECKPOINT --out DIR"
@@ -163,6 +165,44 @@ def check_compatible(manifest: dict[str, Any], artifact: Path, *,
         raise ArtifactError(f"{artifact} is compiled for target {target['name']!r}, which cannot run here "
                             f"(device {target['device']}{'' if target['local'] else ', cross-compiled'})",
                             hint="run it where that device is, or compile for this machine: --target cpu")
+
+
+# ---- the contract: manifest keys the compiled code and weights were built for ----
+
+# What the kernels rely on (the rope tables and KV bounds are sized by max_seq / bounds, the code
+# takes entries / layouts / config's shapes...). manifest.json itself is no file the manifest can
+# hash, so compile stores a digest of each of these keys in the weights file's header
+# (`__metadata__`), which the file's recorded size and digests cover: a hand-edited key (max_seq
+# raised past the tables, say) is refused on load instead of running past what was compiled.
+CONTRACT = ("config", "entries", "layouts", "bounds", "max_seq", "prefill_buckets", "paged", "quantize", "target",
+            "library", "weights")
+CONTRACT_METADATA = "rlx.contract"
+
+
+def contract_metadata(manifest: Mapping[str, Any]) -> dict[str, str]:
+    """The weights header's `__metadata__` entry for `manifest` (a digest per `CONTRACT` key)."""
+    digests = {key: hashlib.sha256(json.dumps(manifest.get(key), sort_keys=True).encode()).hexdigest()[:32]
+               for key in CONTRACT}
+    return {CONTRACT_METADATA: json.dumps(digests, sort_keys=True)}
+
+
+def check_contract(artifact: Path, manifest: Mapping[str, Any], metadata: Mapping[str, str]) -> None:
+    """The manifest's `CONTRACT` keys are the ones the artifact was compiled with (`metadata`: the
+    weights file's header `__metadata__`)."""
+    weights = artifact / manifest["weights"]
+    try:
+        recorded = json.loads(metadata[CONTRACT_METADATA])
+    except (KeyError, ValueError):
+        raise ArtifactError(f"{weights} records no manifest digest: the artifact is damaged or not from this rlx",
+                            hint=RECOMPILE) from None
+    expected = json.loads(contract_metadata(manifest)[CONTRACT_METADATA])
+    changed = [key for key in CONTRACT if not isinstance(recorded, dict) or recorded.get(key) != expected[key]]
+    if changed:
+        raise ArtifactError(f"{artifact / MANIFEST}: key {', '.join(changed)} differs from what the artifact was "
+                            f"compiled with (its digest in {manifest['weights']} does not match): the code and "
+                            "weights only hold for the compiled values",
+                            hint="put the manifest back as compile wrote it, or compile again with the values "
+                                 "you want (e.g. rlx compile CHECKPOINT --max-seq N --out DIR)")
 
 
 # ---- files: sizes and digests ----

@@ -18,7 +18,7 @@ import tvm
 from tvm.runtime.vm import VirtualMachine
 
 from rlx.frontends.config import GemmaConfig
-from rlx.frontends.safetensors_file import DTYPE_NAMES, read_header
+from rlx.frontends.safetensors_file import DTYPE_NAMES, read_header_and_metadata
 from rlx.hir.conventions import PagedLayout, PagedPool
 from rlx.hir.pass_manager import PassReport
 from rlx.hir.tensor_type import TensorType
@@ -27,6 +27,7 @@ from rlx.runtime.artifact import (
     RECOMPILE,
     ArtifactError,
     check_compatible,
+    check_contract,
     check_weights,
     read_manifest,
     verify_files,
@@ -60,18 +61,19 @@ class EntrySignature:
                               tuple(entry["outputs"]), typed(entry["caches"]), tuple(entry["dims"]))
 
 
-def weights_header(path: Path) -> tuple[dict[str, dict[str, Any]], int]:
-    """The weights file's tensor table and data offset; a damaged header is an ArtifactError."""
+def weights_header(path: Path) -> tuple[dict[str, dict[str, Any]], int, dict[str, str]]:
+    """The weights file's tensor table, data offset and `__metadata__`; a damaged header is an
+    ArtifactError."""
     try:
         with open(path, "rb") as f:
-            header, base = read_header(f)
+            header, base, metadata = read_header_and_metadata(f)
         end = max((int(h["data_offsets"][1]) for h in header.values()), default=0)
     except (OSError, ValueError, KeyError, TypeError, IndexError, struct.error) as e:
         raise ArtifactError(f"{path}: unreadable safetensors header ({e})", hint=RECOMPILE) from None
     if base + end > path.stat().st_size:
         raise ArtifactError(f"{path} is truncated: its header describes {base + end} bytes, the file has "
                             f"{path.stat().st_size}", hint=RECOMPILE)
-    return header, base
+    return header, base, metadata
 
 
 def load_weights(path: Path, header: Mapping[str, Mapping[str, Any]], base: int,
@@ -109,12 +111,13 @@ class ArtifactEngine(VMEngine):
         manifest = read_manifest(root)
         check_compatible(manifest, root, runnable=lambda t: t["device"] in DEVICES and can_run(t["device"], t["local"]))
         verify_files(root, manifest, full=verify)
-        header, base = weights_header(root / manifest["weights"])
+        header, base, metadata = weights_header(root / manifest["weights"])
         check_weights(root, manifest, header, DTYPE_NAMES)
         self.manifest = manifest
         self.name = manifest["target"]["name"]
         self.device = DEVICES[manifest["target"]["device"]](0)
         self.config = GemmaConfig.from_dict(manifest["config"], source=str(root / MANIFEST))
+        check_contract(root, manifest, metadata)  # after the checks that name a bad value more precisely
         self.max_seq = manifest["max_seq"]
         self.buckets = tuple(manifest["prefill_buckets"])
         self.signatures = {name: EntrySignature.from_manifest(e) for name, e in manifest["entries"].items()}

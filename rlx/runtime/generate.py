@@ -36,6 +36,18 @@ class Generation:
         return np.stack(self.logits).astype(np.float32)
 
 
+def check_prompt_ids(prompt_ids: list[int], vocab_size: int) -> None:
+    """A prompt every engine can embed: not empty, each id a row of the embedding table (an id
+    past it would read another tensor's memory in compiled code). `run` and `compare` both ask."""
+    if not prompt_ids:
+        raise RunError("empty prompt", hint="pass --prompt TEXT or --prompt-ids 2,818,...")
+    bad = [t for t in prompt_ids if not 0 <= t < vocab_size]
+    if bad:
+        raise RunError(f"prompt id {bad[0]} is outside the vocabulary (ids 0..{vocab_size - 1})"
+                       + (f"; {len(bad) - 1} more" if len(bad) > 1 else ""),
+                       hint="pass ids the model's tokenizer produces, or --prompt TEXT")
+
+
 def generate(
     engine: Engine,
     prompt_ids: list[int],
@@ -51,13 +63,7 @@ def generate(
     per token: a long generation would otherwise hold them all)."""
     if max_new_tokens < 1:
         raise RunError(f"--max-new-tokens must be >= 1, got {max_new_tokens}", hint="e.g. --max-new-tokens 32")
-    if not prompt_ids:
-        raise RunError("empty prompt", hint="pass --prompt TEXT or --prompt-ids 2,818,...")
-    bad = [t for t in prompt_ids if not 0 <= t < engine.vocab_size]
-    if bad:
-        raise RunError(f"prompt id {bad[0]} is outside the vocabulary (ids 0..{engine.vocab_size - 1})"
-                       + (f"; {len(bad) - 1} more" if len(bad) > 1 else ""),
-                       hint="pass ids the model's tokenizer produces, or --prompt TEXT")
+    check_prompt_ids(prompt_ids, engine.vocab_size)
     total = len(prompt_ids) + max_new_tokens - 1
     if total > engine.max_seq:
         raise RunError(

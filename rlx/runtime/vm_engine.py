@@ -132,9 +132,28 @@ class VMEngine:
         if not ids:
             raise RunError("empty prompt", hint="pass --prompt TEXT or --prompt-ids 2,818,...")
         bucket = choose(len(ids), self.buckets)
+        fixed = None if bucket else self.fixed_prefill_length()
+        if fixed is not None and len(ids) > fixed:
+            raise RunError(f"{self.name}: the prefill was compiled for prompts of exactly {fixed} tokens "
+                           f"(SEQ specialized to {fixed}); this prompt has {len(ids)}",
+                           hint=f"pass at most {fixed} tokens, or compile with prefill buckets instead of "
+                                "specialize{SEQ=...}: `[specialize] SEQ = [32, 128]` in the profile serves "
+                                "every prompt up to --max-seq")
         self._reset()
         self._allocate(min(self.max_seq, max(len(ids), capacity or 0, bucket or 0)))
+        if fixed is not None and len(ids) < fixed:
+            # the static prefill has no last-token select (a bucket's), so padding would return a
+            # pad row's logits: run the prompt through decode, one exact step per token instead
+            for token in ids[:-1]:
+                self._run(DECODE, [token])
+            return self._run(DECODE, ids[-1:])
         return self._run(entry(bucket) if bucket else PREFILL, ids, bucket)
+
+    def fixed_prefill_length(self) -> int | None:
+        """The one prompt length a prefill compiled with a static SEQ takes (`--passes
+        specialize{SEQ=4}`); None for the usual dynamic prefill."""
+        seq = dict(self.signatures[PREFILL].inputs)[cv.INPUT_IDS].shape[1]
+        return seq if isinstance(seq, int) else None
 
     def step(self, token: int) -> np.ndarray:
         if not getattr(self, "_caches", None):
