@@ -17,6 +17,7 @@ import pytest
 
 import rlx
 from rlx.compiler.engines import paged_reference_engine, reference_engine
+from rlx.compiler.graphs import paged_graphs
 from rlx.errors import FlowError, RunError
 from rlx.frontends.checkpoint import open_checkpoint
 from rlx.frontends.flow import GemmaFlow
@@ -169,3 +170,15 @@ def test_f16_profile_keeps_the_pools_in_the_compute_dtype(tiny_ckpt: Ckpt, tmp_p
         assert all(u.op is Op.PAGED_KV_WRITE for u in step.users(step.inputs[pool.input].id))
     for s in walk(paged, SHUFFLED):
         assert_close(batched_rows(s), single_sequence_rows(model.engine, s), rtol=3e-3)
+
+
+def test_default_pipeline_fuses_the_step_graph(tiny_ckpt: Ckpt) -> None:
+    """The default pass pipeline runs on the step graph: the fusions that apply fire, attention's
+    (already one op) just misses, nothing is left half-fused."""
+    graphs = paged_graphs(open_checkpoint(tiny_ckpt("gemma4-moe")), passes=DEFAULT_PIPELINE, page_size=PAGE)
+    stats = {p["name"]: p["stats"] for p in graphs.report.to_dict()["passes"]}
+    for name, hit in (("fuse-qkv", "hits.qkv"), ("fuse-gate-up", "hits.gate-up"), ("fuse-geglu", "hits.geglu"),
+                      ("fuse-add-norm", "hits.add-norm"), ("fold-rope", "rope-table")):
+        assert stats[name].get(hit, 0) > 0, (name, stats[name])
+    assert not any(p["misses"] for p in graphs.report.to_dict()["passes"])
+    assert graphs.graph.op_counts()["paged_attention"] == 4

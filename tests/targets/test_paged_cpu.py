@@ -123,6 +123,8 @@ def test_artifact_paged_model_equals_its_single_sequence_engine(artifact: Path) 
     manifest = json.loads((artifact / "manifest.json").read_text())
     assert manifest["paged"]["page_size"] == 16 and manifest["paged"]["buckets"] == list(DEFAULT_STEP_BUCKETS)
     assert {"step", *(f"step_{b}" for b in DEFAULT_STEP_BUCKETS)} <= set(manifest["entries"])
+    keys = {name: {k for k, _ in e["params"]} for name, e in manifest["entries"].items()}
+    assert keys["step"] <= keys["prefill"] | keys["decode"]  # no weight stored twice for the step entries
     paged = model.paged_model(num_pages=8)
     assert (paged.page_size, paged.num_pages, paged.max_seq) == (16, 8, 64)
     assert all(paged._weights[k] is model.engine._weights[k] for k in paged._weights)  # type: ignore[attr-defined]
