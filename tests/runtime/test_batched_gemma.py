@@ -157,3 +157,27 @@ def test_model_generate_batch_equals_generate(target: str, tiny_ckpt: Ckpt) -> N
             assert gen.tokens == model.generate(prompt, n, sampler=make()).tokens
     with pytest.raises(RlxError, match="2 max_new_tokens values"):
         model.generate_batch(prompts, [1, 2])
+
+
+def test_model_async_engine_streams_what_generate_gives(tiny_ckpt: Ckpt) -> None:
+    import asyncio
+
+    import rlx
+
+    model = rlx.load(tiny_ckpt("gemma3"))
+    prompts = [[2, 17, 99, 5, 42], [2, 30, 31], [2, 77, 88, 9, 10, 11, 12, 13, 14]]
+
+    async def main() -> list[list[int]]:
+        engine = model.async_engine(max_batch=2, num_pages=16, page_size=4)
+
+        async def one(prompt: list[int]) -> list[int]:
+            return [e.token async for e in engine.generate(prompt, SamplingParams(max_new_tokens=5))
+                    if e.token is not None]
+
+        out = await asyncio.gather(*(one(p) for p in prompts))
+        stats = engine.stats()
+        assert (stats.pages_total, stats.running, stats.pages_used) == (16, 0, 0)
+        await engine.shutdown(grace_s=1)
+        return out
+
+    assert asyncio.run(main()) == [model.generate(p, 5).tokens for p in prompts]
