@@ -103,5 +103,5 @@ class RequestSampler:
             k = min(p.logprobs, z.shape[0])
             best = np.argpartition(-logp, k - 1)[:k]
             best = best[np.lexsort((best, -logp[best]))]
-            top = tuple((int(t), float(logp[t])) for t in best)
+            top = tuple((int(t), float(logp[t])) for t in best if np.isfinite(logp[t]))  # banned tokens left out
         return Choice(token, float(logp[token]), top)

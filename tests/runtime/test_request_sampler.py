@@ -83,6 +83,8 @@ def test_logprobs_are_the_log_softmax_of_the_processed_logits() -> None:
     assert [t for t, _ in choice.top_logprobs] == [1, 3, 2]  # ties in id order
     np.testing.assert_allclose([lp for _, lp in choice.top_logprobs], expected[[1, 3, 2]])
     assert RequestSampler(SamplingParams(logprobs=0), [0])(logits).top_logprobs == ()
+    masked = RequestSampler(SamplingParams(logprobs=4), [0])(logits, np.array([True, False, True, False]))
+    assert [t for t, _ in masked.top_logprobs] == [0, 2]  # banned tokens are not listed
     assert RequestSampler(SamplingParams(), [0])(logits).logprob is None
 
 
