@@ -21,6 +21,8 @@ from rlx.runtime.tokenizer import Tokenizer
 from rlx.serve.chat_template import ChatTemplate, load_chat_template
 from rlx.serve.structured import GrammarFactory
 
+DEFAULT_CONTEXT = 2048  # positions per sequence the default pool is sized for
+
 
 @dataclass(frozen=True)
 class EngineOptions:
@@ -68,19 +70,14 @@ def _progress(message: str) -> None:
     print(f"[rlx] {message}", file=sys.stderr, flush=True)
 
 
-def _paged_model(model: Any, path: Path, target: str, num_pages: int) -> Any:
-    """The model's paged engine: `Model.paged_model` where the loaded model offers it, else (a
-    checkpoint on the reference target) the interpreter over its paged step graph, sharing the
-    single-sequence engine's weights."""
-    if hasattr(model, "paged_model"):
-        return model.paged_model(num_pages)
-    if target != "reference":
-        raise RlxError(f"the batched engine for --target {target} is not available in this build",
-                       hint="use --target reference")
-    from rlx.compiler.engines import paged_reference_engine
-    from rlx.frontends.checkpoint import open_checkpoint
-
-    return paged_reference_engine(open_checkpoint(path), num_pages=num_pages, shared=model.engine)
+def _pool_pages(model: Any, options: EngineOptions) -> int:
+    """--kv-pages, else room for --max-batch sequences of up to 2048 positions each (a 32k-context
+    model would otherwise reserve gigabytes for contexts nobody sends; longer requests still run
+    alone or wait, and one that cannot fit even an empty pool is refused with the fix)."""
+    if options.kv_pages is not None:
+        return options.kv_pages
+    probe = model.paged_model(1)  # builds (or compiles) the step once; later pools reuse it
+    return options.max_batch * -(-min(probe.max_seq, DEFAULT_CONTEXT) // probe.page_size)
 
 
 def load_backend(path: str | Path, options: EngineOptions, *, served_name: str | None = None,
@@ -98,10 +95,7 @@ def load_backend(path: str | Path, options: EngineOptions, *, served_name: str |
     progress(f"loading {source}")
     model = rlx.api.load(source, target=options.target if not rlx.api.is_artifact(source) else "reference")
     tokenizer = model.tokenizer
-    max_seq_single = model.engine.max_seq
-    pages_per_seq = -(-max_seq_single // 16)
-    num_pages = options.kv_pages if options.kv_pages is not None else max(options.max_batch * pages_per_seq, 64)
-    paged = _paged_model(model, path, options.target, num_pages)
+    paged = model.paged_model(_pool_pages(model, options))
     scheduler = Scheduler(paged, max_batch=options.max_batch, max_queue=options.max_queue,
                           max_tokens_per_step=max(256, options.max_batch), eos_ids=model.eos_ids)
     special = {"bos_token": tokenizer.backend.id_to_token(tokenizer.bos_id) if tokenizer.bos_id is not None else None,
@@ -111,7 +105,7 @@ def load_backend(path: str | Path, options: EngineOptions, *, served_name: str |
              f"{template.origin}")
     return Backend(name=served_name or _default_name(path), engine=AsyncEngine(scheduler), tokenizer=tokenizer,
                    template=template, grammars=GrammarFactory.from_tokenizer(tokenizer, paged.vocab_size),
-                   max_seq=paged.max_seq, vocab_size=paged.vocab_size, eos_ids=tuple(model.eos_ids))
+                   max_seq=min(paged.max_seq, paged.num_pages * paged.page_size), vocab_size=paged.vocab_size, eos_ids=tuple(model.eos_ids))
 
 
 def _default_name(path: Path) -> str:
