@@ -16,7 +16,11 @@ What it measures (one process, one engine; the weights are loaded once):
    cache) against the same-length prompt with nothing cached.
 4. Optionally (`--llama-server PATH`, a llama.cpp `llama-server` binary built from the sources):
    `llama-server -np 8 --cont-batching` on the same GGUF, 8 concurrent clients of the same load
-   (its /completion endpoint, EOS ignored), aggregate decode tok/s. Without it the peer is skipped.
+   (its /completion endpoint, EOS ignored), aggregate decode tok/s: generated tokens over the wall
+   time less the longest prompt time the server reports. Without it the peer is skipped. To build
+   it (bench-only, never a dependency): unpack llama-cpp-python's sdist, then in
+   `vendor/llama.cpp`: `cmake -B build -DCMAKE_BUILD_TYPE=Release && cmake --build build -j
+   --target llama-server`; the binary is `build/bin/llama-server`.
 
 Bars (issue 15): aggregate decode at 8 sequences >= 4x one sequence's; >= llama-server's at -np 8
 (when measured); a 512-token shared prefix cuts time to first token by >= 4x.
