@@ -349,3 +349,22 @@ def test_requests_sharing_a_prompt_compute_its_pages_once() -> None:
     assert s.stats().prefix_hits == 3 * 12
     assert sum(b.num_tokens for b in model.steps) == 13 + 3 * 1 + 4 * 4  # one prefill, 3 last tokens, decodes
     assert_all_pages_back(s)
+
+
+def test_an_engine_failure_ends_that_steps_requests_and_the_next_run() -> None:
+    model = ToyPagedModel()
+    forward = model.forward
+
+    def broken(batch):  # noqa: ANN001, ANN202
+        model.forward = forward
+        raise RuntimeError("kernel exploded")
+
+    s = Scheduler(model, eos_ids=())
+    first = [s.submit([3, 4], SamplingParams(max_new_tokens=3)) for _ in range(2)]
+    model.forward = broken
+    failed = s.step()
+    assert [(e.request_id, e.finish_reason) for e in failed] == [(rid, "error") for rid in first]
+    assert "kernel exploded" in failed[0].error
+    assert_all_pages_back(s)
+    again = s.submit([3, 4], SamplingParams(max_new_tokens=3))
+    assert tokens_of(collect(list(s.run()))[again]) == alone([3, 4], SamplingParams(max_new_tokens=3), eos=())
