@@ -360,3 +360,29 @@ def test_sigterm_finishes_streaming_requests_and_exits_0(chat_ckpt: Path, serve_
         t.join(120)
     assert results == {i: (40, "length") for i in range(8)}
     assert server.proc.wait(60) == 0, server.log()
+
+
+def test_compiled_cpu_server_equals_rlx_run(chat_ckpt: Path, serve_factory: Callable[..., Server], local,
+                                            tmp_path: Path) -> None:
+    """`rlx serve CHECKPOINT --target cpu` compiles through the compile cache (progress shown) and
+    serves the compiled paged engine: the same 16 concurrent requests give rlx run's tokens."""
+    from rlx.runtime.sampler import Sampler
+
+    server = serve_factory(chat_ckpt, "--target", "cpu", "--served-model-name", "tiny",
+                           env={"RLX_CACHE_DIR": str(tmp_path / "cache")})
+    assert "compiling" in server.log()
+    client = openai.OpenAI(base_url=server.base, api_key="unused", max_retries=0, timeout=120)
+
+    def ask(i: int) -> list[int]:
+        return _ids(client.completions.create(model="tiny", **_split(_settings(i))).choices[0])
+
+    with ThreadPoolExecutor(16) as pool:
+        together = list(pool.map(ask, range(16)))
+    for i, tokens in enumerate(together):
+        s = _settings(i)
+        sampler = Sampler(s["temperature"], s.get("top_k", 0), s.get("top_p", 1.0), s.get("seed"))
+        assert tokens == local.generate(s["prompt"], s["max_tokens"], sampler=sampler, keep_logits=False).tokens, i
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="tiny", prompt="hello", max_tokens=20, temperature=0, stream=True))
+    assert streamed == client.completions.create(model="tiny", prompt="hello", max_tokens=20,
+                                                 temperature=0).choices[0].text
