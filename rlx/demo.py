@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from rlx.cli import main as cli_main
+from rlx.progress import reporting
 
 PROMPT = "The capital of France is"
 NEW_TOKENS = 32
@@ -40,8 +41,9 @@ def main() -> int:
     for argv in steps:
         if (rc := cli_main(argv)) != 0:
             return rc
-    compiled = rlx.load(ARTIFACT).generate(PROMPT, NEW_TOKENS).tokens
-    reference = rlx.load(gguf, target="reference").generate(PROMPT, NEW_TOKENS).tokens
+    with reporting():  # the API is quiet by default; the demo shows the weights loading as the CLI does
+        compiled = rlx.load(ARTIFACT).generate(PROMPT, NEW_TOKENS).tokens
+        reference = rlx.load(gguf, target="reference").generate(PROMPT, NEW_TOKENS).tokens
     same = sum(a == b for a, b in zip(compiled, reference, strict=False))
     print(f"[rlx] compiled cpu vs reference: {same}/{len(reference)} greedy tokens agree", file=sys.stderr)
     # the cpu compile above is in the compile cache, so only cuda and metal build here

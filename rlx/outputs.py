@@ -137,12 +137,23 @@ def clean_leftovers(dest: Path) -> None:
             shutil.rmtree(entry, ignore_errors=True)
 
 
+def _remove_empty(directories: Iterable[Path]) -> None:
+    """Remove these directories, deepest first, while they are empty (another process may have
+    put something in one meanwhile: then it and its parents stay)."""
+    for d in directories:
+        try:
+            d.rmdir()
+        except OSError:
+            return
+
+
 def replace_dir_atomic(dest: str | Path, fill: Callable[[Path], None], *, owned: Callable[[Path], bool],
                        what: str, protect: Iterable[str | Path] = ()) -> Path:
     """`fill(tmp)` fills a hidden temp dir next to `dest`, which then replaces `dest` by renames.
     An exception or a signal on the way leaves `dest` as it was and no temp dir behind. Returns
     `dest` as given."""
     real = guard_dir_output(dest, owned=owned, what=what, protect=protect)
+    created = [d for d in (real.parent, *real.parent.parents) if not d.exists()]  # deepest first
     try:
         real.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -168,6 +179,7 @@ def replace_dir_atomic(dest: str | Path, fill: Callable[[Path], None], *, owned:
                     raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_empty(created)  # a failed write leaves no directory it made on the way either
         raise
     shutil.rmtree(old, ignore_errors=True)
     return Path(dest)

@@ -19,7 +19,7 @@ from rlx.frontends.config import GemmaConfig
 from rlx.frontends.flow import GemmaFlow, Mode
 from rlx.frontends.paged import DEFAULT_PAGE_SIZE
 from rlx.hir.graph import HIR
-from rlx.hir.pass_infra import parse_pipeline
+from rlx.hir.pass_infra import PassError, parse_pipeline
 from rlx.hir.pass_manager import PassManager, PassReport
 from rlx.hir.shapes import PAST_SEQ, SEQ, SEQS
 from rlx.passes.specialize import BucketedGraphs, bind, graph_symbols, record_bounds, specialize_buckets
@@ -99,6 +99,14 @@ def target_graphs(ckpt: Checkpoint, *, target: str | None = None, profile: Profi
             record_bounds(hir, {k: v for k, v in bounds.items() if k in graph_symbols(hir)})
         built[mode] = hir
         graphs[mode], reports[mode] = run_pipeline(hir, mode, profile, passes, ckpt.config)
+    if PAST_SEQ not in graph_symbols(graphs[DECODE]):
+        # a decode with one fixed past length would write and read the KV cache at that offset on
+        # every step: wrong (NaN) logits from the second token on, not an error
+        pipeline = ",".join(r.spec for r in reports[DECODE].records)
+        raise PassError(f"the pass pipeline binds PAST_SEQ ({pipeline}): the decode graph must take every past "
+                        "length, one step per generated token",
+                        hint="bind only the prompt length (specialize{SEQ=N}), or give prompt-length buckets: "
+                             "[specialize] SEQ = [32, 128] in the profile")
     buckets = profile_buckets(profile, max_seq or ckpt.config.max_position_embeddings)
     bucketed = specialize_buckets(graphs[PREFILL], SEQ, buckets) if buckets else None
     return TargetGraphs(built, graphs, reports, buckets, bucketed, backend, passes)
