@@ -569,9 +569,8 @@ async def _load(state: ServerState, load: Callable[[], Backend]) -> None:
     try:
         state.backend = await asyncio.to_thread(load)
         log.info("model %s ready", state.backend.name)
-    except Exception as err:
+    except Exception as err:  # reported by whoever started the server (`rlx serve` exits with it)
         state.load_error = str(err)
-        log.error("the model failed to load: %s", err)
 
 
 def _asynccontextmanager(fn: Callable[[FastAPI], AsyncIterator[None]]) -> Any:

@@ -80,14 +80,22 @@ def _pool_pages(model: Any, options: EngineOptions) -> int:
     return options.max_batch * -(-min(probe.max_seq, DEFAULT_CONTEXT) // probe.page_size)
 
 
+def check_inputs(path: str | Path, options: EngineOptions) -> Path:
+    """What can be refused before anything loads (a server then never binds its port for nothing)."""
+    path = Path(path)
+    if not path.exists():
+        raise RlxError(f"{path} does not exist", hint="pass a checkpoint (HF directory or .gguf) or an artifact")
+    if options.chat_template is not None:
+        load_chat_template(options.chat_template, None, {})  # unreadable, invalid or unsafe: refused now
+    return path
+
+
 def load_backend(path: str | Path, options: EngineOptions, *, served_name: str | None = None,
                  progress: Callable[[str], None] = _progress) -> Backend:
     """Load everything a server needs (seconds to minutes: compile, weights, tokenizer)."""
     import rlx.api
 
-    path = Path(path)
-    if not path.exists():
-        raise RlxError(f"{path} does not exist", hint="pass a checkpoint (HF directory or .gguf) or an artifact")
+    path = check_inputs(path, options)
     source: str | Path = path
     if not rlx.api.is_artifact(path) and options.target != "reference":
         progress(f"compiling {path} for {options.target} (the compile cache keeps it for next time)")
@@ -105,7 +113,8 @@ def load_backend(path: str | Path, options: EngineOptions, *, served_name: str |
              f"{template.origin}")
     return Backend(name=served_name or _default_name(path), engine=AsyncEngine(scheduler), tokenizer=tokenizer,
                    template=template, grammars=GrammarFactory.from_tokenizer(tokenizer, paged.vocab_size),
-                   max_seq=min(paged.max_seq, paged.num_pages * paged.page_size), vocab_size=paged.vocab_size, eos_ids=tuple(model.eos_ids))
+                   max_seq=min(paged.max_seq, paged.num_pages * paged.page_size), vocab_size=paged.vocab_size,
+                   eos_ids=tuple(model.eos_ids))
 
 
 def _default_name(path: Path) -> str:

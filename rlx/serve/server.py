@@ -21,7 +21,7 @@ import uvicorn
 
 from rlx.errors import RlxError
 from rlx.serve.app import ServerState, create_app
-from rlx.serve.backend import Backend, EngineOptions, load_backend
+from rlx.serve.backend import Backend, EngineOptions, check_inputs, load_backend
 from rlx.serve.metrics import Metrics
 
 
@@ -63,6 +63,7 @@ def serve(model: str | Path, options: EngineOptions, *, host: str = "127.0.0.1",
           api_key: str | None = None, allowed_origins: Sequence[str] = (), served_name: str | None = None,
           grace_s: float = 30.0) -> int:
     """Run until SIGTERM / Ctrl-C; 0 after a drain. A model that fails to load raises its RlxError."""
+    check_inputs(model, options)
     _setup_logging()
     if not is_loopback(host) and not api_key:
         print(f"[rlx] warning: serving on {host} without an API key: anyone who can reach this port can use "
