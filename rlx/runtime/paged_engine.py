@@ -47,15 +47,21 @@ def check_batch(batch: StepBatch, *, vocab_size: int, num_pages: int, page_size:
     _in_range("position", batch.positions, max_seq, what=f"the context of {max_seq}")
     _in_range("token_seq", batch.token_seq, n, what=f"the {n} page-table rows")
     _in_range("logit_rows", batch.logit_rows, t, what=f"the {t} tokens")
-    last = np.full(n, -1, np.int64)
-    np.maximum.at(last, np.asarray(batch.token_seq, np.int64), np.asarray(batch.positions, np.int64))
-    pages = last // page_size + 1  # pages each sequence reads (0 for one without tokens)
+    pages = pages_read(batch, page_size)
     if int(pages.max()) > table.shape[1]:
         row = int(np.argmax(pages > table.shape[1]))
-        raise RunError(f"sequence {row} reaches position {int(last[row])}, past its page table of {table.shape[1]} "
+        raise RunError(f"sequence {row} reaches page {int(pages[row]) - 1}, past its page table of {table.shape[1]} "
                        f"pages x {page_size}", hint=HINT)
     used = table[np.arange(table.shape[1])[None, :] < pages[:, None]]
     _in_range("page id", used, num_pages, what=f"the pool's {num_pages} pages")
+
+
+def pages_read(batch: StepBatch, page_size: int) -> np.ndarray:
+    """How many pages of its table row each sequence reads: those of positions 0..its last token's
+    (0 for a row without tokens)."""
+    last = np.full(batch.num_seqs, -1, np.int64)
+    np.maximum.at(last, np.asarray(batch.token_seq, np.int64), np.asarray(batch.positions, np.int64))
+    return last // page_size + 1
 
 
 def _in_range(name: str, values: np.ndarray, limit: int, what: str | None = None) -> None:
@@ -65,11 +71,14 @@ def _in_range(name: str, values: np.ndarray, limit: int, what: str | None = None
         raise RunError(f"StepBatch: {name} {bad} is outside {what or f'0..{limit - 1}'}", hint=HINT)
 
 
-def step_feeds(batch: StepBatch, max_pages: int) -> dict[str, np.ndarray]:
-    """The step graph's inputs (less the pools) for a checked batch."""
-    table = np.asarray(batch.page_table, np.int32)[:, :max_pages]
+def step_feeds(batch: StepBatch, max_pages: int, page_size: int) -> dict[str, np.ndarray]:
+    """The step graph's inputs (less the pools) for a checked batch. Page-table entries past the
+    pages a sequence reads are the caller's to leave stale: they become page 0, so no kernel ever
+    sees an id outside the pool."""
+    table = np.array(batch.page_table, np.int32)[:, :max_pages]
     if table.shape[1] < max_pages:
         table = np.pad(table, ((0, 0), (0, max_pages - table.shape[1])))
+    table[np.arange(max_pages)[None, :] >= pages_read(batch, page_size)[:, None]] = 0
     return {
         cv.INPUT_IDS: np.asarray(batch.tokens, np.int64)[None, :],
         cv.POSITIONS: np.asarray(batch.positions, np.int64)[None, :],
@@ -137,7 +146,7 @@ class PagedReferenceEngine:
     def forward(self, batch: StepBatch) -> np.ndarray:
         check_batch(batch, vocab_size=self.vocab_size, num_pages=self.num_pages, page_size=self.page_size,
                     max_seq=self.max_seq)
-        out = self._interp.run({**step_feeds(batch, self.layout.max_pages), **self.pools})
+        out = self._interp.run({**step_feeds(batch, self.layout.max_pages, self.page_size), **self.pools})
         self.pools = {p.input: out[p.output] for p in self.layout.pools}
         return np.asarray(out[cv.LOGITS][0], np.float32)
 

@@ -81,7 +81,7 @@ class PagedVMEngine:
     def forward(self, batch: StepBatch) -> np.ndarray:
         check_batch(batch, vocab_size=self.vocab_size, num_pages=self.num_pages, page_size=self.page_size,
                     max_seq=self.max_seq)
-        feeds = step_feeds(batch, self.layout.max_pages)
+        feeds = step_feeds(batch, self.layout.max_pages, self.page_size)
         bucket = step_bucket(batch.num_tokens, batch.num_seqs, self.buckets)
         if bucket is not None:
             feeds = pad_step(feeds, bucket, scratch=self.num_pages)

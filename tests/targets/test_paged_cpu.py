@@ -15,6 +15,8 @@ Measured max |diff| / max |logit| <= 1e-6. Greedy tokens must be equal.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -111,8 +113,12 @@ def test_shuffled_pages_and_buckets_give_the_same_logits(compiled: Callable) -> 
 
 @pytest.fixture(scope="module")
 def artifact(tiny_ckpt: Ckpt, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A gemma3 artifact (context 64: positions up to 63, page table of 4 pages of 16)."""
-    (path,) = rlx.compile(tiny_ckpt("gemma3"), "cpu", tmp_path_factory.mktemp("paged") / "gemma3", max_seq=64)
+    """A gemma3 artifact (context 64: positions up to 63, page table of 4 pages of 16), through a
+    private compile cache (a shared one could hand back an artifact built by older code)."""
+    root = tmp_path_factory.mktemp("paged")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RLX_CACHE_DIR", str(root / "cache"))
+        (path,) = rlx.compile(tiny_ckpt("gemma3"), "cpu", root / "gemma3", max_seq=64)
     return path
 
 
@@ -151,3 +157,29 @@ def test_load_paged_model_reference_and_cpu(tiny_ckpt: Ckpt) -> None:
         assert_close(batched_rows(stream), single_sequence_rows(model.engine, stream))
         rows[target] = batched_rows(stream)
     assert_close(rows["cpu"], rows["reference"])
+
+
+CHILD = """
+import sys
+from rlx.runtime.tvm_runtime import import_runtime_only
+assert import_runtime_only()
+import numpy as np
+import rlx
+from tests.runtime.paged_walk import batched_rows, single_sequence_rows, walk
+model = rlx.load(sys.argv[1])
+streams = walk(model.paged_model(num_pages=8), [5, 2, 7, 0, 3, 6])
+worst = max(float(np.abs(batched_rows(s) - single_sequence_rows(model.engine, s)).max()
+                  / np.abs(single_sequence_rows(model.engine, s)).max()) for s in streams)
+maps = open("/proc/self/maps").read()
+print(worst, "libtvm.so" in maps, "libtvm_runtime.so" in maps)
+"""
+
+
+def test_artifact_paged_model_runs_on_the_runtime_library_alone(artifact: Path) -> None:
+    """Every kernel of the step entries resolves in TVM's runtime-only library (what `rlx run` and
+    the server load for an artifact), in a child process that never maps the compiler."""
+    out = subprocess.run([sys.executable, "-c", CHILD, str(artifact)], capture_output=True, text=True,
+                         cwd=Path(__file__).parents[2], timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    worst, compiler, runtime = out.stdout.split()
+    assert float(worst) <= 1e-5 and (compiler, runtime) == ("False", "True")
