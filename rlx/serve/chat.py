@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from rlx.runtime.requests import RequestError, SamplingParams
-from rlx.serve.backend import Backend, EngineOptions, load_backend
+from rlx.serve.backend import Backend, EngineOptions, check_inputs, load_backend
 from rlx.serve.chat_template import TemplateError
 from rlx.serve.text import TextStream
 
@@ -191,6 +191,7 @@ async def _loop(backend: Backend, args: argparse.Namespace) -> None:
 def run_chat(model: str | Path, options: EngineOptions, args: argparse.Namespace) -> int:
     SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, seed=args.seed).validate(2**31 - 1)  # bad flags fail before the load
+    check_inputs(model, options)
     backend = load_backend(model, options)
     asyncio.run(_loop(backend, args))
     return 0
