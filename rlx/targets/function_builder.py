@@ -30,9 +30,10 @@ TVM_DTYPES: dict[DType, str] = {
 class FunctionBuilder:
     """Lowering state of one function: the block builder, symbolic dims, values by node id."""
 
-    def __init__(self, bb: relax.BlockBuilder, hir: HIR) -> None:
+    def __init__(self, bb: relax.BlockBuilder, hir: HIR, device: str = "cpu") -> None:
         self.bb = bb
         self.hir = hir
+        self.device = device  # "cpu" | "cuda" | "metal": lowerings with a device-specific kernel ask
         symbols = sorted(set().union(*(dim_symbols(n.type.shape) for n in hir.nodes())) | {KV_CAP})
         self.dims = {s: tirx.Var(s, "int64") for s in symbols}
         self.values: dict[str, relax.Expr] = {}

@@ -192,8 +192,8 @@ def _var_name(text: str) -> str:
 
 
 def _lower_function(bb: relax.BlockBuilder, hir: HIR, sig: Signature,
-                    writers: Mapping[tuple[str, int], tvm.ir.GlobalVar]) -> None:
-    fn = FunctionBuilder(bb, hir)
+                    writers: Mapping[tuple[str, int], tvm.ir.GlobalVar], device: str) -> None:
+    fn = FunctionBuilder(bb, hir, device)
     node_of = {p.key: nid for nid, p in _param_nodes(hir).items()}
     specs = {p.key: p for p in sig.params}
     inputs = {name: relax.Var(_var_name(name), fn.ty(t)) for name, t in sig.inputs}
@@ -272,7 +272,7 @@ def lower(graphs: Mapping[str, HIR], device: str = "cpu") -> Lowered:
                     for _, t in sig.caches})
     writers = {kind: bb.add_func(kernels.kv_write(*kind), f"kv_write_{kind[0]}_{kind[1]}") for kind in kinds}
     for function, hir in graphs.items():
-        _lower_function(bb, hir, signatures[function], writers)
+        _lower_function(bb, hir, signatures[function], writers, device)
     return Lowered(bb.get(), signatures)
 
 

@@ -129,10 +129,41 @@ def _window_start(node: Node, q: relax.Expr, k: CacheView, bias: list[relax.Expr
     return Analyzer().simplify(tirx.max(tirx.IntImm("int64", 0), k.length - seq - at["window"] + 1))
 
 
+def _flash_spec(fn: _Fn, node: Node, paged: bool) -> flash_attention.FlashSpec:
+    at = node.attr_dict
+    q, k, v = (fn.hir.node(i).type for i in node.inputs[:3])
+    pos = fn.hir.node(node.inputs[5 if paged else 3]).type
+    return flash_attention.FlashSpec(
+        paged=paged, heads=int(q.shape[1]), kv_heads=int(k.shape[1]), d=int(q.shape[3]),  # type: ignore[arg-type]
+        dv=int(v.shape[3]), dtype=TVM_DTYPES[q.dtype], kv_dtype=TVM_DTYPES[k.dtype],  # type: ignore[arg-type]
+        out_dtype=TVM_DTYPES[node.type.dtype], pos_dtype=TVM_DTYPES[pos.dtype], scale=float(at["scale"]),
+        softcap=float(at["softcap"]), window=at["window"], page=int(k.shape[2]) if paged else 0)  # type: ignore[arg-type]
+
+
+def _flash(fn: _Fn, node: Node, spec: flash_attention.FlashSpec, args: list[relax.Expr]) -> relax.Expr:
+    """A call of the flash kernel for `spec` (one PrimFunc per spec, shared by every layer that
+    has it; `schedules.FlashAttention` regenerates it for the target)."""
+    gv = fn.bb.add_func(flash_attention.flash_attention(spec), "flash_paged" if spec.paged else "flash_attention")
+    return relax.call_tir(gv, args, fn.ty(node.type))
+
+
+def _flash_applies(fn: _Fn, node: Node, bias: list[relax.Expr]) -> bool:
+    """The flash kernel covers causal (optionally sliding-window) attention on CPU; additive
+    biases (custom masks, media attention) and bidirectional / unmasked attention keep the
+    materialised path, as do GPU targets (dlight schedules it)."""
+    return fn.device == "cpu" and node.attr("mask") == "causal" and not bias
+
+
 def _attention(fn: _Fn, node: Node, args: list[relax.Expr]) -> relax.Expr:
-    """The fused op as one chain of the unfused pieces (GQA by index, K/V never repeated)."""
+    """Causal attention on CPU is the flash kernel over the cache buffer (or the prefill's own
+    K/V); otherwise the fused op as one chain of the unfused pieces (materialised scores; GQA by
+    index, K/V never repeated)."""
     at = node.attr_dict
     q, k, v, pos, *bias = args
+    if _flash_applies(fn, node, bias):
+        keys, values = (x.tensor if isinstance(x, CacheView) else x for x in (k, v))
+        length = k.length if isinstance(k, CacheView) else keys.ty.shape.values[2]
+        return _flash(fn, node, _flash_spec(fn, node, paged=False), [q, keys, values, pos, relax.prim_value(length)])
     start: tirx.PrimExpr | int = 0
     if isinstance(k, CacheView):
         start = _window_start(node, q, k, bias)
@@ -171,7 +202,11 @@ def _scores_to_values(fn: _Fn, node: Node, s: relax.Expr, pos: relax.Expr,
 
 
 def _paged_attention(fn: _Fn, node: Node, args: list[relax.Expr]) -> relax.Expr:
+    """The flash kernel on CPU; GPU targets get the materialised form (scores over every
+    position a page-table row can address, masked), which dlight schedules."""
     q, k_pages, v_pages, table, seq, pos = args
+    if fn.device == "cpu":
+        return _flash(fn, node, _flash_spec(fn, node, paged=True), [q, k_pages, v_pages, pos, table, seq])
     s = fn.te(flash_attention.paged_scores, q, k_pages, table, seq)
     return _scores_to_values(fn, node, s, pos,
                              lambda p: fn.te(flash_attention.paged_values, p, v_pages, table, seq))

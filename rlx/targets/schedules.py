@@ -34,7 +34,9 @@ from tvm.s_tir import dlight as dl
 from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
+from tvm.target.codegen import llvm_get_vector_width
 
+from rlx.targets.flash_attention import FLASH_ATTR, FlashSpec, flash_attention
 from rlx.targets.kernels import CONTRACTIONS, MATERIALIZED
 from rlx.targets.schedule_tools import RULE_ERRORS, SCHEDULE_ERRORS, attempt, root_blocks, static_extent
 from rlx.targets.weight_schedules import Gemm, Gemv, QuantGemvGpu
@@ -222,9 +224,30 @@ class ParallelOuter(ScheduleRule):
         return sch
 
 
+def _vector_target(target: Target) -> tuple[int, int, int]:
+    """(f32 lanes, vector registers, cores) of an LLVM target: AVX-512 16 lanes x 32 registers,
+    AVX2 8 x 16, NEON 4 x 32."""
+    bits = int(llvm_get_vector_width(target))
+    lanes = max(1, bits // 32)
+    arm = "aarch64" in str(target.attrs.get("mtriple", "")) or "arm" in str(target.attrs.get("mtriple", ""))
+    regs = 32 if bits >= 512 or arm else 16
+    return lanes, regs, int(target.attrs.get("num-cores", 1) or 1)
+
+
+class FlashAttention(ScheduleRule):
+    """The flash attention kernels (`flash_attention.py`) are written scheduled; this rule only
+    regenerates each one for the target's vector width, register count and cores."""
+
+    def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool) -> s_tir.Schedule | None:
+        if not isinstance(func, tirx.PrimFunc) or func.attrs is None or FLASH_ATTR not in func.attrs:
+            return None
+        spec = FlashSpec.from_json(str(func.attrs[FLASH_ATTR])).for_target(*_vector_target(target))
+        return s_tir.Schedule(flash_attention(spec))
+
+
 def cpu_rules() -> list[tuple[str, ScheduleRule]]:
-    return [("gemv", Gemv()), ("gemm", Gemm()), ("contraction", Contraction()), ("row-reduction", RowReduction()),
-            ("parallel-outer", ParallelOuter())]
+    return [("flash-attention", FlashAttention()), ("gemv", Gemv()), ("gemm", Gemm()),
+            ("contraction", Contraction()), ("row-reduction", RowReduction()), ("parallel-outer", ParallelOuter())]
 
 
 def gpu_rules(matmul: bool = True) -> list[tuple[str, ScheduleRule]]:

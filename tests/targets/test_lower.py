@@ -76,17 +76,27 @@ def test_kv_cache_is_written_in_place_and_never_copied(tiny_ckpt: Ckpt) -> None:
 
 
 def test_sliding_layers_read_only_their_window_of_the_cache(tiny_ckpt: Ckpt) -> None:
-    """Decode scores of a sliding layer (window 4 in the fixture) span min(PAST_SEQ + 1, 4) keys:
-    the rows below PAST_SEQ - 3 are never read; full layers span all PAST_SEQ + 1."""
+    """GPU (materialised scores): decode scores of a sliding layer (window 4 in the fixture) span
+    min(PAST_SEQ + 1, 4) keys: the rows below PAST_SEQ - 3 are never read; full layers span all
+    PAST_SEQ + 1. CPU: each layer calls the flash kernel generated for its window (which visits
+    only the key tiles inside it: tests/targets/test_flash_attention.py)."""
+    from rlx.targets.flash_attention import FLASH_ATTR, FlashSpec
+
     ckpt = open_checkpoint(tiny_ckpt("gemma3"))
     cfg = ckpt.config
-    text = lower({"decode": reference_graphs(ckpt, passes=DEFAULT_PIPELINE)[1]}).mod["decode"].script(show_meta=False)
+    graph = reference_graphs(ckpt, passes=DEFAULT_PIPELINE)[1]
+    text = lower({"decode": graph}, "cuda").mod["decode"].script(show_meta=False)
     spans = [re.search(r"R\.Tensor\(\(1, 4, 1, (.*)\), dtype", ln).group(1)  # type: ignore[union-attr]
              for ln in _calls(text, "R.call_tir(attention_scores")]
     window = cfg.sliding_window
     want = [f"PAST_SEQ + 1 - T.max(0, PAST_SEQ - {window - 1})" if cfg.layer_type(i) == "sliding_attention"
             else "PAST_SEQ + 1" for i in range(cfg.num_layers)]
     assert spans == want
+    mod = lower({"decode": graph}).mod
+    calls = [re.search(r"R\.call_tir\((\w+),", ln).group(1)  # type: ignore[union-attr]
+             for ln in _calls(mod["decode"].script(show_meta=False), "R.call_tir(flash_attention")]
+    windows = [FlashSpec.from_json(str(mod[name].attrs[FLASH_ATTR])).window for name in calls]
+    assert windows == [window if cfg.layer_type(i) == "sliding_attention" else 0 for i in range(cfg.num_layers)]
 
 
 def test_kv_cache_plan_rejects_a_past_input_read_elsewhere() -> None:
