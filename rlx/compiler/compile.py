@@ -123,7 +123,7 @@ def _populate(tmp: Path, checkpoint: Any, resolved: Any, profile: Any, passes: s
     from rlx.hir.text import print_hir
     from rlx.runtime.paged_engine import STEP
     from rlx.targets.build import build, build_isolated, schedule_module
-    from rlx.targets.lower import lower, param_keys, weight_readers
+    from rlx.targets.lower import lower_for, param_keys, weight_readers
 
     with phases("graphs"):
         bounds = context_bounds(max_seq)
@@ -138,7 +138,7 @@ def _populate(tmp: Path, checkpoint: Any, resolved: Any, profile: Any, passes: s
     entries = {**graphs.entries, **paged.entries}
     backend = graphs.backend
     with phases("lower"):
-        lowered = lower(entries, resolved.device)
+        lowered = lower_for(entries, resolved)
     library = LIBRARY[resolved.device] if resolved.local or resolved.device != "cpu" else CROSS_LIBRARY
     with phases("build"):
         if resolved.device == "metal":

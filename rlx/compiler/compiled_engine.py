@@ -25,7 +25,7 @@ from rlx.runtime.paged_engine import paged_layout_of
 from rlx.runtime.paged_vm import PagedVMEngine
 from rlx.runtime.vm_engine import DEVICES, VMEngine
 from rlx.targets.build import build
-from rlx.targets.lower import Signature, lower, param_keys
+from rlx.targets.lower import Signature, lower_for, param_keys
 from rlx.targets.presets import ResolvedTarget, resolve_target
 
 
@@ -55,7 +55,7 @@ class CompiledEngine(VMEngine):
         self.reports: dict[str, PassReport] = dict(graphs.reports)
         self.buckets = graphs.buckets
         t0 = time.perf_counter()
-        self.lowered = lower(graphs.entries, resolved.device)
+        self.lowered = lower_for(graphs.entries, resolved)
         self.signatures: dict[str, Signature] = self.lowered.signatures
         self.built = build(self.lowered.mod, resolved, opt_level=graphs.backend.opt_level)
         self.compile_seconds = time.perf_counter() - t0
@@ -85,7 +85,7 @@ def compiled_paged_engine(ckpt: Checkpoint, flow: GemmaFlow | None = None, *, nu
     device = _local_device(resolved, target)
     graphs = paged_graphs(ckpt, target=resolved.name, profile=profile, passes=passes, flow=flow,
                           page_size=page_size, max_seq=max_seq, buckets=buckets)
-    lowered = lower(graphs.entries, resolved.device)
+    lowered = lower_for(graphs.entries, resolved)
     backend = profile.backend_for(resolved.name) if profile is not None else None
     built = build(lowered.mod, resolved, opt_level=backend.opt_level if backend else None)
     have = param_keys(list(shared.signatures.values())) if shared is not None else {}

@@ -67,9 +67,9 @@ class TargetGraphs:
     reports, the prefill buckets and the entries of a compiled module (`entries`: prefill,
     decode and `prefill_<bucket>` per bucket)."""
 
-    built: dict[Mode, HIR]
-    graphs: dict[Mode, HIR]
-    reports: dict[Mode, PassReport]
+    built: dict[str, HIR]  # by mode (PREFILL, DECODE)
+    graphs: dict[str, HIR]
+    reports: dict[str, PassReport]
     buckets: tuple[int, ...] = ()
     bucketed: BucketedGraphs | None = None
     backend: BackendOptions = field(default_factory=BackendOptions)
@@ -92,7 +92,9 @@ def target_graphs(ckpt: Checkpoint, *, target: str | None = None, profile: Profi
     base = (flow or GemmaFlow(ckpt.config, ckpt.weights)).batch(1).last_token_logits().export_kv()
     if profile is not None:
         base = profile.apply(base)
-    built, graphs, reports = {}, {}, {}
+    built: dict[str, HIR] = {}
+    graphs: dict[str, HIR] = {}
+    reports: dict[str, PassReport] = {}
     for mode, make in MODE_FLOWS.items():
         hir = make(base).build_hir()
         if bounds:
@@ -122,11 +124,11 @@ def reference_graphs(ckpt: Checkpoint, flow: GemmaFlow | None = None, *, passes:
 DEFAULT_STEP_BUCKETS = (1, 2)
 """Static step entries (SEQ = SEQS = b) next to the dynamic `step`. Static rows <= 4 get the GEMV
 schedules (`weight_kernels.GEMV_ROWS`), more the GEMM, which a static size does not change.
-Measured on the real gemma-3-270m (gguf, 2 cores under load, min of 5 interleaved decode steps at
-32 past positions): 1 sequence 179 ms in `step_1` vs 336 in `step` (the single engine's decode:
-166); 2 sequences 229 vs 331; 4 sequences 366 vs 367 (a 4-row GEMV is no faster than the GEMM);
-8 sequences 500 vs 524. So buckets 1 and 2; each is one more function to compile (~+20% of an
-artifact's build time each on tiny models)."""
+Measured on the real gemma-3-270m (gguf, 2 shared cores, `bench/paged_buckets.py`: min of 5
+interleaved decode steps at 32 past positions): 1 sequence 33.1 ms in `step_1` vs 60.9 in `step`
+(the single engine's decode: 33.4); 2 sequences 41.9 vs 61.6; 4 sequences 63.6 vs 63.5 (a 4-row
+GEMV is no faster than the GEMM); 8 sequences 81.7 vs 82.6. So buckets 1 and 2; each is one
+more function to compile (~+20% of an artifact's build time each on tiny models)."""
 
 
 @dataclass

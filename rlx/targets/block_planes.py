@@ -24,7 +24,7 @@ other, each il16 (lane l of every 16-byte line is row l of the group): S for eve
 group, its blocks' scales, 2 or 4 little-endian bytes, one byte a line), then O likewise, then q
 (a group's K bytes, or K / 2). Whole planes rather than one [S | O | q] slab per group: a GEMV
 then streams two arrays, as with separate tensors, which measured twice as fast as alternating
-between the parts of a slab.
+between the parts of a slab. The layout with a diagram: docs/kernels.md.
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ import tvm
 from tvm import te, tirx
 
 from rlx.hir.quant import QuantFormat
+from rlx.targets.machine import LANES
 
-LANES = 16
 F32 = "float32"
 Expr = tvm.ir.Expr
 _BYTES = {"float16": 2, "float32": 4}

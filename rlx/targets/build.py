@@ -37,7 +37,7 @@ from rlx.errors import RlxError
 from rlx.hir.graph import HIR
 from rlx.hir.serialize import hir_from_dict, hir_to_dict
 from rlx.targets.presets import ResolvedTarget, resolve_target
-from rlx.targets.schedules import apply_schedules, cpu_rules, gpu_rules, schedule_report
+from rlx.targets.schedules import apply_schedules, check_schedules, cpu_rules, gpu_rules, schedule_report
 
 _EXCEPTION_LINE = re.compile(r"^[\w.]*(Error|Exception|Interrupt)\b")  # a traceback's last word
 
@@ -82,13 +82,14 @@ def _resolve(target: str | ResolvedTarget) -> ResolvedTarget:
 
 
 def schedule_module(mod: tvm.IRModule, target: str | ResolvedTarget) -> tvm.IRModule:
-    """Legalize, fuse and schedule: the module every PrimFunc of which has its schedule."""
+    """Legalize, fuse and schedule: the module every PrimFunc of which has its schedule (a
+    `schedules.ScheduleError` if one of rlx's own rules failed on a kernel)."""
     resolved = _resolve(target)
     be = BACKENDS[resolved.device]
     passes = [*be.tvm_backend.library_dispatch_passes(resolved.target), *(p() for p in _FUSION),
               apply_schedules(be.rules())]
     with resolved.target:
-        return tvm.transform.Sequential(passes)(mod)
+        return check_schedules(tvm.transform.Sequential(passes)(mod))
 
 
 def _finish_pipeline(resolved: ResolvedTarget) -> tvm.transform.Pass:
@@ -154,12 +155,12 @@ def build_isolated(graphs: Mapping[str, HIR], target: str, out: Path, *, timeout
 def _child_main(argv: list[str]) -> int:
     """`python -m rlx.targets.build GRAPHS.json TARGET OUT OPT_LEVEL|None`: the child side of
     build_isolated."""
-    from rlx.targets.lower import lower
+    from rlx.targets.lower import lower_for
 
     src, target, out, level = argv
     graphs = {name: hir_from_dict(d) for name, d in json.loads(Path(src).read_text()).items()}
     resolved = resolve_target(target)
-    ex, _ = _compile(lower(graphs, resolved.device).mod, resolved, None if level == "None" else int(level))
+    ex, _ = _compile(lower_for(graphs, resolved).mod, resolved, None if level == "None" else int(level))
     ex.export_library(out)
     return 0
 

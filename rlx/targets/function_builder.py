@@ -19,6 +19,7 @@ from rlx.hir.graph import HIR
 from rlx.hir.quant import QuantFormat
 from rlx.hir.shapes import Dim, Shape, dim_symbols
 from rlx.hir.tensor_type import TensorType
+from rlx.targets.machine import CONSERVATIVE_PARAMS, KernelParams
 
 TVM_DTYPES: dict[DType, str] = {
     DType.F32: "float32", DType.F16: "float16", DType.BF16: "bfloat16",
@@ -30,10 +31,12 @@ TVM_DTYPES: dict[DType, str] = {
 class FunctionBuilder:
     """Lowering state of one function: the block builder, symbolic dims, values by node id."""
 
-    def __init__(self, bb: relax.BlockBuilder, hir: HIR, device: str = "cpu") -> None:
+    def __init__(self, bb: relax.BlockBuilder, hir: HIR, device: str = "cpu",
+                 kernel: KernelParams = CONSERVATIVE_PARAMS) -> None:
         self.bb = bb
         self.hir = hir
         self.device = device  # "cpu" | "cuda" | "metal": lowerings with a device-specific kernel ask
+        self.kernel = kernel  # the target's CPU kernel parameters (`machine.py`): the GEMM's row padding
         symbols = sorted(set().union(*(dim_symbols(n.type.shape) for n in hir.nodes())) | {KV_CAP})
         self.dims = {s: tirx.Var(s, "int64") for s in symbols}
         self.values: dict[str, relax.Expr] = {}

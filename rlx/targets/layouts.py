@@ -13,7 +13,8 @@ best. Two layouts:
   at the same offset for 16 rows and is loaded for 16 outputs at once). One 16-lane vector then
   holds 16 output rows, so a GEMV accumulates 16 outputs per FMA without horizontal sums and a
   GEMM's 16-wide column panel is one contiguous stream. An embedding lookup gathers one row with
-  stride 16, which costs nothing next to the LM head that reads the whole table.
+  stride 16, which costs nothing next to the LM head that reads the whole table. Diagrams and
+  the kernels that read it: docs/kernels.md.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from rlx.hir.ops import Op
 from rlx.hir.quant import quant_format
 from rlx.hir.tensor_type import TensorType
 from rlx.targets import block_planes
-from rlx.targets.block_planes import LANES
+from rlx.targets.machine import LANES
 
 PLAIN, IL16 = "plain", "il16"
 # (op, input position) that read an il16 weight: what `lowerings` implements for it

@@ -43,6 +43,8 @@ from rlx.hir.tensor_type import TensorType
 from rlx.targets import kernels, kv_cache, layouts
 from rlx.targets.function_builder import TVM_DTYPES, CacheView, FunctionBuilder, WeightView
 from rlx.targets.lowerings import CACHE_READERS, LOWERINGS, lower_const
+from rlx.targets.machine import CONSERVATIVE_PARAMS, KernelParams, kernel_params
+from rlx.targets.presets import ResolvedTarget
 
 
 @dataclass(frozen=True)
@@ -192,8 +194,8 @@ def _var_name(text: str) -> str:
 
 
 def _lower_function(bb: relax.BlockBuilder, hir: HIR, sig: Signature,
-                    writers: Mapping[tuple[str, int], tvm.ir.GlobalVar], device: str) -> None:
-    fn = FunctionBuilder(bb, hir, device)
+                    writers: Mapping[tuple[str, int], tvm.ir.GlobalVar], device: str, kernel: KernelParams) -> None:
+    fn = FunctionBuilder(bb, hir, device, kernel)
     node_of = {p.key: nid for nid, p in _param_nodes(hir).items()}
     specs = {p.key: p for p in sig.params}
     inputs = {name: relax.Var(_var_name(name), fn.ty(t)) for name, t in sig.inputs}
@@ -257,9 +259,11 @@ def weight_view(spec: ParamSpec, var: relax.Var) -> relax.Var | WeightView:
     return WeightView(var, spec.layout, fmt)
 
 
-def lower(graphs: Mapping[str, HIR], device: str = "cpu") -> Lowered:
+def lower(graphs: Mapping[str, HIR], device: str = "cpu", kernel: KernelParams = CONSERVATIVE_PARAMS) -> Lowered:
     """Lower several graphs (function name -> HIR) into ONE IRModule, so they share kernels and
-    compile once; weights are laid out for `device`'s kernels (`layouts.py`)."""
+    compile once; weights are laid out for `device`'s kernels (`layouts.py`), CPU kernels shaped
+    by the target's `kernel` parameters (`machine.kernel_params(target)`; the default is the
+    conservative machine's, correct on any CPU)."""
     bb = relax.BlockBuilder()
     signatures: dict[str, Signature] = {}
     chosen = choose_layouts(graphs, device)
@@ -272,8 +276,13 @@ def lower(graphs: Mapping[str, HIR], device: str = "cpu") -> Lowered:
                     for _, t in sig.caches})
     writers = {kind: bb.add_func(kernels.kv_write(*kind), f"kv_write_{kind[0]}_{kind[1]}") for kind in kinds}
     for function, hir in graphs.items():
-        _lower_function(bb, hir, signatures[function], writers, device)
+        _lower_function(bb, hir, signatures[function], writers, device, kernel)
     return Lowered(bb.get(), signatures)
+
+
+def lower_for(graphs: Mapping[str, HIR], target: ResolvedTarget) -> Lowered:
+    """`lower` for a resolved target: its device's weight layouts, its CPU's kernel parameters."""
+    return lower(graphs, target.device, kernel_params(target.target))
 
 
 def lower_hir(hir: HIR, function: str | None = None, device: str = "cpu") -> Lowered:

@@ -242,7 +242,8 @@ def _contraction(fn: _Fn, x: relax.Expr, w: relax.Expr | WeightView) -> relax.Ex
     """`x @ w.T` as a kernel's float32 accumulator; a weight in a kernel layout or quantized is
     read (and decoded) inside the kernel (`weight_kernels.py`)."""
     if isinstance(w, WeightView):
-        return fn.te(weight_kernels.contraction, x, w.tensor, layout=w.layout, fmt=w.format.name if w.format else "")
+        return fn.te(weight_kernels.contraction, x, w.tensor, layout=w.layout, fmt=w.format.name if w.format else "",
+                     row_tile=fn.kernel.gemm_rows, chains=fn.kernel.gemv_chains)
     return fn.te(kernels.linear, x, w)
 
 

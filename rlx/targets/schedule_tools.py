@@ -19,7 +19,12 @@ def static_extent(extent: tirx.PrimExpr) -> int | None:
 
 
 def root_blocks(sch: s_tir.Schedule) -> list[s_tir.schedule.SBlockRV]:
-    return list(sch.get_child_blocks(sch.get_sblock(sch.mod["main"].body.block.name_hint)))
+    """The blocks under the root block; none for a function written without one (a kernel
+    generated scheduled, like the flash attention ones): no rule of ours claims such a function."""
+    body = sch.mod["main"].body
+    if not isinstance(body, s_tir.SBlockRealize):
+        return []
+    return list(sch.get_child_blocks(sch.get_sblock(body.block.name_hint)))
 
 
 def attempt(sch: s_tir.Schedule, step: Callable[[], object]) -> bool:

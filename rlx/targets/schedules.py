@@ -19,9 +19,11 @@ and dlight has no CPU matmul rule, so the heavy kernels get our own:
 - `RowReduction` for norms, softmax and top-k (rows in parallel, each row's blocks under its loop).
 - `ParallelOuter`: elementwise chains inlined into one loop nest, vectorised, parallel when large.
 
-A rule that raises a schedule error, or whose schedule the first TIR lowering steps reject, is
-skipped for that function (the next rule tries), and every function records the rule that
-scheduled it (`rlx.schedule` attr; `schedule_report`).
+Every function records the rule that scheduled it (`rlx.schedule` attr; `schedule_report`). A
+rule of ours that raises, or whose schedule the first TIR lowering steps reject, is an error
+(`ScheduleError`, raised by `check_schedules` after the pass), never a fall-through; only dlight's
+generic rules may fail and pass a function on, the reason recorded (`schedule_skipped`). The
+linear kernels, their tilings and these rules: docs/kernels.md.
 """
 
 from __future__ import annotations
@@ -36,14 +38,14 @@ from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
 from tvm.target.codegen import llvm_get_vector_width
 
+from rlx.errors import RlxError
 from rlx.targets.flash_attention import FLASH_ATTR, FlashSpec, flash_attention
 from rlx.targets.kernels import CONTRACTIONS, MATERIALIZED
+from rlx.targets.machine import LANES, kernel_params
 from rlx.targets.schedule_tools import RULE_ERRORS, SCHEDULE_ERRORS, attempt, root_blocks, static_extent
 from rlx.targets.weight_schedules import Gemm, Gemv, QuantGemvGpu
 
-LANES = 16   # partial sums per output element (one AVX-512 / four NEON f32 vectors)
 TILE_N = 16  # output columns per parallel task
-PARALLEL_MIN = 1 << 14  # elementwise work below this many elements runs on one thread
 SCHEDULE_ATTR = "rlx.schedule"
 EXTERN = "extern"  # what the report says of a function that only calls a runtime library
 
@@ -189,7 +191,7 @@ class ParallelOuter(ScheduleRule):
     inlined into its consumer, so a chain of elementwise steps (GELU's seven) is one pass over
     memory, not one loop and one buffer each; then each remaining loop nest's leading spatial
     loops are fused and run in parallel when there is enough work to pay for waking the pool
-    (`PARALLEL_MIN` elements), the innermost one vectorised by 16 when 16 divides its static
+    (`KernelParams.parallel_min` elements), the innermost one vectorised by LANES when that divides its static
     extent (a fused index over symbolic extents would need divisions per lane).
 
     Blocks named in `kernels.MATERIALIZED` are kept (a stage computed once per row and read many
@@ -219,7 +221,7 @@ class ParallelOuter(ScheduleRule):
                 loops[-1], lanes = rest, LANES
             outer = sch.fuse(*loops) if len(loops) > 1 else loops[0]
             total = static_extent(_extent(sch, outer))
-            if total is None or total * lanes >= PARALLEL_MIN:
+            if total is None or total * lanes >= kernel_params(target).parallel_min:
                 sch.parallel(outer)
         return sch
 
@@ -263,47 +265,91 @@ def gpu_rules(matmul: bool = True) -> list[tuple[str, ScheduleRule]]:
 # the first TIR lowering steps, which reject some schedules dlight emits (e.g. its GPU Reduction
 # rule on a decode attention-score kernel: "cross-thread reduction ... not the deepest loops")
 _CHECKS = (s_tir.transform.CanonicalizeLoop, s_tir.transform.LowerCrossThreadReduction)
+DLIGHT = "dlight."  # rule names of TVM's generic rules: these may fail on a function, ours may not
+ERROR_ATTR = "rlx.schedule_error"    # an own rule failed here: `check_schedules` raises
+SKIPPED_ATTR = "rlx.schedule_skipped"  # the generic rules tried first and why each failed
 
 
-def _lowers(func: tirx.PrimFunc) -> bool:
+class ScheduleError(RlxError):
+    """One of rlx's own schedule rules failed on a kernel it claimed."""
+
+
+def _why(e: BaseException) -> str:
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+
+
+def _lowering_error(func: tirx.PrimFunc) -> str | None:
     try:
         tvm.transform.Sequential([c() for c in _CHECKS])(tvm.IRModule({"main": func}))
-        return True
-    except SCHEDULE_ERRORS:
-        return False
+        return None
+    except SCHEDULE_ERRORS as e:
+        return _why(e)
+
+
+def _schedule_one(func: tirx.PrimFunc, rules: Sequence[tuple[str, ScheduleRule]], target: Target) -> tirx.PrimFunc:
+    """`func` scheduled by the first rule that claims it (returns a schedule). A rule of ours that
+    raises, or whose schedule does not lower, marks the function with `ERROR_ATTR`: pinned, never
+    a fall-through to a rule that takes anything. dlight's rules may fail (they try any function):
+    the next one is tried, each failure recorded in `SKIPPED_ATTR`."""
+    skipped: list[str] = []
+    for name, rule in rules:
+        problem: str | None
+        try:
+            sch = rule.apply(func, target, False)
+        except RULE_ERRORS as e:
+            sch, problem = None, _why(e)
+        else:
+            if sch is None:
+                continue
+            sch = sch[0] if isinstance(sch, list) else sch
+            scheduled = sch.mod["main"].with_attr("tirx.is_scheduled", True).with_attr(SCHEDULE_ATTR, name)
+            problem = _lowering_error(scheduled)
+            if problem is None:
+                return scheduled.with_attr(SKIPPED_ATTR, "; ".join(skipped)) if skipped else scheduled
+        if not name.startswith(DLIGHT):
+            return func.with_attr(ERROR_ATTR, f"rule {name}: {problem}")
+        skipped.append(f"{name}: {problem}")
+    if "T.call_packed(" in func.script():  # e.g. Relax's sort / topk: TVM's sort library
+        func = func.with_attr(SCHEDULE_ATTR, EXTERN)
+    return func.with_attr(SKIPPED_ATTR, "; ".join(skipped)) if skipped else func
 
 
 def apply_schedules(rules: Sequence[tuple[str, ScheduleRule]]) -> tvm.transform.Pass:
-    """Schedule every unscheduled PrimFunc with the first rule that applies (run under a target)."""
+    """Schedule every unscheduled PrimFunc with the first rule that applies (run under a target;
+    `check_schedules` afterwards raises on a failed rule of ours: a raise inside a pass would
+    reach the caller as TVM's RuntimeError)."""
 
     @tvm.transform.module_pass(opt_level=0, name="RlxApplySchedules")
     def _pass(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         target = Target.current(allow_none=False)
-        updated = {}
-        for gv, func in mod.functions_items():
-            if not isinstance(func, tirx.PrimFunc) or func.attrs.get("tirx.is_scheduled"):
-                continue
-            for name, rule in rules:
-                try:
-                    sch = rule.apply(func, target, False)
-                except RULE_ERRORS:
-                    continue
-                if sch is None:
-                    continue
-                sch = sch[0] if isinstance(sch, list) else sch
-                scheduled = sch.mod["main"].with_attr("tirx.is_scheduled", True).with_attr(SCHEDULE_ATTR, name)
-                if not _lowers(scheduled):
-                    continue
-                updated[gv] = scheduled
-                break
-            else:
-                if "T.call_packed(" in func.script():  # e.g. Relax's sort / topk: TVM's sort library
-                    updated[gv] = func.with_attr(SCHEDULE_ATTR, EXTERN)
+        updated = {gv: _schedule_one(func, rules, target) for gv, func in mod.functions_items()
+                   if isinstance(func, tirx.PrimFunc) and not func.attrs.get("tirx.is_scheduled")}
         for gv, func in updated.items():
             mod[gv] = func
         return mod
 
     return _pass
+
+
+def _attr_of(mod: tvm.IRModule, attr: str) -> dict[str, str]:
+    return {gv.name_hint: str(func.attrs[attr]) for gv, func in mod.functions_items()
+            if isinstance(func, tirx.PrimFunc) and func.attrs is not None and attr in func.attrs}
+
+
+def check_schedules(mod: tvm.IRModule) -> tvm.IRModule:
+    """`mod` if none of our rules failed in it; else a `ScheduleError` naming each kernel and rule."""
+    failed = _attr_of(mod, ERROR_ATTR)
+    if failed:
+        listed = "; ".join(f"{name}: {why}" for name, why in sorted(failed.items()))
+        raise ScheduleError(f"{len(failed)} kernel(s) failed their rlx schedule rule: {listed}",
+                            hint="this is a bug in rlx's schedules (rlx/targets/schedules.py, weight_schedules.py): "
+                                 "please report it with the model and target")
+    return mod
+
+
+def schedule_skipped(mod: tvm.IRModule) -> dict[str, str]:
+    """PrimFunc name -> the generic rules that failed on it before one applied, and why."""
+    return _attr_of(mod, SKIPPED_ATTR)
 
 
 def schedule_report(mod: tvm.IRModule) -> dict[str, str]:

@@ -2,22 +2,20 @@
 
 Which formulation a linear gets depends on its rows (the `M` of `x [..., M, K]`):
 
-- **GEMV** (a static M of at most `GEMV_ROWS`: a decode step): the il16 layout's 16 lanes are 16
-  output rows. A quantized weight comes as block planes (`block_planes.py`: w = S (q - zero) + O
-  per block); the products are summed per block over the stored integers (`rlx_gemv_block`, `C`
-  independent chains so the FMAs pipeline), then each block's scale and offset are applied
-  once: `y = sum_b S_b * sum_j x_j q_j + (O_b - zero S_b) * sum_j x_j` (the block sums of x are
-  `rlx_gemv_xsum`). The values are the weights' exactly; only the float32 summation order
-  differs from dequantize-then-dot.
-- **GEMM** (anything else: a prefill): the weight's 16-row panels are decoded one at a time
-  (`rlx_gemm_panel`, float32 [K, 16], cache-resident) and reused by every row of x in a
-  register-tiled micro-kernel (`rlx_gemm`); float weights in il16 are read as they are.
+- **GEMV** (a static M of at most `GEMV_ROWS`: a decode step): the il16 layout's lanes are
+  output rows; a quantized weight's products are summed per block over the stored integers
+  (`rlx_gemv_block`, `chains` independent chains), then each block's scale and offset applied
+  once (`rlx_gemv_xsum`: the block sums of x). The values are the weights' exactly; only the
+  float32 summation order differs from dequantize-then-dot.
+- **GEMM** (anything else: a prefill): a quantized weight's 16-row panels are decoded once
+  (`rlx_gemm_panel`) and reused by every row of x in a register-tiled micro-kernel (`rlx_gemm`),
+  x's rows padded to the target's tile (`row_tile`); float weights in il16 are read as they are.
 
 Weights in the plain layout (GPU targets, row counts not a multiple of 16) keep the plain
 formulations: `kernels.linear`, or the GGUF blocks as stored decoded by `quant_decode` in an
-`rlx_dequant` stage + `rlx_qlinear`. Schedules
-find each kernel by its block names (`schedules.py`). Embedding lookups decode only the rows
-they read, in any layout.
+`rlx_dequant` stage + `rlx_qlinear`. Schedules find each kernel by its anchor block
+(`weight_schedules.py`). Embedding lookups decode only the rows they read, in any layout. The
+layout, the tilings and their numbers: docs/kernels.md.
 """
 
 from __future__ import annotations
@@ -30,14 +28,14 @@ from tvm import te, tirx
 
 from rlx.hir.quant import QuantFormat, quant_format
 from rlx.targets.block_planes import PlaneReader, planes_of
-from rlx.targets.layouts import IL16, LANES
+from rlx.targets.layouts import IL16
+from rlx.targets.machine import CONSERVATIVE_PARAMS, LANES
 from rlx.targets.quant_decode import Rows, value
 
 F32 = "float32"
 Expr = tvm.ir.Expr
 GEMV_ROWS = 4          # at most this many rows (static) run as a GEMV
-CHAINS = 2             # independent accumulation chains per block in a GEMV
-GEMM_ROWS = 4          # a GEMM's register tile rows (the schedule's MR): rows are padded to it
+ROW_TILE_ATTR = "rlx.row_tile"  # the GEMM block's annotation: the MR its rows were padded to
 
 GEMV = "rlx_gemv"
 GEMV_BLOCK = "rlx_gemv_block"
@@ -105,14 +103,17 @@ def is_gemv(x: te.Tensor, layout: str) -> bool:
     return layout == IL16 and rows is not None and rows <= GEMV_ROWS
 
 
-def contraction(x: te.Tensor, w: te.Tensor, layout: str, fmt: str = "") -> te.Tensor:
+def contraction(x: te.Tensor, w: te.Tensor, layout: str, fmt: str = "",
+                row_tile: int = CONSERVATIVE_PARAMS.gemm_rows, chains: int = CONSERVATIVE_PARAMS.gemv_chains
+                ) -> te.Tensor:
     """`y[..., n] = sum_k x[..., k] * w[n, k]` in float32, for a weight in `layout` (quantized in
-    format `fmt`, "" for float; emit_te passes strings, not objects)."""
+    format `fmt`, "" for float; emit_te passes strings, not objects). `row_tile` and `chains` are
+    the target's `KernelParams.gemm_rows` / `gemv_chains`."""
     weight = _Weight(w, layout, quant_format(fmt) if fmt else None, int(x.shape[-1]))
     if is_gemv(x, layout):
-        return _gemv_quant(x, weight) if weight.fmt is not None else _gemv_float(x, weight)
+        return _gemv_quant(x, weight, chains) if weight.fmt is not None else _gemv_float(x, weight)
     if layout == IL16:
-        return _gemm(x, weight)
+        return _gemm(x, weight, row_tile)
     if weight.fmt is not None:
         return _dequant_linear(x, weight)
     raise ValueError("plain float weights use kernels.linear")
@@ -129,19 +130,19 @@ def _gemv_float(x: te.Tensor, w: _Weight) -> te.Tensor:
     return _dot(x, w.rows, w.element(), GEMV)
 
 
-def _gemv_quant(x: te.Tensor, w: _Weight) -> te.Tensor:
+def _gemv_quant(x: te.Tensor, w: _Weight, chains: int) -> te.Tensor:
     planes = w.planes
     bs = planes.planes.block
     lead, blocks = x.shape[:-1], w.k // bs
-    per_chain = bs // CHAINS
+    per_chain = bs // chains
     j = te.reduce_axis((0, per_chain), name="j")
 
     def block_sum(*i: Expr) -> Expr:
         *m, g, b, c, lane = i
-        kk = b * bs + j * CHAINS + c
+        kk = b * bs + j * chains + c
         return te.sum(_f32(x[(*m, kk)]) * planes.lane_quant(g, lane, kk).astype(F32), axis=j)
 
-    part = te.compute((*lead, w.groups, blocks, CHAINS, LANES), block_sum, name=GEMV_BLOCK)
+    part = te.compute((*lead, w.groups, blocks, chains, LANES), block_sum, name=GEMV_BLOCK)
     zero = tirx.const(0, "int64")
     has_offset = planes.block_offset(zero, zero) is not None
     if has_offset:
@@ -153,7 +154,7 @@ def _gemv_quant(x: te.Tensor, w: _Weight) -> te.Tensor:
     def out(*i: Expr) -> Expr:
         *m, n = i
         acc = part[(*m, n // LANES, b, 0, n % LANES)]
-        for c in range(1, CHAINS):
+        for c in range(1, chains):
             acc = acc + part[(*m, n // LANES, b, c, n % LANES)]
         term = planes.scale(n, b) * acc
         if has_offset:
@@ -163,10 +164,11 @@ def _gemv_quant(x: te.Tensor, w: _Weight) -> te.Tensor:
     return te.compute((*lead, w.rows), out, name=GEMV)
 
 
-def _gemm(x: te.Tensor, w: _Weight) -> te.Tensor:
+def _gemm(x: te.Tensor, w: _Weight, row_tile: int) -> te.Tensor:
     """il16 weights, any rows: a quantized weight's 16-row panels decoded to float32 first.
 
-    The rows (x's second-to-last axis) are padded to a multiple of `GEMM_ROWS` (the row tile),
+    The rows (x's second-to-last axis) are padded to a multiple of `row_tile` (the schedule's MR,
+    recorded on the block as `ROW_TILE_ATTR` so the schedule tiles by the same number),
     reading the last row again past the end, so every tile runs the same unguarded register loop
     even for a symbolic row count; `rlx_gemm_out` keeps the real rows (the only guarded writes)."""
     get = w.element()
@@ -174,11 +176,11 @@ def _gemm(x: te.Tensor, w: _Weight) -> te.Tensor:
         panel = te.compute((w.groups, w.k, LANES), lambda g, k, lane: get(g * LANES + lane, k), name=GEMM_PANEL)
         get = lambda r, k: panel[r // LANES, k, r % LANES]  # noqa: E731
     *outer, seq = x.shape[:-1]
-    padded = (seq + GEMM_ROWS - 1) // GEMM_ROWS * GEMM_ROWS
+    padded = (seq + row_tile - 1) // row_tile * row_tile
     kk = te.reduce_axis((0, w.k), name="k")
     acc = te.compute((*outer, padded, w.rows),
                      lambda *i: te.sum(_f32(x[(*i[:-2], tirx.min(i[-2], seq - 1), kk)]) * get(i[-1], kk), axis=kk),
-                     name=GEMM)
+                     name=GEMM, attrs={ROW_TILE_ATTR: row_tile})
 
     def out(*i: Expr) -> Expr:
         return acc[i]

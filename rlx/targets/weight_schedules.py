@@ -1,22 +1,12 @@
-"""Schedules for `weight_kernels`: on CPU the GEMV of a decode step and the GEMM of a prefill;
-on GPUs the decode GEMV over quantized blocks in the plain layout (`QuantGemvGpu`; prefill
-linears there are dlight's Matmul).
+"""Schedules for `weight_kernels`: on CPU the GEMV of a decode step (`Gemv`) and the GEMM of a
+prefill (`Gemm`), tiled by the target's `machine.kernel_params` (the GEMM's rows by the tile the
+kernel recorded when it padded them); on GPUs the decode GEMV over quantized blocks in the plain
+layout (`QuantGemvGpu`; prefill linears there are dlight's Matmul).
 
-Both are found by block name in the fused PrimFunc; injective producers of x (a reshape, a cast)
-are inlined, and elementwise consumers (a residual add, a cast back to f16) are computed where
-each tile of outputs is finished, so the output is written once.
-
-- **GEMV** (`rlx_gemv`, with `rlx_gemv_block` / `rlx_gemv_xsum` for quantized weights): tasks of
-  `GEMV_GROUPS` il16 groups (16 rows each) run in parallel. Float weights: for every k, each
-  group's 16 rows are one vector FMA, the groups of a task being independent chains. Quantized:
-  per scale block, each chain sums x * q over its share of the block into a 16-lane vector
-  (unrolled, vectorised), then the block's scale and offset are applied once.
-- **GEMM** (`rlx_gemm`, with `rlx_gemm_panel` for quantized weights): tasks of `NR` output
-  columns (`NR / 16` il16 groups, decoded once into a float32 panel) run in parallel; inside,
-  `MR` rows at a time accumulate an MR x NR tile over all of K in registers (rows unrolled,
-  columns as 16-lane vectors), then the tile is written back with its epilogue. The kernel pads
-  the rows to a multiple of MR (`weight_kernels._gemm`), so even a symbolic row count runs
-  unguarded tiles; only `rlx_gemm_out`, which keeps the real rows, is guarded.
+Each is found by its anchor block's name in the fused PrimFunc; injective producers of x (a
+reshape, a cast) are inlined, and elementwise consumers (a residual add, a cast back to f16) are
+computed where each tile of outputs is finished, so the output is written once. The tilings,
+each number's reason and the measurements: docs/kernels.md.
 """
 
 from __future__ import annotations
@@ -28,22 +18,20 @@ from tvm import s_tir, tirx
 from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
 
+from rlx.targets.machine import LANES, kernel_params
 from rlx.targets.schedule_tools import attempt, root_blocks, static_extent
 from rlx.targets.weight_kernels import (
     DEQUANT,
     GEMM,
     GEMM_PANEL,
-    GEMM_ROWS,
     GEMV,
     GEMV_BLOCK,
     GEMV_ROWS,
     GEMV_XSUM,
     QLINEAR,
+    ROW_TILE_ATTR,
 )
 
-VEC = 16           # float32 lanes of a vector
-GEMV_GROUPS = 4    # il16 groups (of 16 rows) per GEMV task
-MR, NR = GEMM_ROWS, 64  # GEMM register tile: rows x columns (4 x 4 vectors of 16)
 SCOPE = "global"   # small buffers allocated inside a task become stack arrays ("local" would be a heap workspace)
 
 Block = s_tir.schedule.SBlockRV
@@ -64,8 +52,8 @@ def _epilogue(sch: s_tir.Schedule, consumers: Sequence[Block], loop: s_tir.sched
 
 
 def _split_lanes(sch: s_tir.Schedule, loop: s_tir.schedule.LoopRV) -> None:
-    """Unroll a loop of whole vectors and vectorise its 16 lanes."""
-    outer, lanes = sch.split(loop, [None, VEC])
+    """Unroll a loop of whole vectors and vectorise its LANES lanes."""
+    outer, lanes = sch.split(loop, [None, LANES])
     sch.unroll(outer)
     sch.vectorize(lanes)
 
@@ -95,7 +83,7 @@ class Gemv(ScheduleRule):
         sch, named, consumers = found
         y = named[GEMV]
         *lead, n, red = sch.get_loops(y)
-        task, group, lane = sch.split(n, [None, GEMV_GROUPS, VEC])
+        task, group, lane = sch.split(n, [None, kernel_params(target).gemv_groups, LANES])
         sch.parallel(task)
         if GEMV_BLOCK in named:
             # one group (16 rows) at a time over all of K: one sequential weight stream per thread
@@ -132,9 +120,10 @@ class Gemm(ScheduleRule):
             return None
         sch, named, consumers = found  # consumers: rlx_gemm_out first, then any epilogue
         y = named[GEMM]
+        mr = int(sch.get(y).annotations[ROW_TILE_ATTR])  # what the kernel padded its rows to
         *outer, row, n, k = sch.get_loops(y)
-        ro, ri = sch.split(row, [None, MR])
-        no, ni = sch.split(n, [None, NR])
+        ro, ri = sch.split(row, [None, mr])
+        no, ni = sch.split(n, [None, kernel_params(target).gemm_cols])
         sch.reorder(no, *outer, ro, k, ri, ni)
         sch.parallel(no)
         sch.unroll(ri)

@@ -25,6 +25,7 @@ from rlx.passes import DEFAULT_PIPELINE
 from rlx.runtime.engine import Engine
 from rlx.targets.kernels import CONTRACTIONS
 from tests.fixtures.tiny import hf_reference
+from tests.targets.test_schedule_rules import expected_rule
 from tests.targets.walks import FAMILIES, N_DECODE, PROMPT, walk
 
 Ckpt = Callable[[str], Path]
@@ -71,15 +72,17 @@ def test_matches_transformers(tiny_ckpt: Ckpt, compiled: Callable[[str, str], Co
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_every_kernel_is_scheduled(variant: str, compiled: Callable[[str, str], CompiledEngine]) -> None:
     """No PrimFunc is left unscheduled (TVM's CPU default runs loops serially, untiled), and every
-    contraction (linears, the LM head, attention, MoE experts) gets our contraction schedule."""
+    contraction gets its rule: linears and the LM head `gemv` / `gemm`, attention and MoE experts
+    theirs (`test_schedule_rules.expected_rule`, which pins every family, scheme and CPU target)."""
     engine = compiled("gemma4-moe", variant)
     report = engine.built.schedules
     assert "none" not in report.values()
     assert "extern" not in report.values() and {report["topk"], report["topk1"]} == {"row-reduction"}
+    assert {"gemv", "gemm"} <= set(report.values())
     for name, func in engine.built.scheduled.functions_items():
         script = func.script() if isinstance(func, tvm.tirx.PrimFunc) else ""
-        if any(f'"{c}"' in script for c in CONTRACTIONS):
-            assert report[name.name_hint] == "contraction", name.name_hint
+        if isinstance(func, tvm.tirx.PrimFunc) and (want := expected_rule(func)) is not None:
+            assert report[name.name_hint] == want, name.name_hint
             # "nt" kernels: every reduction length here is a multiple of 16, so the 16 partial sums
             # are a vector (a loop mix-up once vectorized a 1-trip loop instead: LM head 5x slower).
             # ("nn" ones vectorize the output axis only when it is static: not q @ k^T over SEQ.)

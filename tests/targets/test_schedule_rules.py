@@ -1,0 +1,166 @@
+"""Which schedule rule every kernel gets, pinned per tiny family, quantization scheme and CPU target,
+and the target-derived kernel parameters (`rlx/targets/machine.py`, docs/kernels.md).
+
+The rule of a kernel follows from the block it is built around (its anchor): a decode linear
+(`rlx_gemv`) must get `gemv`, a prefill linear (`rlx_gemm`) `gemm`, any other contraction (MoE
+experts, materialised attention) `contraction`, a flash attention kernel `flash-attention`;
+nothing may be left unscheduled. A broken GEMV rule used to fall through to the catch-all
+elementwise rule with every numerical test green and decode many times slower; now a failure
+inside one of rlx's rules is a compile error (`test_a_broken_rule_fails_the_compile`).
+
+Only legalize + fuse + schedule runs here (`schedule_module`, ~1 s a target), no codegen: the
+aarch64 target is scheduled like the others, its objects are built in test_quantized_cpu.py.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import tvm
+from tvm.target import Target
+
+from rlx.compiler.graphs import target_graphs
+from rlx.compiler.profile_toml import resolve_profile
+from rlx.frontends.checkpoint import open_checkpoint
+from rlx.targets import build, flash_attention, machine, weight_schedules
+from rlx.targets.build import schedule_module
+from rlx.targets.kernels import CONTRACTIONS
+from rlx.targets.lower import lower_for
+from rlx.targets.presets import resolve_target
+from rlx.targets.schedules import EXTERN, ScheduleError, gpu_rules, schedule_report, schedule_skipped
+from rlx.targets.weight_kernels import GEMM, GEMV, ROW_TILE_ATTR
+from tests.targets.walks import FAMILIES
+
+Ckpt = Callable[[str], Path]
+HASWELL = '{"kind": "llvm", "mcpu": "haswell"}'
+TARGETS = {"native": "cpu", "avx2": HASWELL, "aarch64": "cpu-aarch64"}
+SCHEMES = ["none", "q8", "q4", "q4a", "gguf"]
+FLASH_ATTR = getattr(flash_attention, "FLASH_ATTR", None)  # the flash kernels' marker (attention)
+# anchor block -> the rule that must schedule a kernel built around it
+RULE_OF_ANCHOR = {GEMV: "gemv", GEMM: "gemm", **{name: "contraction" for name in CONTRACTIONS}}
+_BLOCK = re.compile(r'T\.sblock\("([^"]+)"')
+
+
+def expected_rule(func: tvm.tirx.PrimFunc) -> str | None:
+    """The rule a kernel must get, from its anchor block (None: any of ours)."""
+    if FLASH_ATTR is not None and func.attrs is not None and FLASH_ATTR in func.attrs:
+        return "flash-attention"
+    anchors = {RULE_OF_ANCHOR[b] for b in _BLOCK.findall(func.script()) if b in RULE_OF_ANCHOR}
+    assert len(anchors) <= 1, f"a kernel with several anchors: {anchors}"
+    return anchors.pop() if anchors else None
+
+
+def _scheduled(path: Path, scheme: str, target: str) -> tvm.IRModule:
+    return _schedule_all(path, scheme, [target])[target]
+
+
+def _schedule_all(path: Path, scheme: str, targets: list[str]) -> dict[str, tvm.IRModule]:
+    """Each target's scheduled module; targets with the same kernel parameters share one lowering
+    (`lower` depends on the device and those only)."""
+    resolved = {t: resolve_target(t) for t in targets}
+    graphs = target_graphs(open_checkpoint(path), target=resolved[targets[0]].name,
+                           profile=resolve_profile(None, path, scheme))
+    lowered: dict[tuple[str, machine.KernelParams], tvm.IRModule] = {}
+    out = {}
+    for t, r in resolved.items():
+        key = (r.device, machine.kernel_params(r.target))
+        if key not in lowered:
+            lowered[key] = lower_for(graphs.entries, r).mod
+        out[t] = schedule_module(lowered[key], r)
+    return out
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_kernel_gets_its_rule_on_every_cpu_target(family: str, scheme: str, tiny_ckpt: Ckpt) -> None:
+    modules = _schedule_all(tiny_ckpt(family), scheme, list(TARGETS.values()))
+    for label, target in TARGETS.items():
+        mod = modules[target]
+        rules = schedule_report(mod)
+        params = machine.kernel_params(resolve_target(target).target)
+        seen: dict[str, int] = {}
+        for gv, func in mod.functions_items():
+            if not isinstance(func, tvm.tirx.PrimFunc):
+                continue
+            name, rule = gv.name_hint, rules[gv.name_hint]
+            want = expected_rule(func)
+            assert rule == (want or rule), f"{label}: {name} got {rule}, its anchor wants {want}"
+            assert rule != "none", f"{label}: {name} was left unscheduled"
+            assert rule == EXTERN or rule in {"gemv", "gemm", "contraction", "flash-attention", "row-reduction",
+                                              "parallel-outer"}, f"{label}: {name} got {rule}"
+            seen[rule] = seen.get(rule, 0) + 1
+            if rule == "gemm":  # the row padding the lowering chose is the target's tile
+                tiles = re.findall(rf'"{re.escape(ROW_TILE_ATTR)}": (\d+)', func.script())
+                assert tiles and {int(t) for t in tiles} == {params.gemm_rows}, f"{label}: {name} rows {tiles}"
+        # every family has linears in prefill (GEMM) and decode (GEMV)
+        assert seen.get("gemv", 0) >= 4 and seen.get("gemm", 0) >= 4, f"{label}: {seen}"
+
+
+def test_a_broken_rule_fails_the_compile(tiny_ckpt: Ckpt, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A GEMV rule that raises is an error naming the rule and the kernels, not a fall-through."""
+    def broken(self: object, func: object, target: object, tunable: bool) -> None:
+        raise RuntimeError("deliberately broken")
+
+    monkeypatch.setattr(weight_schedules.Gemv, "apply", broken)
+    with pytest.raises(ScheduleError, match=r"kernel\(s\) failed their rlx schedule rule: .*rule gemv: "
+                                            r"RuntimeError: deliberately broken") as e:
+        _scheduled(tiny_ckpt("gemma3"), "q8", "cpu")
+    assert e.value.hint is not None and "schedules" in e.value.hint
+
+
+def test_a_schedule_that_does_not_lower_fails_the_compile(tiny_ckpt: Ckpt, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rule of ours whose schedule TIR's first lowering steps reject is an error too."""
+    monkeypatch.setattr("rlx.targets.schedules._lowering_error",
+                        lambda func: "ValueError: rejected" if func.attrs["rlx.schedule"] == "gemm" else None)
+    with pytest.raises(ScheduleError, match=r"rule gemm: ValueError: rejected"):
+        _scheduled(tiny_ckpt("gemma3"), "none", "cpu")
+
+
+def test_a_failing_generic_rule_falls_through_with_its_reason(tiny_ckpt: Ckpt,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """dlight's generic rules may fail on a function (they try every one): the next rule takes it
+    and the reason is recorded on the kernel."""
+    rules = gpu_rules()
+    matmul = dict(rules)["dlight.gpu.Matmul"]
+
+    def broken(func: object, target: object, tunable: bool) -> None:
+        raise AssertionError("not a matmul I know")
+
+    monkeypatch.setattr(matmul, "apply", broken)
+    monkeypatch.setitem(build.BACKENDS, "cuda", build.Backend(lambda: rules, build.BACKENDS["cuda"].tvm_backend))
+    mod = _scheduled(tiny_ckpt("gemma3"), "none", "cuda")
+    skipped = schedule_skipped(mod)
+    assert skipped and all("dlight.gpu.Matmul: AssertionError: not a matmul I know" in why
+                           for why in skipped.values())
+    assert all(rule != "none" for rule in schedule_report(mod).values())
+
+
+@pytest.mark.parametrize(("spec", "isa", "tile"), [
+    ({"kind": "llvm", "mcpu": "haswell"}, "avx2", (4, 16)),
+    ({"kind": "llvm", "mcpu": "x86-64-v3"}, "avx2", (4, 16)),
+    ({"kind": "llvm", "mcpu": "znver4"}, "avx512", (4, 64)),
+    ({"kind": "llvm", "mcpu": "sapphirerapids"}, "avx512", (4, 64)),
+    ({"kind": "llvm", "mcpu": "sapphirerapids", "mattr": ["-avx512f"]}, "avx2", (4, 16)),
+    ({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a72", "mattr": ["+neon"]}, "neon", (4, 16)),
+    ({"kind": "llvm", "mtriple": "arm64-apple-macos"}, "neon", (4, 16)),
+    ({"kind": "llvm"}, "sse", (2, 16)),
+])
+def test_the_vector_unit_and_tile_follow_the_target(spec: dict, isa: str, tile: tuple[int, int]) -> None:
+    params = machine.kernel_params(Target(spec))
+    assert params.isa.name == isa
+    assert (params.gemm_rows, params.gemm_cols) == tile
+    unit = params.isa
+    vectors = params.gemm_cols // unit.lanes  # registers of one tile row
+    # accumulators + one row of weight vectors + the x broadcast fit in the register file: no spills
+    assert params.gemm_rows * vectors + vectors + 1 <= unit.registers
+    assert params.gemm_cols % machine.LANES == 0  # whole il16 groups
+    assert params.gemv_groups * unit.per_vector <= unit.registers // 2
+    assert set(params.reasons()) == {"isa", "gemm_rows", "gemm_cols", "gemv_groups", "gemv_chains", "parallel_min"}
+
+
+def test_a_non_cpu_target_gets_the_conservative_machine() -> None:
+    assert machine.vector_isa(Target({"kind": "cuda", "arch": "sm_80"})) is machine.CONSERVATIVE
+    assert machine.kernel_params(None) == machine.CONSERVATIVE_PARAMS
