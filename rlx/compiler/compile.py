@@ -203,12 +203,13 @@ def _paged_entries() -> dict[str, Any]:
 
 def paged_manifest(paged: Any) -> dict[str, Any]:
     """What `ArtifactEngine.paged_model` needs of the step entries: the page size, the page table's
-    width, the pools and the static buckets (`step_<b>`)."""
+    width (positions up to page_size * max_pages), the entries (`step`, `step_<b>` per static
+    bucket) and the pools."""
     from rlx.runtime.paged_engine import paged_layout_of
 
     layout = paged_layout_of(paged.graph)
     return {"page_size": layout.page_size, "max_pages": layout.max_pages, "buckets": sorted(paged.variants),
-            "pools": [p.to_json() for p in layout.pools]}
+            "entries": list(paged.entries), "pools": [p.to_json() for p in layout.pools]}
 
 
 def save_weights_streaming(path: Path, specs: dict[str, Any], cache: Any, metadata: dict[str, str]) -> None:

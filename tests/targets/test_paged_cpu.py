@@ -128,7 +128,8 @@ def test_artifact_paged_model_equals_its_single_sequence_engine(artifact: Path) 
     model = rlx.load(artifact)
     manifest = json.loads((artifact / "manifest.json").read_text())
     assert manifest["paged"]["page_size"] == 16 and manifest["paged"]["buckets"] == list(DEFAULT_STEP_BUCKETS)
-    assert {"step", *(f"step_{b}" for b in DEFAULT_STEP_BUCKETS)} <= set(manifest["entries"])
+    assert manifest["paged"]["entries"] == ["step", *(f"step_{b}" for b in DEFAULT_STEP_BUCKETS)]
+    assert set(manifest["paged"]["entries"]) <= set(manifest["entries"])
     keys = {name: {k for k, _ in e["params"]} for name, e in manifest["entries"].items()}
     assert keys["step"] <= keys["prefill"] | keys["decode"]  # no weight stored twice for the step entries
     paged = model.paged_model(num_pages=8)
