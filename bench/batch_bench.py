@@ -8,7 +8,8 @@ What it measures (one process, one engine; the weights are loaded once):
 
 1. Aggregate decode tok/s at each concurrency c: c requests (32-token prompts, all different)
    submitted at once, `new_tokens` each (EOS ignored); decode throughput is the tokens of the
-   steps in which every sequence decodes (no prompt token in the step) over those steps' time.
+   steps in which every sequence decodes (no prompt token in the step) over those steps' wall
+   time (`Scheduler.step`: scheduling, the model's forward, sampling); the forward's share too.
    The single-sequence engine (`rlx run`'s path, `generate`) on the same model is printed too.
 2. Time to first token of a 128-token prompt arriving while 7 sequences decode, next to the same
    prompt on an idle engine.
@@ -87,9 +88,10 @@ class StepLog:
     seqs: list[int]
     seconds: list[float]
 
-    def decode_tok_s(self) -> float:
-        """Tokens per second over the steps where every sequence decodes (one token each)."""
-        pure = [(t, s) for t, n, s in zip(self.tokens, self.seqs, self.seconds, strict=True) if t == n]
+    def decode_tok_s(self, wall: list[float] | None = None) -> float:
+        """Tokens per second over the steps where every sequence decodes (one token each); the
+        forward's time, or `wall`: each whole `Scheduler.step` (scheduling and sampling too)."""
+        pure = [(t, s) for t, n, s in zip(self.tokens, self.seqs, wall or self.seconds, strict=True) if t == n]
         return sum(t for t, _ in pure) / sum(s for _, s in pure) if pure else 0.0
 
 
@@ -218,17 +220,22 @@ def main(argv: list[str] | None = None) -> int:
     print(f"single-sequence engine (rlx run's path): decode {single.decode_tok_s:.1f} tok/s", flush=True)
 
     decode: dict[int, float] = {}
+    forward_only: dict[int, float] = {}
     params = SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True)
     for c in levels:
         s = Scheduler(paged, max_batch=c, max_tokens_per_step=max(256, c), eos_ids=model.eos_ids, prefix_cache=False)
         for prompt in distinct_prompts(base, c, z.prompt):
             s.submit(prompt, params)
-        start = len(log.seconds)
-        list(s.run())
-        decode[c] = StepLog(log.tokens[start:], log.seqs[start:], log.seconds[start:]).decode_tok_s()
+        start, wall = len(log.seconds), []
+        while s.has_work():
+            t0 = time.perf_counter()
+            s.step()
+            wall.append(time.perf_counter() - t0)
+        steps = StepLog(log.tokens[start:], log.seqs[start:], log.seconds[start:])
+        decode[c], forward_only[c] = steps.decode_tok_s(wall), steps.decode_tok_s()
         print(f"aggregate decode at {c:2d} sequences: {decode[c]:7.1f} tok/s ({decode[c] / decode[levels[0]]:.2f}x "
-              f"{levels[0]})", flush=True)
-    out["decode_tok_s"] = decode
+              f"{levels[0]}; the forward alone {forward_only[c]:.1f} tok/s)", flush=True)
+    out["decode_tok_s"], out["decode_forward_only_tok_s"] = decode, forward_only
 
     s = Scheduler(paged, max_batch=8, eos_ids=model.eos_ids, prefix_cache=False)
     probe = distinct_prompts(base, 9, z.probe)[8]
