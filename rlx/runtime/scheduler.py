@@ -59,6 +59,11 @@ from rlx.runtime.sampling import Choice, RequestSampler
 log = logging.getLogger(__name__)
 
 
+def _finite_rows(logits: np.ndarray) -> np.ndarray:
+    """Which rows hold no NaN / inf: max and min propagate them, and neither copies the rows."""
+    return np.isfinite(logits.max(axis=1)) & np.isfinite(logits.min(axis=1))
+
+
 class QueueFull(RunError):
     """`max_queue` requests are waiting already: try again later (a server answers 503)."""
 
@@ -256,7 +261,8 @@ class Scheduler:
                             sample.append((seq, row))
             # sampling (a sort of the vocabulary per sampled row) runs outside the lock, so submit /
             # cancel / stats never wait for it; only this thread touches a running sequence's sampler
-            finite = np.isfinite(logits[[row for _, row in sample]]).all(axis=1) if sample else []
+            finite = _finite_rows(logits) if sample else []
+            finite = [finite[row] for _, row in sample]
             choices = [self._choose(seq, logits[row], bool(ok)) for (seq, row), ok in zip(sample, finite, strict=True)]
             with self._lock:
                 self._in_step = False

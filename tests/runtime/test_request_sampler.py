@@ -92,3 +92,19 @@ def test_same_seed_same_tokens_other_seed_other_tokens() -> None:
     rows = _rows(40, seed=5)
     draw = [[RequestSampler(SamplingParams(temperature=1.0, seed=s), [2])(r).token for r in rows] for s in (1, 1, 2)]
     assert draw[0] == draw[1] != draw[2]
+
+
+def test_descending_order_is_the_stable_sort_with_ties_and_bans() -> None:
+    """The sampler's sort (introsort, then each run of equal values put in id order) must be the
+    stable argsort `rlx run` always used, or a seed would draw other tokens."""
+    from rlx.runtime.sampler import _descending
+
+    rng = np.random.default_rng(0)
+    for trial in range(40):
+        z = np.round(rng.standard_normal(int(rng.integers(1, 2000))) * rng.choice([1, 3, 10]))  # many ties
+        if trial % 3 == 0:
+            z[rng.integers(0, z.size, size=z.size // 2)] = -np.inf
+        expected = np.argsort(-z, kind="stable")
+        np.testing.assert_array_equal(_descending(z, 0), expected)
+        k = int(rng.integers(1, z.size + 1))
+        np.testing.assert_array_equal(_descending(z, k), expected[:k])
