@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from rlx.runtime.kv_pages import PagePool
 from rlx.runtime.prefix_cache import ROOT, PrefixCache
@@ -368,3 +370,46 @@ def test_an_engine_failure_ends_that_steps_requests_and_the_next_run() -> None:
     assert_all_pages_back(s)
     again = s.submit([3, 4], SamplingParams(max_new_tokens=3))
     assert tokens_of(collect(list(s.run()))[again]) == alone([3, 4], SamplingParams(max_new_tokens=3), eos=())
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_random_traffic_keeps_every_invariant(data: st.DataObject) -> None:
+    """Random pools, budgets, prompts sharing prefixes, sampling settings, cancels between steps:
+    every request that completes has the tokens it has alone, the pool never over-commits, and
+    everything is given back."""
+    page = data.draw(st.sampled_from([1, 2, 4]), label="page_size")
+    tight = -(-(14 + 12 - 1) // page)  # the largest request below fills the pool alone
+    s = Scheduler(ToyPagedModel(num_pages=tight + data.draw(st.integers(0, 12), label="spare pages"), page_size=page,
+                                max_seq=48),
+                  max_batch=data.draw(st.integers(1, 6), label="max_batch"),
+                  max_tokens_per_step=data.draw(st.integers(6, 20), label="budget"), eos_ids=(EOS,),
+                  prefix_cache=data.draw(st.booleans(), label="prefix_cache"))
+    stems = [[2, 3, 4, 5, 6, 7, 8, 9], [2, 3, 4, 5, 10, 11, 12, 13]]
+    requests: dict[str, tuple[list[int], SamplingParams]] = {}
+    events: list[TokenEvent] = []
+    cancelled: set[str] = set()
+    for _ in range(data.draw(st.integers(1, 30), label="rounds")):
+        for _ in range(data.draw(st.integers(0, 3))):
+            stem = data.draw(st.sampled_from(stems))
+            prompt = stem[:data.draw(st.integers(1, 8))] + data.draw(st.lists(st.integers(2, 39), max_size=6))
+            settings = data.draw(st.sampled_from([dict(), dict(temperature=1.0, seed=3), dict(top_k=3, temperature=2.0,
+                                                                                            seed=5)]))
+            params = SamplingParams(max_new_tokens=data.draw(st.integers(1, 12)), **settings)
+            requests[s.submit(prompt, params)] = (prompt, params)
+        if requests and data.draw(st.integers(0, 15)) == 0:
+            victim = data.draw(st.sampled_from(sorted(requests)))
+            if s.cancel(victim):
+                cancelled.add(victim)
+        events += s.step()
+        stats = s.stats()
+        assert stats.pages_used + stats.pages_cached + s.pool.num_free == s.pool.num_pages
+    events += list(s.run())
+    by_id = collect(events)
+    for rid, (prompt, params) in requests.items():
+        assert by_id[rid][-1].finished and sum(e.finished for e in by_id[rid]) == 1
+        if rid not in cancelled:
+            assert tokens_of(by_id[rid]) == alone(prompt, params), rid
+        else:
+            assert tokens_of(by_id[rid]) == alone(prompt, params)[:len(tokens_of(by_id[rid]))]
+    assert_all_pages_back(s)
