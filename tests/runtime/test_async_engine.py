@@ -22,7 +22,7 @@ class _SlowToy(ToyPagedModel):
     """A step takes a few milliseconds, like a real one: consumers can stop mid-generation."""
 
     def forward(self, batch: StepBatch) -> np.ndarray:
-        time.sleep(0.003)
+        time.sleep(0.01)
         return super().forward(batch)
 
 
