@@ -1,9 +1,10 @@
 """What the server and the chat sit on: a loaded model's batched engine, tokenizer and chat template.
 
-`load_backend` opens a checkpoint (compiled through the compile cache first for `--target cpu`,
-with progress on stderr) or an artifact, builds its paged engine with a page pool of
-`--kv-pages` pages, a continuous-batching `Scheduler` over it (`--max-batch`, `--max-queue`) and
-the `AsyncEngine` that steps it in a background thread. Everything above works on `Backend`.
+`load_backend` opens a checkpoint (for `--target cpu` compiled first, as `rlx compile` would:
+into artifacts/NAME through the compile cache, progress on stderr) or an artifact, builds its
+paged engine with a page pool of `--kv-pages` pages, a continuous-batching `Scheduler` over it
+(`--max-batch`, `--max-queue`) and the `AsyncEngine` that steps it in a background thread.
+Everything above works on `Backend`.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class EngineOptions:
     max_queue: int = 64
     kv_pages: int | None = None   # None: enough for max_batch full-length sequences
     chat_template: str | None = None
+    quantize: str | None = None   # a checkpoint's weights scheme (an artifact's must match)
 
 
 @dataclass
@@ -99,9 +101,10 @@ def load_backend(path: str | Path, options: EngineOptions, *, served_name: str |
     source: str | Path = path
     if not rlx.api.is_artifact(path) and options.target != "reference":
         progress(f"compiling {path} for {options.target} (the compile cache keeps it for next time)")
-        source = rlx.api.compile(path, options.target)[0]
+        source = rlx.api.compile(path, options.target, quantize=options.quantize, progress=True)[0]
     progress(f"loading {source}")
-    model = rlx.api.load(source, target=options.target if not rlx.api.is_artifact(source) else "reference")
+    model = rlx.api.load(source, target=options.target if not rlx.api.is_artifact(source) else "reference",
+                         quantize=options.quantize)
     tokenizer = model.tokenizer
     paged = model.paged_model(_pool_pages(model, options))
     scheduler = Scheduler(paged, max_batch=options.max_batch, max_queue=options.max_queue,

@@ -18,6 +18,8 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together in one step")
     p.add_argument("--kv-pages", type=int, help="KV-cache pages in the pool (default: max-batch full contexts)")
     p.add_argument("--chat-template", metavar="FILE", help="a jinja chat template instead of the model's own")
+    p.add_argument("--quantize", metavar="SCHEME", help="a checkpoint's weights: gguf (a GGUF's own blocks), q8, q4, "
+                                                        "q4a, none (as rlx compile / run)")
 
 
 def _positive(name: str, value: int | None, minimum: int = 1) -> None:
@@ -31,7 +33,7 @@ def _options(args: argparse.Namespace, max_queue: int) -> Any:
     _positive("--max-batch", args.max_batch)
     _positive("--kv-pages", args.kv_pages)
     return EngineOptions(target=args.target, max_batch=args.max_batch, max_queue=max_queue,
-                         kv_pages=args.kv_pages, chat_template=args.chat_template)
+                         kv_pages=args.kv_pages, chat_template=args.chat_template, quantize=args.quantize)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

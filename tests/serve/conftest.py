@@ -85,7 +85,8 @@ def start_server(model: Path, tmp: Path, *args: str, env: dict[str, str] | None 
     log_path = tmp / f"serve-{port}.log"
     cmd = [sys.executable, "-m", "rlx", "serve", str(model), "--port", str(port), *args]
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+                                cwd=tmp)  # `--target cpu` writes artifacts/NAME here
     server = Server(proc, f"http://127.0.0.1:{port}", log_path)
     if wait:
         wait_ready(server)
