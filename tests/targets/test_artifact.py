@@ -48,7 +48,9 @@ def test_artifact_contents_match_the_checkpoint(gemma3_artifact: Path, tiny_ckpt
     assert manifest["model_hash"] == ckpt.model_hash()
     assert manifest["config"] == ckpt.config.to_dict()
     assert manifest["target"]["name"] == "cpu" and manifest["versions"]["rlx"] == rlx.__version__
-    assert set(manifest["entries"]) == {"prefill", "decode"}
+    # the single-sequence entries, and the batched engine's paged step (tests/targets/test_paged_cpu.py)
+    assert set(manifest["entries"]) == {"prefill", "decode", "step", "step_1", "step_2"}
+    assert manifest["paged"]["entries"] == ["step", "step_1", "step_2"]
     ctx = ckpt.config.max_position_embeddings
     assert manifest["bounds"] == {"SEQ": ctx, "PAST_SEQ": ctx - 1, "KV_CAP": ctx} and manifest["prefill_buckets"] == []
     decode = manifest["entries"]["decode"]
