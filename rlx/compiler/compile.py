@@ -108,10 +108,11 @@ def _cache_key(model_hash: str, profile: Any, passes: str | None, target: dict[s
 def _kernels(scheduled: Any) -> list[dict[str, str]]:
     from tvm import tirx
 
-    from rlx.targets.schedules import schedule_report
+    from rlx.targets.schedules import schedule_report, schedule_skipped
 
-    rules = schedule_report(scheduled)
-    return [{"name": gv.name_hint, "schedule": rules.get(gv.name_hint, "none")}
+    rules, skipped = schedule_report(scheduled), schedule_skipped(scheduled)
+    return [{"name": gv.name_hint, "schedule": rules.get(gv.name_hint, "none"),
+             **({"skipped": skipped[gv.name_hint]} if gv.name_hint in skipped else {})}
             for gv, f in scheduled.functions_items() if isinstance(f, tirx.PrimFunc)]
 
 

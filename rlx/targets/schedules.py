@@ -36,12 +36,11 @@ from tvm.s_tir import dlight as dl
 from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
-from tvm.target.codegen import llvm_get_vector_width
 
 from rlx.errors import RlxError
 from rlx.targets.flash_attention import FLASH_ATTR, FlashSpec, flash_attention
 from rlx.targets.kernels import CONTRACTIONS, MATERIALIZED
-from rlx.targets.machine import LANES, kernel_params
+from rlx.targets.machine import LANES, kernel_params, vector_isa
 from rlx.targets.schedule_tools import RULE_ERRORS, SCHEDULE_ERRORS, attempt, root_blocks, static_extent
 from rlx.targets.weight_schedules import Gemm, Gemv, QuantGemvGpu
 
@@ -227,13 +226,10 @@ class ParallelOuter(ScheduleRule):
 
 
 def _vector_target(target: Target) -> tuple[int, int, int]:
-    """(f32 lanes, vector registers, cores) of an LLVM target: AVX-512 16 lanes x 32 registers,
-    AVX2 8 x 16, NEON 4 x 32."""
-    bits = int(llvm_get_vector_width(target))
-    lanes = max(1, bits // 32)
-    arm = "aarch64" in str(target.attrs.get("mtriple", "")) or "arm" in str(target.attrs.get("mtriple", ""))
-    regs = 32 if bits >= 512 or arm else 16
-    return lanes, regs, int(target.attrs.get("num-cores", 1) or 1)
+    """(f32 lanes, vector registers, cores) of an LLVM target: the vector unit `machine.vector_isa`
+    reads (AVX-512 16 lanes x 32 registers, AVX2 8 x 16, NEON 4 x 32)."""
+    isa = vector_isa(target)
+    return isa.lanes, isa.registers, int(target.attrs.get("num-cores", 1) or 1)
 
 
 class FlashAttention(ScheduleRule):

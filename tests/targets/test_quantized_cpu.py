@@ -170,6 +170,8 @@ def test_quantized_kernels_cross_compile_for_aarch64(tiny_ckpt: Ckpt, tmp_path: 
     manifest = json.loads((art / "manifest.json").read_text())
     assert manifest["quantize"]["scheme"] == "q4" and manifest["target"]["name"] == "cpu-aarch64"
     assert manifest["library"] == "lib.tar"  # objects for the Arm machine to link: no host linker involved
+    rules = {k["name"]: k["schedule"] for k in json.loads((art / "report.json").read_text())["kernels"]}
+    assert rules and "none" not in rules.values() and {"gemv", "gemm"} <= set(rules.values())  # report.json's rules
     with tarfile.open(art / "lib.tar") as tar:
         objects = [m for m in tar.getmembers() if m.name.endswith(".o")]
         assert objects and all(tar.extractfile(m).read(20)[18] == 0xB7 for m in objects)  # ELF e_machine AArch64
