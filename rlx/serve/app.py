@@ -26,6 +26,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -500,6 +501,7 @@ def create_app(state: ServerState, *, allowed_origins: Sequence[str] = (),
     """The app over `state`; `load` (run in a thread at startup) fills `state.backend`, during
     which /health answers 503."""
 
+    @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loading = asyncio.create_task(_load(state, load)) if load is not None else None
         yield
@@ -510,7 +512,7 @@ def create_app(state: ServerState, *, allowed_origins: Sequence[str] = (),
             await state.backend.engine.shutdown(grace_s)
 
     app = FastAPI(title="rlx", docs_url=None, redoc_url=None, openapi_url=None,
-                  lifespan=_asynccontextmanager(lifespan))
+                  lifespan=lifespan)
     service = Service(state)
 
     routes: dict[tuple[str, str], Callable[[Request], Awaitable[Response]]] = {
@@ -572,8 +574,3 @@ async def _load(state: ServerState, load: Callable[[], Backend]) -> None:
     except Exception as err:  # reported by whoever started the server (`rlx serve` exits with it)
         state.load_error = str(err)
 
-
-def _asynccontextmanager(fn: Callable[[FastAPI], AsyncIterator[None]]) -> Any:
-    from contextlib import asynccontextmanager
-
-    return asynccontextmanager(fn)
