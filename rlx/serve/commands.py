@@ -16,7 +16,8 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
                    help="reference (numpy interpreter) or cpu (a checkpoint is compiled through the compile "
                         "cache first); an artifact runs on its own target")
     p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together in one step")
-    p.add_argument("--kv-pages", type=int, help="KV-cache pages in the pool (default: max-batch full contexts)")
+    p.add_argument("--kv-pages", type=int, help="KV-cache pages in the pool (default: room for --max-batch "
+                                                         "sequences of 2048 positions)")
     p.add_argument("--chat-template", metavar="FILE", help="a jinja chat template instead of the model's own")
     p.add_argument("--quantize", metavar="SCHEME", help="a checkpoint's weights: gguf (a GGUF's own blocks), q8, q4, "
                                                         "q4a, none (as rlx compile / run)")

@@ -302,8 +302,17 @@ def test_access_log_lines(server: Server) -> None:
 # -- servers of their own ------------------------------------------------------------------------
 
 def test_api_key_and_full_queue(chat_ckpt: Path, serve_factory: Callable[..., Server]) -> None:
-    server = serve_factory(chat_ckpt, "--max-batch", "1", "--max-queue", "1", env={"RLX_API_KEY": "sekrit"})
+    server = serve_factory(chat_ckpt, "--max-batch", "1", "--max-queue", "1", "--allowed-origins",
+                           "http://app.example", env={"RLX_API_KEY": "sekrit"})
     assert httpx.get(server.url + "/health").status_code == 200
+    preflight = httpx.options(server.base + "/completions", headers={
+        "Origin": "http://app.example", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization,content-type"})
+    assert preflight.status_code == 200  # CORS preflight needs no key
+    assert preflight.headers["access-control-allow-origin"] == "http://app.example"
+    other = httpx.options(server.base + "/completions", headers={"Origin": "http://evil.example",
+                                                                 "Access-Control-Request-Method": "POST"})
+    assert "access-control-allow-origin" not in other.headers
     for path in ["/v1/models", "/metrics"]:
         r = httpx.get(server.url + path)
         assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
