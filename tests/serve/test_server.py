@@ -292,6 +292,19 @@ def test_disconnect_mid_stream_cancels_the_sequence(server: Server) -> None:
     assert _metrics(server)["rlx:generation_tokens_total"] - before < 200, "the sequence ran on"
 
 
+def test_disconnect_during_a_non_streaming_request_cancels_it(server: Server) -> None:
+    body = {"prompt": "hello", "max_tokens": 240, "ignore_eos": True, "temperature": 0}
+    before = _metrics(server)["rlx:generation_tokens_total"]
+    with pytest.raises(httpx.TimeoutException):  # the client gives up and closes the connection
+        httpx.post(server.base + "/completions", json=body, timeout=httpx.Timeout(5, read=0.3))
+    deadline = time.monotonic() + 5
+    while _metrics(server)["rlx:num_requests_running"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _metrics(server)["rlx:num_requests_running"] == 0
+    time.sleep(0.3)
+    assert _metrics(server)["rlx:generation_tokens_total"] - before < 240, "the sequence ran on"
+
+
 def test_access_log_lines(server: Server) -> None:
     lines = [json.loads(line[6:]) for line in server.log().splitlines() if line.startswith("[rlx] {")]
     completions = [entry for entry in lines if entry["path"] == "/v1/completions" and entry["status"] == 200]
