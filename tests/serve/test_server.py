@@ -408,3 +408,19 @@ def test_compiled_cpu_server_equals_rlx_run(chat_ckpt: Path, serve_factory: Call
         model="tiny", prompt="hello", max_tokens=20, temperature=0, stream=True))
     assert streamed == client.completions.create(model="tiny", prompt="hello", max_tokens=20,
                                                  temperature=0).choices[0].text
+
+
+def test_serve_load_bench_runs_against_the_server(server: Server, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    out = tmp_path / "load.json"
+    bench = Path(__file__).resolve().parents[2] / "bench" / "serve_load.py"
+    done = subprocess.run([sys.executable, str(bench), "--url", server.url, "--clients", "1,3", "--requests", "6",
+                           "--max-tokens", "8", "--max-prompt-words", "12", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = json.loads(out.read_text())["rows"]
+    for row in rows:
+        assert row["failed"] == 0 and row["output_tokens"] == 6 * 8 and row["ttft_ms"]["p50"] > 0
+        assert row["itl_ms"]["p99"] >= row["itl_ms"]["p50"] > 0
