@@ -72,6 +72,7 @@ class Metrics:
                              buckets=_ITL_BUCKETS, registry=r)
         self.e2e = Histogram(PREFIX + "e2e_request_latency_seconds", "Arrival to last token.",
                              buckets=_LATENCY_BUCKETS, registry=r)
+        # exported for dashboards, not observed yet: the engine does not report when it schedules a request
         self.queue = Histogram(PREFIX + "request_queue_time_seconds", "Arrival to the first step that runs it.",
                                buckets=_LATENCY_BUCKETS, registry=r)
 
@@ -99,9 +100,6 @@ class RequestClock:
         self.last = now
         self.tokens += 1
         self.metrics.generation_tokens.inc()
-
-    def queued(self, seconds: float) -> None:
-        self.metrics.queue.observe(seconds)
 
     def finish(self, reason: str) -> None:
         self.metrics.e2e.observe(time.perf_counter() - self.arrival)
