@@ -15,42 +15,47 @@ import numpy as np
 from rlx.errors import RunError
 
 
-def _descending(z: np.ndarray, top_k: int) -> np.ndarray:
-    """Token ids by decreasing z, ties in id order (a stable sort of -z), the first `top_k` only
-    when top_k > 0. A top-k partition picks the candidates first (all ties with the k-th value
-    included), so the result is exactly the full stable sort's first k at a fraction of its cost."""
-    if 0 < top_k < z.shape[0]:
-        kth = np.partition(z, z.shape[0] - top_k)[z.shape[0] - top_k]
-        candidates = np.flatnonzero(z >= kth)
-        return candidates[np.argsort(-z[candidates], kind="stable")][:top_k]
-    order = np.argsort(-z)  # introsort: ~5x faster than a stable sort of a 262k vocabulary
-    zs = z[order]
-    tied = np.flatnonzero(zs[1:] == zs[:-1])  # runs of equal values: put each run's ids in order
-    if tied.size:
-        starts = tied[np.r_[True, tied[1:] != tied[:-1] + 1]]
-        ends = tied[np.r_[tied[1:] != tied[:-1] + 1, True]] + 2
-        for a, b in zip(starts.tolist(), ends.tolist(), strict=True):
-            order[a:b] = np.sort(order[a:b])
-    return order[:top_k] if top_k else order
+def _head(z: np.ndarray, w: np.ndarray, top_k: int, top_p: float) -> np.ndarray:
+    """The ids top-k then top-p keep, most likely first (ties in id order). Only the candidates
+    are sorted: the `size` largest values (every tie of the smallest included), grown until they
+    hold the top-p mass, so a 262k vocabulary is partitioned, never sorted whole."""
+    n = z.shape[0]
+    limit = top_k if 0 < top_k < n else n
+    size = min(limit, 64)
+    while True:
+        if size >= n:
+            candidates = np.arange(n)
+        else:
+            kth = np.partition(z, n - size)[n - size]
+            candidates = np.flatnonzero(z >= kth)
+        order = candidates[np.argsort(-z[candidates], kind="stable")][:limit]
+        complete = order.shape[0] == limit or size >= n
+        if top_p >= 1 and complete:
+            return order
+        total = w[order].sum() if limit < n else w.sum()  # top-k: the mass of the k kept
+        mass = np.cumsum(w[order]) / total
+        if top_p < 1 and (mass[-1] >= top_p or complete):
+            return order[: int(np.searchsorted(mass, top_p) + 1)]
+        size *= 8
 
 
 def draw(z: np.ndarray, rng: np.random.Generator, *, top_k: int = 0, top_p: float = 1.0,
          min_p: float = 0.0) -> int:
     """Sample from softmax(z) (z: float64 logits already divided by the temperature; -inf marks a
-    banned token), keeping the `top_k` most likely, then the smallest head reaching `top_p`, then
-    those with p >= min_p * p_max."""
-    order = _descending(z, top_k)
-    if not np.isfinite(z[order[-1]]):
-        order = order[np.isfinite(z[order])]
-    p = np.exp(z[order] - z[order[0]])
-    p /= p.sum()
-    if top_p < 1:
-        keep = int(np.searchsorted(np.cumsum(p), top_p) + 1)
-        order, p = order[:keep], p[:keep] / p[:keep].sum()
+    banned token), keeping the `top_k` most likely, then the smallest head reaching `top_p` (most
+    likely first, ties in id order), then those with p >= min_p * p_max. The draw itself walks the
+    kept ids in increasing id order, so sampling without top-k / top-p sorts nothing."""
+    w = np.exp(z - z.max())  # p * const; 0 for a banned token; the most likely is exactly 1
+    if top_k or top_p < 1:
+        ids = np.sort(_head(z, w, top_k, top_p))
+        kept = w[ids]
+    else:
+        ids, kept = None, w
     if min_p > 0:
-        keep = int(np.count_nonzero(p >= min_p * p[0]))  # p is sorted: the kept ones are a head
-        order, p = order[:keep], p[:keep] / p[:keep].sum()
-    return int(rng.choice(order, p=p))
+        near = kept >= min_p  # w_max == 1
+        ids, kept = (np.flatnonzero(near) if ids is None else ids[near]), kept[near]
+    p = kept / kept.sum()
+    return int(rng.choice(p.shape[0], p=p) if ids is None else ids[rng.choice(ids.shape[0], p=p)])
 
 
 @dataclass

@@ -12,19 +12,24 @@ from rlx.runtime.sampler import Sampler
 from rlx.runtime.sampling import RequestSampler, params_from_sampler
 
 
-def _old_sampler_draw(logits: np.ndarray, rng: np.random.Generator, temperature: float, top_k: int,
-                      top_p: float) -> int:
-    """`Sampler.__call__` as it was before the batched engine (full stable argsort): the reference."""
+def _reference_draw(logits: np.ndarray, rng: np.random.Generator, temperature: float, top_k: int,
+                    top_p: float, min_p: float = 0.0) -> int:
+    """The draw's definition written out with a full stable argsort of the vocabulary: the kept
+    set (top-k, then the head reaching top-p, then min-p), drawn over in increasing id order."""
     z = np.asarray(logits, dtype=np.float64) / temperature
+    w = np.exp(z - z.max())
     order = np.argsort(-z, kind="stable")
-    if top_k:
-        order = order[:top_k]
-    p = np.exp(z[order] - z[order[0]])
-    p /= p.sum()
-    if top_p < 1:
-        keep = int(np.searchsorted(np.cumsum(p), top_p) + 1)
-        order, p = order[:keep], p[:keep] / p[:keep].sum()
-    return int(rng.choice(order, p=p))
+    ids = np.arange(z.shape[0])
+    if top_k or top_p < 1:
+        order = order[:top_k] if top_k else order
+        if top_p < 1:
+            total = w[order].sum() if 0 < top_k < z.shape[0] else w.sum()
+            order = order[: int(np.searchsorted(np.cumsum(w[order]) / total, top_p) + 1)]
+        ids = np.sort(order)
+    kept = w[ids]
+    if min_p:
+        ids, kept = ids[kept >= min_p], kept[kept >= min_p]
+    return int(ids[rng.choice(ids.shape[0], p=kept / kept.sum())])
 
 
 def _rows(n: int, vocab: int = 500, seed: int = 0, ties: bool = False) -> list[np.ndarray]:
@@ -41,11 +46,12 @@ def test_request_sampler_draws_what_rlx_run_draws(settings: dict, ties: bool) ->
     rows = _rows(60, ties=ties)
     run = Sampler(**settings)
     request = RequestSampler(params_from_sampler(Sampler(**settings), 60), [2, 3])
-    old_rng = np.random.default_rng(settings.get("seed"))
-    old = [int(np.argmax(r)) if not settings["temperature"] else
-           _old_sampler_draw(r, old_rng, settings["temperature"], settings.get("top_k", 0), settings.get("top_p", 1.0))
-           for r in rows]
-    assert [run(r) for r in rows] == [request(r).token for r in rows] == old
+    ref_rng = np.random.default_rng(settings.get("seed"))
+    expected = [int(np.argmax(r)) if not settings["temperature"] else
+                _reference_draw(r, ref_rng, settings["temperature"], settings.get("top_k", 0),
+                                settings.get("top_p", 1.0))
+                for r in rows]
+    assert [run(r) for r in rows] == [request(r).token for r in rows] == expected
 
 
 def test_penalties_and_bias_follow_their_definitions() -> None:
@@ -94,17 +100,28 @@ def test_same_seed_same_tokens_other_seed_other_tokens() -> None:
     assert draw[0] == draw[1] != draw[2]
 
 
-def test_descending_order_is_the_stable_sort_with_ties_and_bans() -> None:
-    """The sampler's sort (introsort, then each run of equal values put in id order) must be the
-    stable argsort `rlx run` always used, or a seed would draw other tokens."""
-    from rlx.runtime.sampler import _descending
+def test_kept_head_is_the_stable_sort_s_with_ties_and_bans() -> None:
+    """The sampler's head (partitioned candidates, grown until they hold the top-p mass) must be
+    what a full stable argsort keeps, or truncation would keep other tokens."""
+    from rlx.runtime.sampler import _head
 
     rng = np.random.default_rng(0)
-    for trial in range(40):
-        z = np.round(rng.standard_normal(int(rng.integers(1, 2000))) * rng.choice([1, 3, 10]))  # many ties
+    for trial in range(60):
+        z = np.round(rng.standard_normal(int(rng.integers(1, 3000))) * rng.choice([1, 3, 10]))  # many ties
         if trial % 3 == 0:
             z[rng.integers(0, z.size, size=z.size // 2)] = -np.inf
+            z[0] = 0.0  # at least one token stays allowed
+        w = np.exp(z - z.max())
         expected = np.argsort(-z, kind="stable")
-        np.testing.assert_array_equal(_descending(z, 0), expected)
         k = int(rng.integers(1, z.size + 1))
-        np.testing.assert_array_equal(_descending(z, k), expected[:k])
+        np.testing.assert_array_equal(_head(z, w, k, 1.0), expected[:k])
+        top_p = float(rng.uniform(0.05, 0.999))
+        mass = np.cumsum(w[expected]) / w.sum()
+        np.testing.assert_array_equal(_head(z, w, 0, top_p), expected[: int(np.searchsorted(mass, top_p) + 1)])
+
+
+def test_min_p_reference_draws_match() -> None:
+    rows = _rows(40, seed=5)
+    sampler = RequestSampler(SamplingParams(max_new_tokens=40, temperature=1.1, min_p=0.1, seed=9), [2])
+    ref_rng = np.random.default_rng(9)
+    assert [sampler(r).token for r in rows] == [_reference_draw(r, ref_rng, 1.1, 0, 1.0, 0.1) for r in rows]
