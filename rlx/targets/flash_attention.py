@@ -269,10 +269,6 @@ def _flash_body(spec: FlashSpec, qt: int) -> Callable[..., None]:  # noqa: C901 
     jb = max(1, min(kt, spec.regs // 2, 1020 // (4 * ld)) // rows)
     while kt % jb:
         jb -= 1
-    # contiguous scores from K^T: rb rows x kt // lk lane vectors of scores
-    lk = _divisor_lanes(kt, spec.lanes)
-    budget = max(1, min(spec.regs // 2, 1020 // (4 * lk)) // (kt // lk))
-    rb = max(r for r in range(1, rows + 1) if rows % r == 0 and r <= budget)
     most_tiles = max(1, BLOCK_ROWS // rows)
     page, window, softcap, scale = spec.page, spec.window, spec.softcap, spec.scale
     max_splits = 2 * spec.cores if spec.cores > 1 else 1
@@ -333,8 +329,7 @@ def _flash_body(spec: FlashSpec, qt: int) -> Callable[..., None]:  # noqa: C901 
             kb = T.decl_buffer((jb,), "int64")
             s = T.decl_buffer((rows * kt,), F32)
             corr = T.decl_buffer((rows,), F32)
-            part = T.decl_buffer((max(rows * jb * ld, rb * kt),), F32)
-            k_t = T.decl_buffer((d * kt,), F32)                 # the key tile, transposed (contiguous)
+            part = T.decl_buffer((rows * jb * ld,), F32)
             o = T.decl_buffer((rows * lv,), F32)
             red = T.decl_buffer((1,), F32)
             span[0] = T.int64(big)
@@ -371,59 +366,34 @@ def _flash_body(spec: FlashSpec, qt: int) -> Callable[..., None]:  # noqa: C901 
             per_split = T.ceildiv(n_tiles, splits(batch, tokens))
             for it in range(T.max(T.min(per_split, n_tiles - split * per_split), T.int64(0))):
                 j0 = span[0] + (split * per_split + it) * kt
-                if not spec.paged:  # one sequence: the key tile's rows (and K^T) serve every query tile
-                    for jj in range(kt):
-                        krow[jj] = (b * hk + kvh) * k.shape[2] + T.min(j0 + jj, span[1])
-                    for jj in range(kt):
-                        for e in range(d):
-                            k_t[e * kt + jj] = f32(kf[krow[jj] * d + e])
                 for sub in range(n_sub):
                     if j0 <= sub_hi[sub] and sub_lo[sub] < j0 + kt:  # the tile meets this query tile's keys
                         t0 = (first + sub) * qt
-                        if spec.paged:
-                            # 1. scores (paged: each query tile's own rows), jb keys at a time: rows x jb
-                            # lane vectors of partial sums over D, summed at the end
-                            for jj in range(kt):  # where each key's row starts (k and v share the layout)
-                                krow[jj] = ((T.max(T.min(T.Cast("int64", table[T.Cast("int64", seq[t0]),
-                                                                                  T.min(j0 + jj, sub_hi[sub]) // page]),
-                                                         k.shape[0] - 1), T.int64(0)) * hk + kvh) * page
-                                            + T.min(j0 + jj, sub_hi[sub]) % page)
-                            for blk in range(kt // jb):
+                        for jj in range(kt):  # where each key's row starts (k and v share the layout)
+                            j = T.min(j0 + jj, sub_hi[sub])
+                            if spec.paged:
+                                krow[jj] = ((T.max(T.min(T.Cast("int64", table[T.Cast("int64", seq[t0]), j // page]),
+                                                         k.shape[0] - 1), T.int64(0)) * hk + kvh) * page + j % page)
+                            else:
+                                krow[jj] = (b * hk + kvh) * k.shape[2] + j
+                        # 1. scores, jb keys at a time: rows x jb lane vectors of partial sums
+                        for blk in range(kt // jb):
+                            for r in T.unroll(rows):
+                                for jj in T.unroll(jb):
+                                    for ln in T.vectorized(ld):
+                                        part[(r * jb + jj) * ld + ln] = T.float32(0)
+                            for jj in T.unroll(jb):
+                                kb[jj] = krow[blk * jb + jj] * d
+                            for c in range(d // ld):
                                 for r in T.unroll(rows):
                                     for jj in T.unroll(jb):
                                         for ln in T.vectorized(ld):
-                                            part[(r * jb + jj) * ld + ln] = T.float32(0)
+                                            part[(r * jb + jj) * ld + ln] = part[(r * jb + jj) * ld + ln] + f32(q[
+                                                b, kvh * g + r % g, T.min(t0 + r // g, tokens - 1), c * ld + ln
+                                            ]) * f32(kf[kb[jj] + c * ld + ln])
+                            for r in T.unroll(rows):
                                 for jj in T.unroll(jb):
-                                    kb[jj] = krow[blk * jb + jj] * d
-                                for c in range(d // ld):
-                                    for r in T.unroll(rows):
-                                        for jj in T.unroll(jb):
-                                            for ln in T.vectorized(ld):
-                                                part[(r * jb + jj) * ld + ln] = part[(r * jb + jj) * ld + ln] + f32(q[
-                                                    b, kvh * g + r % g, T.min(t0 + r // g, tokens - 1), c * ld + ln
-                                                ]) * f32(kf[kb[jj] + c * ld + ln])
-                                for r in T.unroll(rows):
-                                    for jj in T.unroll(jb):
-                                        s[r * kt + blk * jb + jj] = lane_sum(part, (r * jb + jj) * ld, ld)
-                        else:
-                            # 1. scores from K^T: each row's kt scores are lane vectors, rb rows at a time
-                            for rblk in range(rows // rb):
-                                for r in T.unroll(rb):
-                                    for x in T.unroll(kt // lk):
-                                        for ln in T.vectorized(lk):
-                                            part[(r * (kt // lk) + x) * lk + ln] = T.float32(0)
-                                for e in range(d):
-                                    for r in T.unroll(rb):
-                                        for x in T.unroll(kt // lk):
-                                            for ln in T.vectorized(lk):
-                                                part[(r * (kt // lk) + x) * lk + ln] = part[
-                                                    (r * (kt // lk) + x) * lk + ln] + f32(q[
-                                                        b, kvh * g + (rblk * rb + r) % g,
-                                                        T.min(t0 + (rblk * rb + r) // g, tokens - 1), e
-                                                    ]) * k_t[e * kt + x * lk + ln]
-                                for r in T.unroll(rb):
-                                    for x in T.vectorized(kt):
-                                        s[(rblk * rb + r) * kt + x] = part[r * kt + x]
+                                    s[r * kt + blk * jb + jj] = lane_sum(part, (r * jb + jj) * ld, ld)
                         # 2. online softmax: scale, softcap, mask; running max and sum
                         for r in range(rows):
                             x = base + sub * rows + r
