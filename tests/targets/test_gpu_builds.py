@@ -1,7 +1,7 @@
 """GPU targets are compiled here (no GPU needed) and their sources inspected; nothing runs.
 
 CUDA needs `nvcc` (TVM calls it during the build); Metal codegen needs nothing, and its build
-runs in a child process (TVM.md: a Metal build segfaulted the whole process once).
+runs in a child process (docs/kernels.md, TVM facts: a Metal build segfaulted the whole process once).
 """
 
 from __future__ import annotations
