@@ -130,7 +130,7 @@ class Model:
         (`runtime/async_engine.py`: `submit` / `generate` stream `TokenEvent`s; the server's engine)."""
         from rlx.runtime.async_engine import AsyncEngine
 
-        return AsyncEngine(self.scheduler(**scheduler_options))  # type: ignore[arg-type]
+        return AsyncEngine(self.scheduler(**scheduler_options))  # type: ignore[arg-type]  # scheduler() checks each
 
 
 def load(path: str | Path, target: str = "reference", *, profile: str | Path | Profile | None = None,

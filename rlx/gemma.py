@@ -103,7 +103,7 @@ class GemmaFlow(_flow.GemmaFlow):
         return self._profile if self._profile is not None else PRESETS[MODE_PRESETS[self.spec.mode]]
 
     # ---- build ----
-    def build(self, weights: Weights | None = None) -> BuiltModel:  # type: ignore[override]
+    def build(self, weights: Weights | None = None) -> BuiltModel:  # type: ignore[override]  # the crate's build(): a model, not the HIR
         """The graph after the profile's `[[layers]]` and pipeline, with the weights it reads
         (`weights`, else the store the flow was made with)."""
         flow = self

@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -299,8 +300,8 @@ def compile_checkpoint(checkpoint_path: str | Path, targets: list[str], out: str
         key = _cache_key(checkpoint.model_hash(), prof, passes, r.target.export(), seq)
         cached = cache_root() / key
         phases = Phases(r.name)
-        populate: Callable[[Path], dict[str, Any]] = (
-            lambda tmp, r=r, phases=phases: _populate(tmp, checkpoint, r, prof, passes, seq, phases))
+        populate: Callable[[Path], dict[str, Any]] = partial(
+            _populate, checkpoint=checkpoint, resolved=r, profile=prof, passes=passes, max_seq=seq, phases=phases)
         if not use_cache:
             written.append(write_artifact(dest, populate, [checkpoint_path]))
         elif (hit := from_cache(cached, dest, [checkpoint_path])) is not None:

@@ -194,13 +194,13 @@ PER_LAYER = ("dtype", "quantize")  # [[layers]] keys that pick a value per layer
 OVERRIDES = {"window": "window", "score_scale": "score_scale", "softcap": "attn_softcap", "rope_theta": "rope_theta"}
 _SELECT: dict[str, Callable[[LayerPatch, int, str], bool]] = {
     "index": lambda p, i, t: i == p.index,
-    "range": lambda p, i, t: p.range[0] <= i < p.range[1],
+    "range": lambda p, i, t: p.range is not None and p.range[0] <= i < p.range[1],
     "type": lambda p, i, t: t == p.type,
 }
 _IN_BOUNDS: dict[str, Callable[[LayerPatch, int], bool]] = {  # checked against the model's layer count
-    "index": lambda p, n: p.index < n,
-    "range": lambda p, n: p.range[1] <= n,
-    "keep_first": lambda p, n: p.keep_first <= n,
+    "index": lambda p, n: p.index is not None and p.index < n,
+    "range": lambda p, n: p.range is not None and p.range[1] <= n,
+    "keep_first": lambda p, n: p.keep_first is not None and p.keep_first <= n,
 }
 
 

@@ -68,7 +68,7 @@ class _Locator:
                 continue
             header, assign = _HEADER.match(line), _ASSIGN.match(line)
             name = _dotted(header[2]) if header else None
-            if name is not None:
+            if header is not None and name is not None:
                 if header[1] == "[[":
                     counts[name] = counts.get(name, -1) + 1
                 table = (*name, counts[name]) if header[1] == "[[" else name

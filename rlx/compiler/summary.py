@@ -7,12 +7,12 @@ from typing import Any
 
 from rlx.frontends.config import GemmaConfig
 from rlx.hir.graph import HIR
-from rlx.hir.shapes import dim_numel
+from rlx.hir.shapes import dim_numel, eval_dim
 
 
 def summarize(hir: HIR, config: GemmaConfig) -> dict[str, Any]:
     params = hir.params
-    numel = {name: dim_numel(n.type.shape) or 0 for name, n in params.items()}
+    numel = {name: eval_dim(dim_numel(n.type.shape) or 0, {}) for name, n in params.items()}  # params are static
     layers = []
     for i in range(config.num_layers):
         rope = config.layer_rope(i)
@@ -79,7 +79,7 @@ def weight_report(specs: dict[str, Any], decode_keys: set[str], decode_readers: 
     tensors: dict[str, dict[str, Any]] = {}
     for key, spec in sorted(specs.items()):
         physical = spec.physical
-        nbytes = int(dim_numel(physical.shape) or 0) * physical.dtype.itemsize
+        nbytes = eval_dim(dim_numel(physical.shape) or 0, {}) * physical.dtype.itemsize
         rows = spec.type.shape[0] if spec.type.shape else 1
         lookup = bool(decode_readers.get(key)) and all(op is Op.EMBED for op, _ in decode_readers[key])
         per_token = 0 if key not in decode_keys else (nbytes // int(rows) if lookup else nbytes)

@@ -43,7 +43,7 @@ def _is_int(v: Any) -> bool:
         return False
     if isinstance(v, float):
         return v.is_integer() and abs(v) < _INT_LIMIT
-    return isinstance(v, numbers.Integral) and -_INT_LIMIT <= v < _INT_LIMIT
+    return isinstance(v, numbers.Integral) and -_INT_LIMIT <= int(v) < _INT_LIMIT
 
 
 def _is_finite(v: Any) -> bool:
@@ -192,9 +192,9 @@ class GenerationTraits:
 GENERATIONS: dict[int, GenerationTraits] = {
     1: GenerationTraits(1.0, False, False, False, False, lambda c, i: c.layer_head_dim(i) ** -0.5),
     2: GenerationTraits(1.0, True, False, False, False,
-                        lambda c, i: float(c.query_pre_attn_scalar) ** -0.5),  # type: ignore[arg-type]
+                        lambda c, i: float(c.query_pre_attn_scalar) ** -0.5),  # type: ignore[arg-type]  # set for 2, 3
     3: GenerationTraits(1.0, True, True, False, False,
-                        lambda c, i: float(c.query_pre_attn_scalar) ** -0.5),  # type: ignore[arg-type]
+                        lambda c, i: float(c.query_pre_attn_scalar) ** -0.5),  # type: ignore[arg-type]  # set for 2, 3
     4: GenerationTraits(0.0, True, True, True, True, lambda c, i: 1.0),
 }
 
@@ -259,8 +259,9 @@ class GemmaConfig:
             value, kind = getattr(self, f.name), _FIELD_KINDS.get(f.name)
             if kind is not None and not (value is None and str(f.type).endswith("| None")):
                 set_(self, f.name, check_value(value, kind, f"{src}: {f.name}", hint=hint(f.name, kind)))
-        for name, kind in (("layer_types", "str"), ("eos_token_ids", "int")):
-            set_(self, name, tuple(check_list(getattr(self, name), kind, f"{src}: {name}", hint=hint(name, kind))))
+        lists: tuple[tuple[str, ValueKind], ...] = (("layer_types", "str"), ("eos_token_ids", "int"))
+        for name, item in lists:
+            set_(self, name, tuple(check_list(getattr(self, name), item, f"{src}: {name}", hint=hint(name, item))))
         rope = check_value(self.rope, "object", f"{src}: rope", hint=hint("rope", "object"))
         bad = next((k for k, v in rope.items() if not isinstance(k, str) or not isinstance(v, RopeSpec)), None)
         if bad is not None:

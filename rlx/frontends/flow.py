@@ -27,7 +27,7 @@ import dataclasses
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Literal, Protocol, Self
+from typing import Any, Literal, Protocol, Self, cast
 
 import numpy as np
 
@@ -148,7 +148,8 @@ class LayerContext:
 
     def default_stage(self, **overrides: float | int | None) -> Stage:
         """The stock decoder layer, optionally with overrides (window=..., score_scale=...)."""
-        merged = replace(self.overrides, **overrides) if overrides else self.overrides
+        changes: dict[str, Any] = dict(overrides)  # which fields is known only at run time
+        merged = replace(self.overrides, **changes) if changes else self.overrides
         return lambda ctx, h: self.builder.decoder_layer(self.index, h, merged)
 
 
@@ -187,7 +188,7 @@ class GemmaFlow:
         self._tail: tuple[Callable[[LayerContext, str], str | None], ...] = ()
         self._patches: tuple[Callable[[HIR], HIR | None], ...] = ()
 
-    def _with(self, **changes: object) -> Self:
+    def _with(self, **changes: Any) -> Self:
         """A copy (of the caller's class, with every attribute, so subclasses keep their state)."""
         out = copy.copy(self)
         out.spec = replace(self.spec, **changes)
@@ -340,12 +341,12 @@ class GemmaFlow:
             overrides[i] = _merge(overrides.get(i, LayerOverrides()), ov)
         for i in range(self.config.num_layers):
             ctx = LayerContext(builder, i, overrides.get(i, LayerOverrides()))
-            stage: Stage = ctx.default_stage()
+            layer_stage: Stage = ctx.default_stage()
             for fn in self._layer_fns:
                 chosen = fn(ctx)
-                stage = chosen if chosen is not None else stage
+                layer_stage = chosen if chosen is not None else layer_stage
             with builder.in_layer(i):
-                h = stage(ctx, h)
+                h = layer_stage(ctx, h)
         tail = LayerContext(builder, self.config.num_layers)
         for stage in self._after:
             h = stage(tail, h)
@@ -354,15 +355,15 @@ class GemmaFlow:
         builder.finish(h)
         hir = builder.hir
         cv.record_kv(hir, builder.kv_slots())
-        for patch in self._patches:
-            hir = patch(hir) or hir
+        for graph_patch in self._patches:
+            hir = graph_patch(hir) or hir
         return verify(hir)
 
 
 def _stages(stages: Stage | Iterable[Stage]) -> tuple[Stage, ...]:
     """One stage or an iterable of them (the crate's `impl IntoIterator<Item = FlowStage>`)."""
     single = callable(stages) or isinstance(stages, str) or not isinstance(stages, Iterable)
-    items = (stages,) if single else tuple(stages)
+    items = (cast(Stage, stages),) if single else tuple(cast(Iterable[Stage], stages))
     bad = next((s for s in items if not callable(s)), None)
     if bad is not None:
         raise FlowError(f"stage {bad!r} is not callable",

@@ -134,7 +134,7 @@ def _gguf_kv_heads(meta: _GGUFMeta, types: list[str], kv_heads: list[int]) -> tu
     local = _uniform(meta, (h for h, t in zip(kv_heads, types, strict=True) if t == SLIDING), "sliding KV head counts")
     full = _uniform(meta, (h for h, t in zip(kv_heads, types, strict=True) if t == FULL), "full KV head counts")
     if local is None or full is None or local == full:
-        return (local if local is not None else full), None  # type: ignore[return-value]
+        return (local if local is not None else full), None  # type: ignore[return-value]  # _uniform: one is set
     return local, full
 
 
@@ -170,7 +170,7 @@ def gguf_config(gf: GGUFFile, *, source: str) -> GemmaConfig:
     m = gf.metadata
     arch = m.get("general.architecture")
     gen = _GGUF_ARCHS.get(arch) if isinstance(arch, str) else None
-    if gen is None:
+    if gen is None or not isinstance(arch, str):
         raise ConfigError(
             f"{source}: not a Gemma GGUF (general.architecture is {arch!r})",
             hint=f"rlx reads GGUF architectures {', '.join(_GGUF_ARCHS)}",

@@ -277,7 +277,7 @@ def hf_config_from_dict(d: Mapping[str, Any], *, source: str = "config.json") ->
         family_name = _WRAPPERS[model_type]
         text = outer.sub("text_config") if outer.d.get("text_config") is not None else \
             _Fields({}, source, "text_config.")
-    family = _FAMILIES.get(family_name)  # type: ignore[arg-type]
+    family = _FAMILIES.get(family_name)
     if family is None:
         what = f"model_type {model_type!r} is not a supported Gemma model" if model_type else "has no model_type"
         raise ConfigError(f"{source}: {what}", hint=f"supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}")

@@ -54,11 +54,14 @@ class GraphBuilder(Protocol):
 
 
 class AttentionSpec(Protocol):
-    """What `paged_attention` takes of a layer's `flow.AttentionSpec`."""
+    """What `paged_attention` takes of a layer's `flow.AttentionSpec` (read-only: it is frozen)."""
 
-    score_scale: float
-    softcap: float
-    window: int
+    @property
+    def score_scale(self) -> float: ...
+    @property
+    def softcap(self) -> float: ...
+    @property
+    def window(self) -> int: ...
 
 
 def pool_name(kind: str, layer: int) -> str:

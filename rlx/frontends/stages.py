@@ -31,7 +31,7 @@ class FlowStage:
     @classmethod
     def custom(cls, fn: Stage, name: str | None = None) -> FlowStage:
         """A user's stage (the crate's `FlowStage::Custom`), named after the function by default."""
-        return cls(name or getattr(fn, "__name__", "custom"), fn)
+        return cls(name or str(getattr(fn, "__name__", "custom")), fn)
 
     def named(self, name: str) -> FlowStage:
         """The same stage under another name (the crate's `FlowStage::Named`)."""

@@ -15,6 +15,7 @@ import mmap
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from math import prod
 from pathlib import Path
 from typing import Any
@@ -233,7 +234,7 @@ class WeightStore:
                     continue
                 entries[canonical] = _Entry(
                     name, file, _ST_DTYPES.get(h["dtype"], (h["dtype"],))[0],
-                    tuple(int(d) for d in h["shape"]), lambda st=st, name=name: st.read(name),
+                    tuple(int(d) for d in h["shape"]), partial(st.read, name),
                 )
         return cls(path, config, entries, files)
 
@@ -248,7 +249,7 @@ class WeightStore:
                 continue
             shift = config.norm_shift if canonical.endswith("norm.weight") else 0.0
             entries[canonical] = _Entry(name, gf.path, info.type_name, info.shape,
-                                        lambda name=name: gf.array(name), shift, lambda name=name: gf.raw(name))
+                                        partial(gf.array, name), shift, partial(gf.raw, name))
         return cls(gf.path, config, entries, [gf.path], gf)
 
     # ---- lookup -----------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from rlx.hir.dtypes import DType
 from rlx.hir.graph import HIR, Node, param_key, weight_only
 from rlx.hir.ops import EPILOGUE_STEPS, Op, attr_dim, parse_step
 from rlx.hir.quant import QuantFormat, QuantizedArray, dequantized, quant_format
-from rlx.hir.shapes import bind_shape, eval_dim
+from rlx.hir.shapes import bind_shape, eval_dim, eval_shape
 
 F32 = np.float32
 
@@ -64,7 +64,8 @@ def _mm(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """`a @ b` accumulated in float32 whatever the operand dtypes (the caller rounds the result)."""
     return np.matmul(_f32(a), _f32(b))
 
-Impl = Callable[[list[np.ndarray], dict[str, Any], dict[str, int]], np.ndarray]
+# inputs: arrays (a linear's weight may be a QuantizedArray); a multi-result op returns a tuple
+Impl = Callable[[list[Any], dict[str, Any], dict[str, int]], np.ndarray | tuple[np.ndarray, ...]]
 
 
 def _rmsnorm(x: np.ndarray, w: np.ndarray | None, eps: float, offset: float) -> np.ndarray:
@@ -263,7 +264,7 @@ IMPLS: dict[Op, Impl] = {
     Op.CAST: lambda a, at, env: a[0].astype(DType.parse(at["dtype"]).numpy),
     Op.MOE: lambda a, at, env: _moe(a, at["top_k"]),
     Op.ATTENTION: lambda a, at, env: _attention(a, at),
-    Op.ADD_RMSNORM: lambda a, at, env: _add_rmsnorm(a, at),  # type: ignore[dict-item]
+    Op.ADD_RMSNORM: lambda a, at, env: _add_rmsnorm(a, at),
     Op.GEGLU: lambda a, at, env: _geglu(a),
     Op.LINEAR_EPILOGUE: lambda a, at, env: _linear_epilogue(a, at),
     Op.PAGED_KV_WRITE: lambda a, at, env: _paged_kv_write(a),
@@ -327,7 +328,7 @@ class Interpreter:
     def param(self, node: Node) -> np.ndarray | QuantizedArray:
         name, scale, shift = param_key(node)
         if node.type.is_quantized:
-            return self._quantized_param(name, scale, shift, quant_format(node.type.quant))  # type: ignore[arg-type]
+            return self._quantized_param(name, scale, shift, quant_format(node.type.quant))  # type: ignore[arg-type]  # is_quantized: quant is set
         return _rounded(self._float_param(name, scale, shift), node.type.dtype)
 
     def _quantized_param(self, name: str, scale: float, shift: float, fmt: QuantFormat) -> QuantizedArray:
@@ -342,12 +343,12 @@ class Interpreter:
             self._quantized[key] = QuantizedArray(fmt, blocks)
         return self._quantized[key]
 
-    def _leaf(self, node: Node, feeds: Mapping[str, np.ndarray], env: dict[str, int]) -> np.ndarray:
+    def _leaf(self, node: Node, feeds: Mapping[str, np.ndarray], env: dict[str, int]) -> np.ndarray | QuantizedArray:
         if node.op is Op.PARAM:
             return self.param(node)
         if node.op is Op.CONST:
             return np.asarray(node.attr("value"), dtype=node.type.dtype.numpy).reshape(
-                [int(d) for d in node.type.shape])  # type: ignore[arg-type]
+                eval_shape(node.type.shape, {}))  # a const's shape is static
         name = node.attr("name")
         if name not in feeds:
             raise HIRError(f"missing input {name!r} (graph inputs: {sorted(self.hir.inputs)})",
@@ -364,7 +365,7 @@ class Interpreter:
         for node in self._order:  # bind every symbol from the inputs before anything runs
             if node.op is Op.INPUT and node.attr("name") in feeds:
                 self._leaf(node, feeds, env)
-        values: dict[str, np.ndarray] = {}
+        values: dict[str, Any] = {}  # arrays; a weight-only value may stay a QuantizedArray
         extra: dict[str, tuple[np.ndarray, ...]] = {}
         keep = set(self.hir.outputs.values())
         for step, node in enumerate(self._order):

@@ -315,7 +315,7 @@ def _geglu(ins: Sequence[TensorType], attrs: Mapping[str, Any]) -> TensorType:
     x = ins[0]
     last = x.shape[-1]
     _need(isinstance(last, int) and last % 2 == 0, f"packed gate|up {x} needs an even last dim")
-    return x.with_shape((*x.shape[:-1], last // 2))  # type: ignore[operator]
+    return x.with_shape((*x.shape[:-1], last // 2))  # type: ignore[operator]  # _need: last is an int
 
 
 EPILOGUE_STEPS = {"add": 1, "mul": 1, "scale": 0, "softcap": 0, "gelu_tanh": 0}

@@ -212,7 +212,7 @@ class QuantizedArray:
             return NotImplemented
         return self.format.name == other.format.name and np.array_equal(self.blocks, other.blocks)
 
-    __hash__ = None  # type: ignore[assignment]
+    __hash__ = None  # type: ignore[assignment]  # equal by value, mutable blocks: unhashable, as ndarray
     __array_ufunc__ = None  # `ndarray == q` defers to __eq__ (one bool), not numpy's elementwise compare
 
     @property

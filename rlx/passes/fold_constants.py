@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,6 +18,7 @@ from rlx.hir.interpreter import IMPLS
 from rlx.hir.ops import Op
 from rlx.hir.pass_infra import Pass, PassResult, register
 from rlx.hir.patterns import Match, Pat, Rule, Var, apply_rules, remove_dead
+from rlx.hir.shapes import eval_shape
 
 MAX_FOLDED_ELEMENTS = 1 << 16
 
@@ -62,12 +64,12 @@ def _fold_const_ops(hir: HIR) -> int:
     for node in hir.nodes():
         if node.op is Op.CONST:
             values[node.id] = np.asarray(node.attr("value"), node.type.dtype.numpy).reshape(
-                [int(d) for d in node.type.shape])  # type: ignore[arg-type]
+                eval_shape(node.type.shape, {}))  # a const's shape is static
             continue
         if node.op not in IMPLS or not node.inputs or not all(i in values for i in node.inputs):
             continue
         shape = node.type.shape
-        if not all(isinstance(d, int) for d in shape) or int(np.prod(shape)) > MAX_FOLDED_ELEMENTS:
+        if not all(isinstance(d, int) for d in shape) or math.prod(eval_shape(shape, {})) > MAX_FOLDED_ELEMENTS:
             continue
         value = np.asarray(IMPLS[node.op]([values[i] for i in node.inputs], node.attr_dict, {}),
                            dtype=node.type.dtype.numpy)

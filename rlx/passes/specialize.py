@@ -30,7 +30,8 @@ SELECT_INPUT = cv.LAST_TOKEN_SELECT
 # real query see a pad key, so bucketing refuses graphs that take them
 UNPADDABLE_INPUTS = (cv.ATTN_MASK, cv.MEDIA_ATTN_BIAS)
 
-DimsSpec = Mapping[str, int | str] | Sequence[tuple[str, int | str]]
+# bindings; a str (from `specialize{dims=...}`) is refused by `parse_dims` with the syntax to use
+DimsSpec = Mapping[str, int | str] | Sequence[tuple[str, int | str]] | str
 
 
 def upper_bounds(hir: HIR) -> dict[str, int]:

@@ -24,6 +24,7 @@ import numpy as np
 
 from rlx.errors import RlxError
 from rlx.frontends.safetensors_file import tensor_bytes
+from rlx.hir.tensor_type import TensorType
 from rlx.runtime.generate import check_prompt_ids
 
 REPORT_FORMAT = "rlx-compare"
@@ -106,7 +107,7 @@ def msl_bytes(lib_tar: Path) -> int:
     """Bytes of the MSL sources inside a Metal lib.tar's devc.o (see METHODS["code_bytes"])."""
     with tarfile.open(lib_tar) as tar:
         member = next(m for m in tar.getmembers() if m.name.endswith("devc.o"))
-        blob = tar.extractfile(member).read()  # type: ignore[union-attr]
+        blob = tar.extractfile(member).read()  # type: ignore[union-attr]  # devc.o is a regular file
     total, marker = 0, b"#include <metal_stdlib>"
     for m in re.finditer(re.escape(marker), blob):
         (n,) = struct.unpack("<Q", blob[m.start() - 8:m.start()])
@@ -121,9 +122,8 @@ _CODE: dict[str, tuple[str, Callable[[Path, dict[str, Any]], int]]] = {
 }
 
 
-def _tensor_bytes(text: str, env: dict[str, int]) -> tuple[int, tuple[int, ...]]:
+def _tensor_bytes(text: str | TensorType, env: dict[str, int]) -> tuple[int, tuple[int, ...]]:
     from rlx.hir.shapes import eval_shape
-    from rlx.hir.tensor_type import TensorType
 
     t = TensorType.parse(text) if isinstance(text, str) else text
     shape = eval_shape(t.shape, env)
@@ -378,8 +378,8 @@ def compare(checkpoint_path: str | Path, targets: list[str], out: str | Path | N
             plain = (reference if (prof, passes) == (plain_prof, plain_passes)
                      else reference_walk(checkpoint, plain_prof, plain_passes, ids, reference["tokens"]))
             reference["vs_unquantized"] = logit_numerics(reference["logits"], plain["logits"])
-        for name in executed:
-            results[name].update(_run_target(tmp / results[name]["artifact"], ids, reference, plain))
+            for name in executed:
+                results[name].update(_run_target(tmp / results[name]["artifact"], ids, reference, plain))
         data = {
             "format": REPORT_FORMAT, "version": REPORT_VERSION,
             "checkpoint": str(checkpoint_path), "model": Path(checkpoint_path).stem,

@@ -47,6 +47,11 @@ def _col(t: Target, fn: Callable[[Target], Any]) -> str:
     return "compile failed" if t["status"] == "failed" else str(fn(t))
 
 
+def _keyed_col(path: tuple[str, str], key: str, default: Any) -> Callable[[Target], str]:
+    """The column of one key of a per-target table (`t[path[0]][path[1]][key]`), e.g. one phase."""
+    return lambda t: _col(t, lambda t: t[path[0]][path[1]].get(key, default))
+
+
 def _run_cell(t: Target, fn: Callable[[Target], Any]) -> str:
     """A measured cell: only executed targets have numbers; the others say why not."""
     if t["status"] == "failed":
@@ -150,7 +155,7 @@ def compile_times(data: dict[str, Any]) -> Section:
     targets = data["targets"]
     compiled = _compiled(targets)
     phases = list(dict.fromkeys(p for t in compiled.values() for p in t["compile"]["phases"]))
-    spec = [(p, lambda t, p=p: _col(t, lambda t: t["compile"]["phases"].get(p, "-"))) for p in phases]
+    spec = [(p, _keyed_col(("compile", "phases"), p, "-")) for p in phases]
     chart = Chart("Compile time per phase", [(p, {n: t["compile"]["phases"].get(p, 0.0)
                                                   for n, t in compiled.items()}) for p in phases], "s")
     return Section("Compile time per phase (s)", [Table(["phase", *targets], _rows(targets, spec)), chart])
@@ -205,7 +210,7 @@ def kernels(data: dict[str, Any]) -> Section:
     targets = data["targets"]
     compiled = _compiled(targets)
     ops = sorted({op for t in compiled.values() for op in t["kernels"]["by_op"]})
-    spec = [(op, lambda t, op=op: _col(t, lambda t: t["kernels"]["by_op"].get(op, 0))) for op in ops]
+    spec = [(op, _keyed_col(("kernels", "by_op"), op, 0)) for op in ops]
     blocks: list[str | Table | Chart] = [
         f"Op mix: {data['methods']['op_mix']}. A kernel counts once for each op kind it contains.",
         Table(["op kind", *targets], _rows(targets, spec)),

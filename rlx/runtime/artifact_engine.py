@@ -89,7 +89,7 @@ def load_weights(path: Path, header: Mapping[str, Mapping[str, Any]], base: int,
             tensor = tvm.runtime.empty(info["shape"], DTYPE_NAMES[info["dtype"]], device)
             if device.dlpack_device_type() == tvm.cpu().dlpack_device_type():
                 view = np.from_dlpack(tensor)
-                f.readinto(memoryview(view.reshape(-1).view(np.uint8)))
+                f.readinto(view.reshape(-1).view(np.uint8).data)
             else:
                 tensor.copyfrom(np.frombuffer(f.read(end - start), dtype=tensor.dtype).reshape(info["shape"]))
             out[key] = tensor

@@ -11,14 +11,15 @@ bucket and up to bucket - n wasted rows.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Final
 
 import numpy as np
 
 from rlx.hir import conventions as cv
 from rlx.runtime.dispatch import pad_seq
 
-PREFILL = "prefill"
-DECODE = "decode"
+PREFILL: Final = "prefill"  # Final: their types are the literals, i.e. flow.Mode's values
+DECODE: Final = "decode"
 
 
 def entry(bucket: int) -> str:

@@ -104,7 +104,7 @@ class Pieces(Sequence[str]):
     def __len__(self) -> int:
         return len(self._ends)
 
-    def __getitem__(self, i: int) -> str:  # type: ignore[override]
+    def __getitem__(self, i: int) -> str:  # type: ignore[override]  # ints only: no slices of pieces
         if not -len(self) <= i < len(self):
             raise IndexError(i)
         i %= len(self)

@@ -35,12 +35,16 @@ CONTINUED_INPUTS = (cv.POSITIONS,)
 class BucketFamily(Protocol):
     """Static variants of one dynamic graph, one per bucket of `dim` (what
     `rlx.passes.specialize.specialize_buckets` makes); `select_input` names the one-hot
-    last-token input, None when the graph takes no last token."""
+    last-token input, None when the graph takes no last token (read-only properties)."""
 
-    source: HIR
-    dim: str
-    variants: Mapping[int, HIR]
-    select_input: str | None
+    @property
+    def source(self) -> HIR: ...
+    @property
+    def dim(self) -> str: ...
+    @property
+    def variants(self) -> Mapping[int, HIR]: ...
+    @property
+    def select_input(self) -> str | None: ...
 
     @property
     def buckets(self) -> tuple[int, ...]: ...

@@ -15,10 +15,15 @@ from rlx.hir.pass_manager import PassReport
 
 
 class Engine(Protocol):
-    name: str
-    max_seq: int
-    vocab_size: int  # prompt ids must be in 0..vocab_size-1
-    reports: Mapping[str, PassReport]  # per graph (e.g. "prefill", "decode"): the passes that built it
+    # read-only properties: an engine may hold them as plain attributes or compute them
+    @property
+    def name(self) -> str: ...
+    @property
+    def max_seq(self) -> int: ...
+    @property
+    def vocab_size(self) -> int: ...  # prompt ids must be in 0..vocab_size-1
+    @property
+    def reports(self) -> Mapping[str, PassReport]: ...  # per graph ("prefill", "decode"): the passes that built it
 
     def prefill(self, ids: list[int], capacity: int | None = None) -> np.ndarray:
         """Reset the KV cache (room for `capacity` positions, a hint), run the prompt, return the

@@ -56,6 +56,7 @@ class ReferenceEngine:
             raise RunError("empty prompt", hint="pass --prompt TEXT or --prompt-ids 2,818,...")
         self._kv, self._pos = {}, 0
         bucketed = self._bucketed is not None and choose(len(ids), self._bucketed.buckets) is not None
+        # (the ignore below: `bucketed` implies self._bucketed is not None, which mypy cannot see)
         return self._run(PREFILL, self._bucketed if bucketed else self._prefill, ids)  # type: ignore[arg-type]
 
     def step(self, token: int) -> np.ndarray:

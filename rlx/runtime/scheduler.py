@@ -261,8 +261,8 @@ class Scheduler:
                             sample.append((seq, row))
             # sampling (a sort of the vocabulary per sampled row) runs outside the lock, so submit /
             # cancel / stats never wait for it; only this thread touches a running sequence's sampler
-            finite = _finite_rows(logits) if sample else []
-            finite = [finite[row] for _, row in sample]
+            finite_rows = _finite_rows(logits) if sample else None
+            finite = [bool(finite_rows[row]) for _, row in sample] if finite_rows is not None else []
             choices = [self._choose(seq, logits[row], bool(ok)) for (seq, row), ok in zip(sample, finite, strict=True)]
             with self._lock:
                 self._in_step = False

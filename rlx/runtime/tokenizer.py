@@ -52,7 +52,7 @@ def _gemma4_spm(tokens: list[str], meta: Mapping[str, Any]) -> tuple[list[str], 
     """Gemma 4 files spell tokens as-is and usually store merges; otherwise scores rank them."""
     stored = meta.get("tokenizer.ggml.merges")
     if stored is not None:
-        return tokens, [tuple(m.split(" ", 1)) for m in stored]  # type: ignore[misc]
+        return tokens, [tuple(m.split(" ", 1)) for m in stored]
     vocab = {t: i for i, t in enumerate(tokens)}
     scores = meta.get("tokenizer.ggml.scores")
     return tokens, _generate_merges(vocab, dict(zip(tokens, scores, strict=True)) if scores else None)
@@ -70,7 +70,7 @@ def _gguf_backend(meta: Mapping[str, Any], source: str) -> Backend:
     if not tokens:
         raise RlxError(f"{source} has no tokenizer (no tokenizer.ggml.tokens)", hint=_NO_TOKENIZER_HINT)
     kind = meta.get("tokenizer.ggml.model")
-    builder = _GGUF_BUILDERS.get(kind)  # type: ignore[arg-type]
+    builder = _GGUF_BUILDERS.get(kind)  # type: ignore[arg-type]  # any metadata value: not a key -> None
     if builder is None:
         raise RlxError(f"{source}: GGUF tokenizer model {kind!r} is not a Gemma tokenizer",
                        hint=f"supported: {', '.join(_GGUF_BUILDERS)}; or {_NO_TOKENIZER_HINT}")

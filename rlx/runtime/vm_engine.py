@@ -34,14 +34,18 @@ DEVICES: dict[str, Callable[[int], tvm.runtime.Device]] = {"cpu": tvm.cpu, "cuda
 
 class EntryLike(Protocol):
     """What the run loop reads of a function's calling convention (`lower.Signature` or the
-    manifest's `EntrySignature`)."""
+    manifest's `EntrySignature`; read-only, as both are frozen)."""
 
-    function: str
-    inputs: tuple[tuple[str, TensorType], ...]
-    caches: tuple[tuple[str, TensorType], ...]
-    dims: tuple[str, ...]
-    outputs: tuple[str, ...]
-
+    @property
+    def function(self) -> str: ...
+    @property
+    def inputs(self) -> tuple[tuple[str, TensorType], ...]: ...
+    @property
+    def caches(self) -> tuple[tuple[str, TensorType], ...]: ...
+    @property
+    def dims(self) -> tuple[str, ...]: ...
+    @property
+    def outputs(self) -> tuple[str, ...]: ...
     @property
     def params(self) -> Sequence[Any]: ...  # each has `.key`
 

@@ -162,7 +162,7 @@ def parse_body(raw: bytes, model: type[_Strict]) -> Any:
         raise bad_request(f"the request body must be a JSON object, got {type(data).__name__}",
                           code="invalid_json")
     try:
-        request = model.model_validate(data)
+        request: Any = model.model_validate(data)  # every request model has `n` (checked below)
     except ValidationError as err:
         first = err.errors()[0]
         where = ".".join(str(p) for p in first["loc"])

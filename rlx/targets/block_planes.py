@@ -33,14 +33,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-import tvm
 from tvm import te, tirx
 
 from rlx.hir.quant import QuantFormat
 from rlx.targets.machine import LANES
+from rlx.targets.quant_decode import Expr
 
 F32 = "float32"
-Expr = tvm.ir.Expr
 _BYTES = {"float16": 2, "float32": 4}
 
 
@@ -176,7 +175,7 @@ def split(fmt: QuantFormat, blocks: np.ndarray) -> Split:
     q, s, o = _SPLITS[_family(fmt)][1](flat, fmt)
     p = planes_of(fmt)
     s = s.astype(p.scale).reshape(n, -1)
-    return q.reshape(n, -1), s, None if o is None else o.astype(p.offset).reshape(n, -1)  # type: ignore[arg-type]
+    return q.reshape(n, -1), s, None if o is None else o.astype(p.offset).reshape(n, -1)
 
 
 def _u4(q: np.ndarray) -> np.ndarray:

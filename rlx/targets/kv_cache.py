@@ -57,6 +57,7 @@ def plan(hir: HIR) -> tuple[CacheSlot, ...]:
             continue
         node = hir.node(nid)
         b, h, _, d = node.type.shape
+        offset: Dim
         past, new, offset = None, nid, 0
         first = hir.node(node.inputs[0]) if node.inputs else None
         if node.op is Op.CONCAT and first is not None and first.op is Op.INPUT:

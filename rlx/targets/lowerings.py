@@ -20,7 +20,7 @@ from tvm.sym import Analyzer
 
 from rlx.hir.graph import Node
 from rlx.hir.ops import EPILOGUE_STEPS, Op, attr_dim, parse_step
-from rlx.hir.shapes import Dim
+from rlx.hir.shapes import Dim, eval_dim
 from rlx.hir.tensor_type import TensorType
 from rlx.targets import flash_attention, kernels, weight_kernels
 from rlx.targets.function_builder import TVM_DTYPES, CacheView, WeightView
@@ -230,8 +230,8 @@ def _add_rmsnorm(fn: _Fn, node: Node, args: list[relax.Expr]) -> relax.Expr:
 
 
 _STEPS: dict[str, Callable[[_Fn, relax.Expr, relax.Expr | None, float | None], relax.Expr]] = {
-    "add": lambda fn, y, o, v: relax.op.add(y, _as(o, _dtype(y))),  # type: ignore[arg-type]
-    "mul": lambda fn, y, o, v: relax.op.multiply(y, _as(o, _dtype(y))),  # type: ignore[arg-type]
+    "add": lambda fn, y, o, v: relax.op.add(y, _as(o, _dtype(y))),
+    "mul": lambda fn, y, o, v: relax.op.multiply(y, _as(o, _dtype(y))),
     "scale": lambda fn, y, o, v: _scale(y, v),  # type: ignore[arg-type]
     "softcap": lambda fn, y, o, v: _softcap(y, v),  # type: ignore[arg-type]
     "gelu_tanh": lambda fn, y, o, v: _gelu(fn, y),
@@ -252,7 +252,7 @@ def _embed(fn: _Fn, node: Node, table: relax.Expr | WeightView, ids: relax.Expr)
     if isinstance(table, WeightView):
         return fn.te(weight_kernels.lookup, table.tensor, ids, layout=table.layout,
                      fmt=table.format.name if table.format else "", dtype=TVM_DTYPES[node.type.dtype],
-                     k=int(node.type.shape[-1]))
+                     k=eval_dim(node.type.shape[-1], {}))
     return relax.op.take(table, ids, axis=0)
 
 

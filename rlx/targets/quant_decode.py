@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeAlias
 
 import tvm
 from tvm import te, tirx
@@ -19,7 +20,8 @@ from tvm import te, tirx
 from rlx.hir.quant import QuantFormat
 
 F32 = "float32"
-Expr = tvm.ir.Expr  # a TIR PrimExpr (TVM 0.27 has no separate Python class for it)
+# a TIR PrimExpr (TVM 0.27 has no separate Python class for it); the kernel modules' one name for it
+Expr: TypeAlias = tvm.ir.Expr
 
 
 @dataclass(frozen=True)

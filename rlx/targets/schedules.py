@@ -28,6 +28,7 @@ linear kernels, their tilings and these rules: docs/kernels.md.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 import tvm
@@ -84,7 +85,7 @@ def _schedule_nt(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV,
         sch.reorder(k_outer, lane_loop)
         sch.vectorize(lane_loop)  # before any decompose_reduction: see the module docstring
     for c in consumers:
-        attempt(sch, lambda c=c: sch.reverse_compute_at(c, inner))
+        attempt(sch, functools.partial(sch.reverse_compute_at, c, inner))
 
 
 def _schedule_nn(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV,
@@ -98,7 +99,7 @@ def _schedule_nn(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV,
         _, vec = sch.split(col, [None, lanes])
         sch.vectorize(vec)
     for c in consumers:
-        attempt(sch, lambda c=c: sch.reverse_compute_at(c, row))
+        attempt(sch, functools.partial(sch.reverse_compute_at, c, row))
 
 
 _BY_LAYOUT: dict[str, Callable[[s_tir.Schedule, s_tir.schedule.SBlockRV, Sequence[s_tir.schedule.SBlockRV]], None]] = {
@@ -122,7 +123,7 @@ class Contraction(ScheduleRule):
         names = [sch.get(b).name_hint for b in blocks]
         at = names.index(sch.get(block).name_hint)
         for producer in blocks[:at]:  # injective producers (a fused transpose, a reshape): inline
-            if not attempt(sch, lambda p=producer: sch.compute_inline(p)):
+            if not attempt(sch, functools.partial(sch.compute_inline, producer)):
                 return None
         consumers = blocks[at + 1:]
         _BY_LAYOUT[layout](sch, block, consumers)
@@ -202,7 +203,7 @@ class ParallelOuter(ScheduleRule):
         sch = s_tir.Schedule(func)
         for block in reversed(root_blocks(sch)[:-1]):
             if sch.get(block).name_hint not in MATERIALIZED and not _writes_output(sch, block):
-                attempt(sch, lambda b=block: sch.compute_inline(b))
+                attempt(sch, functools.partial(sch.compute_inline, block))
         infos = normalize_prim_func(sch)
         if not infos:
             return None

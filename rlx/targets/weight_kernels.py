@@ -23,17 +23,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import tvm
 from tvm import te, tirx
 
 from rlx.hir.quant import QuantFormat, quant_format
 from rlx.targets.block_planes import PlaneReader, planes_of
 from rlx.targets.layouts import IL16
 from rlx.targets.machine import CONSERVATIVE_PARAMS, LANES
-from rlx.targets.quant_decode import Rows, value
+from rlx.targets.quant_decode import Expr, Rows, value
 
 F32 = "float32"
-Expr = tvm.ir.Expr
 GEMV_ROWS = 4          # at most this many rows (static) run as a GEMV
 ROW_TILE_ATTR = "rlx.row_tile"  # the GEMM block's annotation: the MR its rows were padded to
 

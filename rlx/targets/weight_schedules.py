@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from functools import partial
+from typing import TypeAlias
 
 from tvm import s_tir, tirx
 from tvm.s_tir.dlight.base import ScheduleRule
@@ -34,7 +36,7 @@ from rlx.targets.weight_kernels import (
 
 SCOPE = "global"   # small buffers allocated inside a task become stack arrays ("local" would be a heap workspace)
 
-Block = s_tir.schedule.SBlockRV
+Block: TypeAlias = s_tir.schedule.SBlockRV
 
 
 def _named(sch: s_tir.Schedule, blocks: Sequence[Block]) -> dict[str, Block]:
@@ -43,12 +45,12 @@ def _named(sch: s_tir.Schedule, blocks: Sequence[Block]) -> dict[str, Block]:
 
 def _inline_producers(sch: s_tir.Schedule, blocks: Sequence[Block], keep: set[str]) -> bool:
     """Inline every injective block before the kernel's own (False if one refuses)."""
-    return all(attempt(sch, lambda b=b: sch.compute_inline(b)) for b in blocks if sch.get(b).name_hint not in keep)
+    return all(attempt(sch, partial(sch.compute_inline, b)) for b in blocks if sch.get(b).name_hint not in keep)
 
 
 def _epilogue(sch: s_tir.Schedule, consumers: Sequence[Block], loop: s_tir.schedule.LoopRV) -> None:
     for c in consumers:  # one that refuses stays its own loop nest: correct, one more pass over the output
-        attempt(sch, lambda c=c: sch.reverse_compute_at(c, loop))
+        attempt(sch, partial(sch.reverse_compute_at, c, loop))
 
 
 def _split_lanes(sch: s_tir.Schedule, loop: s_tir.schedule.LoopRV) -> None:
@@ -158,9 +160,10 @@ class QuantGemvGpu(ScheduleRule):
         sch, named, consumers = found
         *lead, n, k = sch.get_loops(named[QLINEAR])
         extents = [static_extent(sch.get(loop).extent) for loop in (*lead, n, k)]
-        if any(e is None for e in extents) or math.prod(extents[:-2]) > GEMV_ROWS:  # type: ignore[misc]
+        sizes = [e for e in extents if e is not None]
+        if len(sizes) < len(extents) or math.prod(sizes[:-2]) > GEMV_ROWS:
             return None  # a prefill (symbolic or many rows): dlight's Matmul
-        if extents[-1] % self.WARP or extents[-2] % self.ROWS_PER_BLOCK:  # type: ignore[operator]
+        if sizes[-1] % self.WARP or sizes[-2] % self.ROWS_PER_BLOCK:
             return None
         by, ty = sch.split(n, [None, self.ROWS_PER_BLOCK])
         ko, tx = sch.split(k, [None, self.WARP])
