@@ -19,7 +19,8 @@ from rlx.compiler.compile import cache_root, compile_checkpoint
 from rlx.runtime.artifact import read_manifest, verify_files
 
 Ckpt = Callable[[str], Path]
-HITS, REFRESHES, TIMES = 5, 2, 3  # processes, and the compiles / replacements each makes
+HITS, HIT_TIMES = 5, 4  # processes compiling through the cache into one --out, and compiles each
+REFRESHES, REFRESH_TIMES = 2, 25  # processes replacing the cache entry, and replacements each (cheap)
 WORKER = Path(__file__).with_name("cache_worker.py")
 
 
@@ -36,9 +37,9 @@ def test_concurrent_cache_hits_and_refreshes_into_one_out(tiny_ckpt: Ckpt, tmp_p
     [first] = compile_checkpoint(ckpt, ["cpu"], tmp_path / "first", max_seq=32)  # warms the cache
     pristine = shutil.copytree(first, tmp_path / "pristine")
     out = tmp_path / "outs" / "shared"
-    procs = [subprocess.Popen([sys.executable, str(WORKER), "hit", str(ckpt), str(out), str(TIMES)], env=env,
+    procs = [subprocess.Popen([sys.executable, str(WORKER), "hit", str(ckpt), str(out), str(HIT_TIMES)], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for _ in range(HITS)]
-    procs += [subprocess.Popen([sys.executable, str(WORKER), "refresh", str(pristine), str(TIMES)], env=env,
+    procs += [subprocess.Popen([sys.executable, str(WORKER), "refresh", str(pristine), str(REFRESH_TIMES)], env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
               for _ in range(REFRESHES)]
     results = [(p.wait(timeout=300), p.stderr.read() if p.stderr else "") for p in procs]
