@@ -112,15 +112,27 @@ class Model:
         return generate_batch(paged, ids, settings, eos_ids=self.eos_ids, max_batch=max_batch,
                               keep_logits=keep_logits)
 
-    def scheduler(self, *, num_pages: int | None = None, page_size: int | None = None, max_batch: int = 8,
-                  max_queue: int = 256, max_tokens_per_step: int = 256, prefix_cache: bool = True) -> Scheduler:
-        """A continuous-batching scheduler over this model's paged engine (`runtime/scheduler.py`).
-        `num_pages` None: room for `max_batch` sequences of 2048 positions."""
-        from rlx.frontends.paged import DEFAULT_PAGE_SIZE
+    def pool_pages(self, *, max_batch: int = 8, num_pages: int | None = None, kv_memory_mb: float | None = None,
+                   page_size: int | None = None) -> int:
+        """The KV pool a scheduler gets: `num_pages`, else what `kv_memory_mb` MiB buys, else room
+        for `max_batch` sequences of 2048 positions (`runtime.kv_pages.pool_size`)."""
+        from rlx.runtime.kv_pages import pool_size
+
+        if num_pages is not None and kv_memory_mb is None:
+            return num_pages
+        probe = self.paged_model(1, page_size)  # builds (or compiles) the step once; pools come later
+        return pool_size(page_size=probe.page_size, max_seq=probe.max_seq, page_bytes=probe.page_bytes,
+                         max_batch=max_batch, num_pages=num_pages, memory_mb=kv_memory_mb)
+
+    def scheduler(self, *, num_pages: int | None = None, kv_memory_mb: float | None = None,
+                  page_size: int | None = None, max_batch: int = 8, max_queue: int = 256,
+                  max_tokens_per_step: int = 256, prefix_cache: bool = True) -> Scheduler:
+        """A continuous-batching scheduler over this model's paged engine (`runtime/scheduler.py`),
+        its pool sized by `pool_pages`."""
         from rlx.runtime.scheduler import Scheduler
 
-        if num_pages is None:
-            num_pages = max_batch * -(-2048 // (page_size or DEFAULT_PAGE_SIZE))
+        num_pages = self.pool_pages(max_batch=max_batch, num_pages=num_pages, kv_memory_mb=kv_memory_mb,
+                                    page_size=page_size)
         return Scheduler(self.paged_model(num_pages=num_pages, page_size=page_size), max_batch=max_batch,
                          max_queue=max_queue, max_tokens_per_step=max_tokens_per_step, eos_ids=self.eos_ids,
                          prefix_cache=prefix_cache)

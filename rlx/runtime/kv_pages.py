@@ -65,3 +65,28 @@ class PagePool:
             self._refs[p] -= 1
             if self._refs[p] == 0:
                 self._free.append(p)
+
+
+DEFAULT_CONTEXT = 2048  # positions per sequence a default pool is sized for
+MIB = 1 << 20
+
+
+def pool_size(*, page_size: int, max_seq: int, page_bytes: int, max_batch: int,
+              num_pages: int | None = None, memory_mb: float | None = None) -> int:
+    """How many pages a pool gets: `num_pages` as given; else as many as `memory_mb` MiB of K/V
+    buys (`page_bytes`: one page over every layer's K and V pools); else room for `max_batch`
+    sequences of min(max_seq, 2048) positions, since a 32k-context model would otherwise reserve
+    gigabytes for contexts nobody sends (longer requests still run, alone, or wait)."""
+    if num_pages is not None and memory_mb is not None:
+        raise RunError("give the KV pool as pages or as a memory budget, not both",
+                       hint="drop --kv-pages or --kv-memory")
+    if num_pages is not None:
+        return num_pages
+    if memory_mb is not None:
+        pages = int(memory_mb * MIB // page_bytes)
+        if pages < 1:
+            raise RunError(f"--kv-memory {memory_mb:g} MiB holds no KV page: one page of {page_size} positions "
+                           f"takes {page_bytes / MIB:.3f} MiB over every layer",
+                           hint=f"give at least --kv-memory {page_bytes / MIB:.3f}")
+        return pages
+    return max_batch * -(-min(max_seq, DEFAULT_CONTEXT) // page_size)

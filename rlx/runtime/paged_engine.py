@@ -13,7 +13,8 @@ outputs become the next step's pools (the interpreter's `paged_kv_write` is func
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 import numpy as np
@@ -24,6 +25,7 @@ from rlx.hir.graph import HIR
 from rlx.hir.interpreter import Interpreter, WeightSource
 from rlx.hir.quant import QuantizedArray
 from rlx.hir.shapes import PAGES, eval_shape
+from rlx.hir.tensor_type import TensorType
 from rlx.runtime.paged_model import PagedModel, StepBatch
 
 STEP = "step"  # the dynamic entry (any number of tokens and sequences); `step_<b>` the static buckets
@@ -101,7 +103,18 @@ class PagedEngine(PagedModel, Protocol):
     """A `PagedModel` that can hand out another over the same graph or module and weights, with
     pools of its own (`rlx.load(...).paged_model` builds a step once per page size)."""
 
+    @property
+    def page_bytes(self) -> int:
+        """Bytes one page takes over every layer's K and V pools (what a memory budget buys)."""
+        ...
+
     def with_pool(self, num_pages: int) -> PagedEngine: ...
+
+
+def page_bytes(types: Mapping[str, TensorType], layout: cv.PagedLayout) -> int:
+    """Bytes of one page of every pool of `layout`, from the pools' input types."""
+    return sum(math.prod(eval_shape(types[p.input].shape, {PAGES: 1})) * np.dtype(types[p.input].dtype.numpy).itemsize
+               for p in layout.pools)
 
 
 def paged_layout_of(step: HIR) -> cv.PagedLayout:
@@ -126,6 +139,7 @@ class PagedReferenceEngine:
         self.page_size, self.max_seq = self.layout.page_size, self.layout.max_seq
         self.vocab_size = vocab_size
         self._interp = Interpreter(step, weights, quantized)
+        self.page_bytes = page_bytes({p.input: step.inputs[p.input].type for p in self.layout.pools}, self.layout)
         self._allocate(num_pages)
 
     def with_pool(self, num_pages: int) -> PagedReferenceEngine:

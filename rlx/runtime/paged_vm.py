@@ -28,7 +28,7 @@ from tvm.runtime.vm import VirtualMachine
 from rlx.errors import RunError
 from rlx.hir import conventions as cv
 from rlx.hir.shapes import PAGES, eval_shape
-from rlx.runtime.paged_engine import STEP, check_batch, step_bucket, step_entry, step_feeds
+from rlx.runtime.paged_engine import STEP, check_batch, page_bytes, step_bucket, step_entry, step_feeds
 from rlx.runtime.paged_model import StepBatch
 from rlx.runtime.vm_engine import EntryLike
 
@@ -66,6 +66,7 @@ class PagedVMEngine:
         self.signatures = signatures
         self._weights = weights
         types = dict(signatures[STEP].inputs)
+        self.page_bytes = page_bytes(types, layout)
         self.pools: dict[str, tvm.runtime.Tensor] = {}
         for pool in layout.pools:
             t = types[pool.input]

@@ -22,15 +22,14 @@ from rlx.runtime.tokenizer import Tokenizer
 from rlx.serve.chat_template import ChatTemplate, load_chat_template
 from rlx.serve.structured import GrammarFactory
 
-DEFAULT_CONTEXT = 2048  # positions per sequence the default pool is sized for
-
 
 @dataclass(frozen=True)
 class EngineOptions:
     target: str = "reference"
     max_batch: int = 8
     max_queue: int = 64
-    kv_pages: int | None = None   # None: enough for max_batch full-length sequences
+    kv_pages: int | None = None   # None: kv_memory_mb's worth, else max_batch sequences of 2048 positions
+    kv_memory_mb: float | None = None
     chat_template: str | None = None
     quantize: str | None = None   # a checkpoint's weights scheme (an artifact's must match)
 
@@ -72,16 +71,6 @@ def _progress(message: str) -> None:
     print(f"[rlx] {message}", file=sys.stderr, flush=True)
 
 
-def _pool_pages(model: Any, options: EngineOptions) -> int:
-    """--kv-pages, else room for --max-batch sequences of up to 2048 positions each (a 32k-context
-    model would otherwise reserve gigabytes for contexts nobody sends; longer requests still run
-    alone or wait, and one that cannot fit even an empty pool is refused with the fix)."""
-    if options.kv_pages is not None:
-        return options.kv_pages
-    probe = model.paged_model(1)  # builds (or compiles) the step once; later pools reuse it
-    return options.max_batch * -(-min(probe.max_seq, DEFAULT_CONTEXT) // probe.page_size)
-
-
 def check_inputs(path: str | Path, options: EngineOptions) -> Path:
     """What can be refused before anything loads (a server then never binds its port for nothing)."""
     path = Path(path)
@@ -106,7 +95,8 @@ def load_backend(path: str | Path, options: EngineOptions, *, served_name: str |
     model = rlx.api.load(source, target=options.target if not rlx.api.is_artifact(source) else "reference",
                          quantize=options.quantize)
     tokenizer = model.tokenizer
-    paged = model.paged_model(_pool_pages(model, options))
+    paged = model.paged_model(model.pool_pages(max_batch=options.max_batch, num_pages=options.kv_pages,
+                                               kv_memory_mb=options.kv_memory_mb))
     scheduler = Scheduler(paged, max_batch=options.max_batch, max_queue=options.max_queue,
                           max_tokens_per_step=max(256, options.max_batch), eos_ids=model.eos_ids)
     special = {"bos_token": tokenizer.backend.id_to_token(tokenizer.bos_id) if tokenizer.bos_id is not None else None,

@@ -16,8 +16,11 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
                    help="reference (numpy interpreter) or cpu (a checkpoint is compiled through the compile "
                         "cache first); an artifact runs on its own target")
     p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together in one step")
-    p.add_argument("--kv-pages", type=int, help="KV-cache pages in the pool (default: room for --max-batch "
-                                                         "sequences of 2048 positions)")
+    pool = p.add_mutually_exclusive_group()
+    pool.add_argument("--kv-pages", type=int, help="KV-cache pages in the pool (default: room for --max-batch "
+                                                   "sequences of 2048 positions)")
+    pool.add_argument("--kv-memory", type=float, metavar="MB", help="KV-cache pool size as a memory budget in MiB "
+                                                                    "(instead of --kv-pages)")
     p.add_argument("--chat-template", metavar="FILE", help="a jinja chat template instead of the model's own")
     p.add_argument("--quantize", metavar="SCHEME", help="a checkpoint's weights: gguf (a GGUF's own blocks), q8, q4, "
                                                         "q4a, none (as rlx compile / run)")
@@ -33,8 +36,11 @@ def _options(args: argparse.Namespace, max_queue: int) -> Any:
 
     _positive("--max-batch", args.max_batch)
     _positive("--kv-pages", args.kv_pages)
+    if args.kv_memory is not None and not args.kv_memory > 0:  # NaN fails too
+        raise RlxError(f"--kv-memory must be a number of MiB > 0, got {args.kv_memory}", hint="e.g. --kv-memory 512")
     return EngineOptions(target=args.target, max_batch=args.max_batch, max_queue=max_queue,
-                         kv_pages=args.kv_pages, chat_template=args.chat_template, quantize=args.quantize)
+                         kv_pages=args.kv_pages, kv_memory_mb=args.kv_memory, chat_template=args.chat_template,
+                         quantize=args.quantize)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -10,7 +10,8 @@ from rlx.cli import main
 
 
 @pytest.mark.parametrize("flags", [["--max-batch", "0"], ["--kv-pages", "0"], ["--max-queue", "-1"],
-                                   ["--port", "-5"], ["--target", "metal"]])
+                                   ["--port", "-5"], ["--target", "metal"], ["--kv-memory", "0"],
+                                   ["--kv-memory", "nan"], ["--kv-pages", "4", "--kv-memory", "8"]])
 def test_bad_serve_flags(chat_ckpt: Path, flags: list[str], capsys) -> None:
     assert main(["serve", str(chat_ckpt), *flags]) == 2
     assert "fix:" in capsys.readouterr().err
