@@ -113,6 +113,7 @@ class TokenEvent:
     top_logprobs: tuple[tuple[int, float], ...] = ()
     finish_reason: FinishReason | None = None    # set on the request's last event
     error: str | None = None                     # finish_reason "error": what went wrong
+    queued_s: float | None = None                # on the first token: seconds from submit to the step that ran it
 
     @property
     def finished(self) -> bool:

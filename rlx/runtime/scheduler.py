@@ -43,6 +43,7 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -100,6 +101,8 @@ class _Sequence:
     nodes: list[int] = field(default_factory=list)   # prefix-cache node of each full page offered so far
     computed: int = 0                   # positions whose K/V are in `pages`
     cancelled: bool = False             # cancel() during a step: finished when the step returns
+    submitted: float = field(default_factory=time.monotonic)
+    queued_s: float | None = None       # submit to the first step that runs it (set at first admission)
 
     @property
     def pending(self) -> int:
@@ -344,6 +347,8 @@ class Scheduler:
             self.cache.record(len(seq.tokens), seq.computed)
         if not seq.generated:
             self._prompt_tokens += seq.prompt_len
+        if seq.queued_s is None:
+            seq.queued_s = time.monotonic() - seq.submitted
         return n
 
     def _grow(self, seq: _Sequence, positions: int) -> bool:
@@ -420,7 +425,7 @@ class Scheduler:
         elif seq.generated >= seq.params.max_new_tokens:
             reason = "length"
         event = TokenEvent(seq.request_id, seq.generated - 1, choice.token, choice.logprob, choice.top_logprobs,
-                           finish_reason=reason)
+                           finish_reason=reason, queued_s=seq.queued_s if seq.generated == 1 else None)
         if reason is not None:
             self._finish(seq, reason)
         return event

@@ -106,7 +106,7 @@ class Choice:
         """Take one engine event; the text it releases."""
         delta = ""
         if event.token is not None:
-            self.clock.token()
+            self.clock.token(event.queued_s)
             self.tokens.append(event.token)
             if event.logprob is not None:
                 self.logprobs.append((event.token, event.logprob, event.top_logprobs))

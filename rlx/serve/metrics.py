@@ -72,7 +72,6 @@ class Metrics:
                              buckets=_ITL_BUCKETS, registry=r)
         self.e2e = Histogram(PREFIX + "e2e_request_latency_seconds", "Arrival to last token.",
                              buckets=_LATENCY_BUCKETS, registry=r)
-        # exported for dashboards, not observed yet: the engine does not report when it schedules a request
         self.queue = Histogram(PREFIX + "request_queue_time_seconds", "Arrival to the first step that runs it.",
                                buckets=_LATENCY_BUCKETS, registry=r)
 
@@ -90,7 +89,10 @@ class RequestClock:
     last: float | None = None
     tokens: int = 0
 
-    def token(self) -> None:
+    def token(self, queued_s: float | None = None) -> None:
+        """A generated token arrived; the first carries the engine's queue time."""
+        if queued_s is not None:
+            self.metrics.queue.observe(queued_s)
         now = time.perf_counter()
         if self.last is None:
             self.first = now

@@ -413,3 +413,16 @@ def test_random_traffic_keeps_every_invariant(data: st.DataObject) -> None:
         else:
             assert tokens_of(by_id[rid]) == alone(prompt, params)[:len(tokens_of(by_id[rid]))]
     assert_all_pages_back(s)
+
+
+def test_first_token_carries_the_queue_time_of_a_request_that_waited() -> None:
+    s = Scheduler(ToyPagedModel(), max_batch=1, max_tokens_per_step=24, eos_ids=())
+    first = s.submit([1, 2, 3], SamplingParams(max_new_tokens=3))
+    second = s.submit([4, 5], SamplingParams(max_new_tokens=2))  # waits: one sequence at a time
+    by_id = collect(list(s.run()))
+    for rid in (first, second):
+        events = [e for e in by_id[rid] if e.token is not None]
+        assert events[0].queued_s is not None and events[0].queued_s >= 0
+        assert all(e.queued_s is None for e in events[1:])
+    waited = [e for e in by_id[second] if e.token is not None][0].queued_s
+    assert waited > [e for e in by_id[first] if e.token is not None][0].queued_s  # behind 3 steps of the first

@@ -22,7 +22,8 @@ def test_names_and_values() -> None:
                                "prefix_cache_hits": 16})
     state["num_requests_running"] = 3  # read when scraped, not when registered
     clock = RequestClock(metrics)
-    for _ in range(4):
+    clock.token(queued_s=0.25)  # the engine's queue time rides on the first token
+    for _ in range(3):
         clock.token()
     clock.finish("length")
     metrics.prompt_tokens.inc(7)
@@ -34,7 +35,7 @@ def test_names_and_values() -> None:
     assert s["rlx:time_to_first_token_seconds_count"] == 1 and s["rlx:inter_token_latency_seconds_count"] == 3
     assert s["rlx:e2e_request_latency_seconds_count"] == 1
     assert s['rlx:request_success_total{"finished_reason": "length"}'] == 1
-    assert "rlx:request_queue_time_seconds_count" in s
+    assert s["rlx:request_queue_time_seconds_count"] == 1 and s["rlx:request_queue_time_seconds_sum"] == 0.25
     assert not any(name.endswith("_created") for name in s)
 
 
