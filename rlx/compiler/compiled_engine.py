@@ -94,7 +94,7 @@ def compiled_paged_engine(ckpt: Checkpoint, flow: GemmaFlow | None = None, *, nu
     for key, spec in param_keys(list(lowered.signatures.values())).items():
         mine = have.get(key)
         if mine is not None and (mine.layout, mine.physical) == (spec.layout, spec.physical):
-            weights[key] = shared._weights[key]  # type: ignore[union-attr]
+            weights[key] = shared._weights[key]  # type: ignore[union-attr]  # `have` is empty without `shared`
         else:
             missing.append(spec)
     if missing:

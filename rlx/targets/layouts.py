@@ -49,7 +49,7 @@ def stored_type(t: TensorType) -> TensorType:
     if not t.is_quantized:
         return t
     k = t.shape[-1]
-    return TensorType(DType.U8, (*t.shape[:-1], quant_format(t.quant).row_bytes(k)))  # type: ignore[arg-type]
+    return TensorType(DType.U8, (*t.shape[:-1], quant_format(t.quant).row_bytes(k)))  # type: ignore[arg-type]  # quant set, weights static
 
 
 def physical_type(t: TensorType, layout: str) -> TensorType:
@@ -57,9 +57,9 @@ def physical_type(t: TensorType, layout: str) -> TensorType:
         return stored_type(t)
     rows, k = t.shape
     if t.is_quantized:
-        lines = block_planes.planes_of(quant_format(t.quant)).lines(rows, k)  # type: ignore[arg-type]
+        lines = block_planes.planes_of(quant_format(t.quant)).lines(rows, k)  # type: ignore[arg-type]  # (as above)
         return TensorType(DType.U8, (lines, LANES))
-    return TensorType(t.dtype, (rows // LANES, k, LANES))  # type: ignore[operator]
+    return TensorType(t.dtype, (rows // LANES, k, LANES))  # type: ignore[operator]  # weights are static
 
 
 def pack(value: np.ndarray, layout: str, quant: str | None = None) -> np.ndarray:

@@ -38,7 +38,7 @@ from rlx.hir.graph import HIR, param_key, weight_only
 from rlx.hir.interpreter import Interpreter, WeightSource
 from rlx.hir.ops import Op
 from rlx.hir.quant import QuantizedArray, quant_format
-from rlx.hir.shapes import dim_symbols
+from rlx.hir.shapes import dim_symbols, eval_dim
 from rlx.hir.tensor_type import TensorType
 from rlx.targets import kernels, kv_cache, layouts
 from rlx.targets.function_builder import TVM_DTYPES, CacheView, FunctionBuilder, WeightView
@@ -211,7 +211,7 @@ def _lower_function(bb: relax.BlockBuilder, hir: HIR, sig: Signature,
 
     def write(slot: kv_cache.CacheSlot) -> relax.Var:
         args = [caches[slot.cache], fn.value(slot.new), relax.prim_value(fn.dim(slot.offset))]
-        kind = (TVM_DTYPES[slot.type.dtype], int(slot.type.shape[-1]))  # type: ignore[arg-type]
+        kind = (TVM_DTYPES[slot.type.dtype], eval_dim(slot.type.shape[-1], {}))
         written[slot.output] = fn.emit(relax.call_tir_inplace(writers[kind], args, 0,
                                                               fn.ty(slot.type)))
         return written[slot.output]
@@ -255,7 +255,7 @@ def weight_view(spec: ParamSpec, var: relax.Var) -> relax.Var | WeightView:
     saying how to read it."""
     if not spec.type.is_quantized and spec.layout == layouts.PLAIN:
         return var
-    fmt = quant_format(spec.type.quant) if spec.type.is_quantized else None  # type: ignore[arg-type]
+    fmt = quant_format(spec.type.quant) if spec.type.is_quantized else None  # type: ignore[arg-type]  # quant is set
     return WeightView(var, spec.layout, fmt)
 
 
@@ -272,7 +272,7 @@ def lower(graphs: Mapping[str, HIR], device: str = "cpu", kernel: KernelParams =
             raise HIRError(f"function name {function!r} must be an identifier",
                            hint="name functions with letters, digits and _")
         signatures[function] = signature_of(hir, function, chosen)
-    kinds = sorted({(TVM_DTYPES[t.dtype], int(t.shape[-1])) for sig in signatures.values()  # type: ignore[arg-type]
+    kinds = sorted({(TVM_DTYPES[t.dtype], eval_dim(t.shape[-1], {})) for sig in signatures.values()
                     for _, t in sig.caches})
     writers = {kind: bb.add_func(kernels.kv_write(*kind), f"kv_write_{kind[0]}_{kind[1]}") for kind in kinds}
     for function, hir in graphs.items():

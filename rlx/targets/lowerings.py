@@ -20,7 +20,7 @@ from tvm.sym import Analyzer
 
 from rlx.hir.graph import Node
 from rlx.hir.ops import EPILOGUE_STEPS, Op, attr_dim, parse_step
-from rlx.hir.shapes import Dim, eval_dim
+from rlx.hir.shapes import Dim, eval_dim, eval_shape
 from rlx.hir.tensor_type import TensorType
 from rlx.targets import flash_attention, kernels, weight_kernels
 from rlx.targets.function_builder import TVM_DTYPES, CacheView, WeightView
@@ -78,7 +78,7 @@ def _rmsnorm(fn: _Fn, x: relax.Expr, w: relax.Expr | None, eps: float, offset: f
     """TVM's rms_norm reduces in float32 for every input dtype (as the interpreter does); its
     weight must be in x's dtype."""
     if w is None:
-        weight: relax.Expr = relax.const(np.ones(int(width), np.dtype(_dtype(x))))  # type: ignore[arg-type]
+        weight: relax.Expr = relax.const(np.ones(eval_dim(width, {}), np.dtype(_dtype(x))))
     else:
         weight = w if offset == 0 else fn.emit(relax.op.add(w, _scalar(offset, _dtype(w))))
     return relax.op.nn.rms_norm(x, weight, axes=[-1], epsilon=float(eps))
@@ -134,10 +134,10 @@ def _flash_spec(fn: _Fn, node: Node, paged: bool) -> flash_attention.FlashSpec:
     q, k, v = (fn.hir.node(i).type for i in node.inputs[:3])
     pos = fn.hir.node(node.inputs[5 if paged else 3]).type
     return flash_attention.FlashSpec(
-        paged=paged, heads=int(q.shape[1]), kv_heads=int(k.shape[1]), d=int(q.shape[3]),  # type: ignore[arg-type]
-        dv=int(v.shape[3]), dtype=TVM_DTYPES[q.dtype], kv_dtype=TVM_DTYPES[k.dtype],  # type: ignore[arg-type]
+        paged=paged, heads=eval_dim(q.shape[1], {}), kv_heads=eval_dim(k.shape[1], {}), d=eval_dim(q.shape[3], {}),
+        dv=eval_dim(v.shape[3], {}), dtype=TVM_DTYPES[q.dtype], kv_dtype=TVM_DTYPES[k.dtype],
         out_dtype=TVM_DTYPES[node.type.dtype], pos_dtype=TVM_DTYPES[pos.dtype], scale=float(at["scale"]),
-        softcap=float(at["softcap"]), window=at["window"], page=int(k.shape[2]) if paged else 0)  # type: ignore[arg-type]
+        softcap=float(at["softcap"]), window=at["window"], page=eval_dim(k.shape[2], {}) if paged else 0)
 
 
 def _flash(fn: _Fn, node: Node, spec: flash_attention.FlashSpec, args: list[relax.Expr]) -> relax.Expr:
@@ -216,7 +216,7 @@ def _paged_kv_write(fn: _Fn, node: Node, args: list[relax.Expr]) -> relax.Expr:
     """In place (`call_tir_inplace`): the pool is an engine-owned buffer, so a step costs its new
     rows; the graph must read the pool only through this node's output (as GemmaFlow builds it)."""
     t = node.type
-    kernel = flash_attention.paged_kv_write(TVM_DTYPES[t.dtype], int(t.shape[2]), int(t.shape[3]))  # type: ignore[arg-type]
+    kernel = flash_attention.paged_kv_write(TVM_DTYPES[t.dtype], eval_dim(t.shape[2], {}), eval_dim(t.shape[3], {}))
     gv = fn.bb.add_func(kernel, f"paged_kv_write_{TVM_DTYPES[t.dtype]}_{t.shape[2]}_{t.shape[3]}")
     return relax.call_tir_inplace(gv, args, 0, fn.ty(t))
 
@@ -232,8 +232,8 @@ def _add_rmsnorm(fn: _Fn, node: Node, args: list[relax.Expr]) -> relax.Expr:
 _STEPS: dict[str, Callable[[_Fn, relax.Expr, relax.Expr | None, float | None], relax.Expr]] = {
     "add": lambda fn, y, o, v: relax.op.add(y, _as(o, _dtype(y))),
     "mul": lambda fn, y, o, v: relax.op.multiply(y, _as(o, _dtype(y))),
-    "scale": lambda fn, y, o, v: _scale(y, v),  # type: ignore[arg-type]
-    "softcap": lambda fn, y, o, v: _softcap(y, v),  # type: ignore[arg-type]
+    "scale": lambda fn, y, o, v: _scale(y, v),  # type: ignore[arg-type]  # parse_step: these steps carry a value
+    "softcap": lambda fn, y, o, v: _softcap(y, v),  # type: ignore[arg-type]  # (as "scale")
     "gelu_tanh": lambda fn, y, o, v: _gelu(fn, y),
 }
 
@@ -336,6 +336,6 @@ LOWERINGS: dict[Op, Lowering] = {
 
 
 def lower_const(fn: _Fn, node: Node) -> relax.Expr:
-    shape = [int(d) for d in node.type.shape]  # type: ignore[arg-type]
+    shape = eval_shape(node.type.shape, {})  # a const's shape is static
     return relax.const(np.asarray(node.attr("value"), dtype=node.type.dtype.numpy).reshape(shape))
 
