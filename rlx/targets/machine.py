@@ -62,7 +62,9 @@ class KernelParams:
     - `gemm_rows` x `gemm_cols` (MR x NR): the prefill GEMM's register tile; the lowering pads
       the rows to a multiple of MR (`weight_kernels._gemm`), the schedule tiles by both.
     - `gemv_groups`: il16 groups (of LANES rows) per decode GEMV task.
-    - `gemv_chains`: independent accumulation chains per scale block in a quantized GEMV.
+    - `gemv_chains`: independent accumulation chains per scale block in a one-row quantized GEMV.
+    - `gemv_rows`: rows of x per GEMV register tile: each weight vector (a quantized block's
+      lane, decoded once) is applied to this many rows before the next is read.
     - `parallel_min`: elementwise work below this many elements runs on one thread.
     """
 
@@ -72,6 +74,7 @@ class KernelParams:
     gemv_groups: int
     gemv_chains: int
     parallel_min: int
+    gemv_rows: int = 1
 
     def reasons(self) -> dict[str, str]:
         """One line per number: why it is what it is on this vector unit."""
@@ -89,6 +92,9 @@ class KernelParams:
                            f"weight bytes, so more chains buy nothing",
             "gemv_chains": f"{self.gemv_chains} chains per scale block: two FMA streams per lane hide the "
                            f"FMA latency in a block's short sum",
+            "gemv_rows": f"{self.gemv_rows} rows of x per GEMV tile: a quantized tile keeps a block sum and an "
+                         f"output accumulator per row ({2 * self.gemv_rows * isa.per_vector} registers), within "
+                         f"half of the {isa.registers}; each weight vector is read and decoded once for them all",
             "parallel_min": f"{self.parallel_min} elements: below this, waking the thread pool costs more than "
                             f"the elementwise pass it splits",
         }
@@ -106,7 +112,8 @@ def derive(isa: VectorISA) -> KernelParams:
     groups = max(budget // (rows * isa.per_vector), 1)
     return KernelParams(isa, gemm_rows=rows, gemm_cols=groups * LANES,
                         gemv_groups=max(min(GEMV_GROUPS_MAX, budget // isa.per_vector), 1),
-                        gemv_chains=2, parallel_min=1 << 14)
+                        gemv_chains=2, parallel_min=1 << 14,
+                        gemv_rows=max(budget // (2 * isa.per_vector), 1))
 
 
 @functools.lru_cache(maxsize=64)

@@ -2,11 +2,15 @@
 
 Which formulation a linear gets depends on its rows (the `M` of `x [..., M, K]`):
 
-- **GEMV** (a static M of at most `GEMV_ROWS`: a decode step): the il16 layout's lanes are
-  output rows; a quantized weight's products are summed per block over the stored integers
-  (`rlx_gemv_block`, `chains` independent chains), then each block's scale and offset applied
-  once (`rlx_gemv_xsum`: the block sums of x). The values are the weights' exactly; only the
-  float32 summation order differs from dequantize-then-dot.
+- **GEMV** (a static M of at most `GEMV_ROWS`: a decode step of up to that many sequences): the
+  il16 layout's lanes are output rows; a quantized weight's products are summed per block over
+  the stored integers (`rlx_gemv_block`, `chains` independent chains for one row, one chain a
+  row for several: the rows are the independent chains), then each block's scale and offset
+  applied once (`rlx_gemv_xsum`: the block sums of x). The schedule runs the rows in register
+  tiles (`KernelParams.gemv_rows`) inside the block loop, so each weight block is read and
+  decoded once for a tile of rows: M rows cost about what one does while the weights stream.
+  The values are the weights' exactly; only the float32 summation order differs from
+  dequantize-then-dot.
 - **GEMM** (anything else: a prefill): a quantized weight's 16-row panels are decoded once
   (`rlx_gemm_panel`) and reused by every row of x in a register-tiled micro-kernel (`rlx_gemm`),
   x's rows padded to the target's tile (`row_tile`); float weights in il16 are read as they are.
@@ -32,7 +36,7 @@ from rlx.targets.machine import CONSERVATIVE_PARAMS, LANES
 from rlx.targets.quant_decode import Expr, Rows, value
 
 F32 = "float32"
-GEMV_ROWS = 4          # at most this many rows (static) run as a GEMV
+GEMV_ROWS = 16         # at most this many rows (static) run as a GEMV
 ROW_TILE_ATTR = "rlx.row_tile"  # the GEMM block's annotation: the MR its rows were padded to
 
 GEMV = "rlx_gemv"
@@ -109,6 +113,7 @@ def contraction(x: te.Tensor, w: te.Tensor, layout: str, fmt: str = "",
     the target's `KernelParams.gemm_rows` / `gemv_chains`."""
     weight = _Weight(w, layout, quant_format(fmt) if fmt else None, int(x.shape[-1]))
     if is_gemv(x, layout):
+        chains = chains if _rows_static(x) == 1 else 1  # several rows: they are the independent chains
         return _gemv_quant(x, weight, chains) if weight.fmt is not None else _gemv_float(x, weight)
     if layout == IL16:
         return _gemm(x, weight, row_tile)

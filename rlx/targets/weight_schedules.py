@@ -28,7 +28,6 @@ from rlx.targets.weight_kernels import (
     GEMM_PANEL,
     GEMV,
     GEMV_BLOCK,
-    GEMV_ROWS,
     GEMV_XSUM,
     QLINEAR,
     ROW_TILE_ATTR,
@@ -77,38 +76,61 @@ def _anchored(func: tirx.PrimFunc, anchor: str, stages: set[str]) -> tuple[s_tir
     return sch, named, blocks[at + 1:]
 
 
+def _row_tile(rows: int | None, most: int) -> int:
+    """The largest divisor of `rows` up to `most` (a whole number of tiles: no guarded tail)."""
+    if rows is None:
+        return 1
+    return max(d for d in range(1, min(rows, most) + 1) if rows % d == 0)
+
+
 class Gemv(ScheduleRule):
+    """Decode linears: per task a few il16 groups; x's rows in register tiles of
+    `KernelParams.gemv_rows` run inside the reduction, so a weight block is read (and a
+    quantized one decoded) once for every row of the tile."""
+
     def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool) -> s_tir.Schedule | None:
         found = _anchored(func, GEMV, {GEMV_BLOCK, GEMV_XSUM})
         if found is None:
             return None
         sch, named, consumers = found
+        params = kernel_params(target)
         y = named[GEMV]
         *lead, n, red = sch.get_loops(y)
-        task, group, lane = sch.split(n, [None, kernel_params(target).gemv_groups, LANES])
+        extents = [static_extent(sch.get(loop).extent) for loop in lead]
+        rows = None if None in extents else math.prod(e for e in extents if e is not None)
+        quant = GEMV_BLOCK in named
+        # a quantized tile holds a block sum and an accumulator per row; a float one an
+        # accumulator per row and group: the same registers either way
+        most = params.gemv_rows if quant else max(2 * params.gemv_rows // params.gemv_groups, 1)
+        rows_outer, rows_inner = [], []
+        if lead:
+            m = sch.fuse(*lead) if len(lead) > 1 else lead[0]
+            mo, mi = sch.split(m, [None, _row_tile(rows, most)])
+            rows_outer, rows_inner = [mo], [mi]
+        task, group, lane = sch.split(n, [None, params.gemv_groups, LANES])
         sch.parallel(task)
-        if GEMV_BLOCK in named:
-            # one group (16 rows) at a time over all of K: one sequential weight stream per thread
-            sch.reorder(task, group, *lead, red, lane)
-            acc = sch.cache_write(y, 0, SCOPE)
-            sch.reverse_compute_at(acc, group)
+        if quant:
+            # one group (16 rows of w) at a time over all of K: one sequential weight stream per thread
+            sch.reorder(task, group, *rows_outer, red, *rows_inner, lane)
         else:
-            # float: per k, the task's groups are independent FMA chains
-            sch.reorder(task, *lead, red, group, lane)
-            acc = sch.cache_write(y, 0, SCOPE)  # the task's outputs stay in registers over the reduction
-            sch.reverse_compute_at(acc, task)
+            # float: per k, the tile's rows and the task's groups are independent FMA chains
+            sch.reorder(task, *rows_outer, red, *rows_inner, group, lane)
             sch.unroll(group)
+        acc = sch.cache_write(y, 0, SCOPE)  # the tile's outputs stay in registers over the reduction
+        sch.reverse_compute_at(acc, rows_outer[0] if rows_outer else (group if quant else task))
+        for loop in rows_inner:
+            sch.unroll(loop)
         sch.vectorize(lane)
         _split_lanes(sch, sch.get_loops(acc)[-1])
-        if GEMV_BLOCK in named:
+        if quant:
             part = named[GEMV_BLOCK]
             sch.compute_at(part, red, preserve_unit_loops=True)
             sch.set_scope(part, 0, SCOPE)
-            *_, groups, _, chains, lanes, j = sch.get_loops(part)
-            sch.reorder(j, groups, chains, lanes)
-            sch.unroll(j)
-            sch.unroll(groups)
-            sch.unroll(chains)
+            *own, groups, _, chains, lanes, j = sch.get_loops(part)[-(len(lead) + 5):]
+            # per stored value: one load and decode of a weight vector, then an FMA per row
+            sch.reorder(j, *own, groups, chains, lanes)
+            for loop in (j, *own, groups, chains):
+                sch.unroll(loop)
             sch.vectorize(lanes)
         # GEMV_XSUM (the block sums of x) stays at the root: computed once, before the parallel loop
         _epilogue(sch, consumers, task)
@@ -150,6 +172,7 @@ class QuantGemvGpu(ScheduleRule):
 
     WARP = 32
     ROWS_PER_BLOCK = 4
+    MAX_ROWS = 4  # x rows it takes (each re-reads the weights); more: dlight's Matmul
 
     def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool) -> s_tir.Schedule | None:
         if "thread_warp_size" not in target.attrs:
@@ -161,7 +184,7 @@ class QuantGemvGpu(ScheduleRule):
         *lead, n, k = sch.get_loops(named[QLINEAR])
         extents = [static_extent(sch.get(loop).extent) for loop in (*lead, n, k)]
         sizes = [e for e in extents if e is not None]
-        if len(sizes) < len(extents) or math.prod(sizes[:-2]) > GEMV_ROWS:
+        if len(sizes) < len(extents) or math.prod(sizes[:-2]) > self.MAX_ROWS:
             return None  # a prefill (symbolic or many rows): dlight's Matmul
         if sizes[-1] % self.WARP or sizes[-2] % self.ROWS_PER_BLOCK:
             return None

@@ -20,18 +20,22 @@ from pathlib import Path
 
 import pytest
 import tvm
+from tvm import te
 from tvm.target import Target
 
 from rlx.compiler.graphs import target_graphs
 from rlx.compiler.profile_toml import resolve_profile
 from rlx.frontends.checkpoint import open_checkpoint
+from rlx.hir.quant import quant_format
 from rlx.targets import build, flash_attention, machine, weight_schedules
+from rlx.targets.block_planes import planes_of
 from rlx.targets.build import schedule_module
 from rlx.targets.kernels import CONTRACTIONS
+from rlx.targets.layouts import IL16
 from rlx.targets.lower import lower_for
 from rlx.targets.presets import resolve_target
 from rlx.targets.schedules import EXTERN, ScheduleError, gpu_rules, schedule_report, schedule_skipped
-from rlx.targets.weight_kernels import GEMM, GEMV, ROW_TILE_ATTR
+from rlx.targets.weight_kernels import GEMM, GEMV, GEMV_ROWS, ROW_TILE_ATTR, contraction
 from tests.targets.walks import FAMILIES
 
 Ckpt = Callable[[str], Path]
@@ -138,17 +142,18 @@ def test_a_failing_generic_rule_falls_through_with_its_reason(tiny_ckpt: Ckpt,
     assert all(rule != "none" for rule in schedule_report(mod).values())
 
 
-@pytest.mark.parametrize(("spec", "isa", "tile"), [
-    ({"kind": "llvm", "mcpu": "haswell"}, "avx2", (4, 16)),
-    ({"kind": "llvm", "mcpu": "x86-64-v3"}, "avx2", (4, 16)),
-    ({"kind": "llvm", "mcpu": "znver4"}, "avx512", (4, 64)),
-    ({"kind": "llvm", "mcpu": "sapphirerapids"}, "avx512", (4, 64)),
-    ({"kind": "llvm", "mcpu": "sapphirerapids", "mattr": ["-avx512f"]}, "avx2", (4, 16)),
-    ({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a72", "mattr": ["+neon"]}, "neon", (4, 16)),
-    ({"kind": "llvm", "mtriple": "arm64-apple-macos"}, "neon", (4, 16)),
-    ({"kind": "llvm"}, "sse", (2, 16)),
+@pytest.mark.parametrize(("spec", "isa", "tile", "gemv_rows"), [
+    ({"kind": "llvm", "mcpu": "haswell"}, "avx2", (4, 16), 2),
+    ({"kind": "llvm", "mcpu": "x86-64-v3"}, "avx2", (4, 16), 2),
+    ({"kind": "llvm", "mcpu": "znver4"}, "avx512", (4, 64), 8),
+    ({"kind": "llvm", "mcpu": "sapphirerapids"}, "avx512", (4, 64), 8),
+    ({"kind": "llvm", "mcpu": "sapphirerapids", "mattr": ["-avx512f"]}, "avx2", (4, 16), 2),
+    ({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a72", "mattr": ["+neon"]}, "neon", (4, 16), 2),
+    ({"kind": "llvm", "mtriple": "arm64-apple-macos"}, "neon", (4, 16), 2),
+    ({"kind": "llvm"}, "sse", (2, 16), 1),
 ])
-def test_the_vector_unit_and_tile_follow_the_target(spec: dict, isa: str, tile: tuple[int, int]) -> None:
+def test_the_vector_unit_and_tile_follow_the_target(spec: dict, isa: str, tile: tuple[int, int],
+                                                     gemv_rows: int) -> None:
     params = machine.kernel_params(Target(spec))
     assert params.isa.name == isa
     assert (params.gemm_rows, params.gemm_cols) == tile
@@ -158,7 +163,43 @@ def test_the_vector_unit_and_tile_follow_the_target(spec: dict, isa: str, tile: 
     assert params.gemm_rows * vectors + vectors + 1 <= unit.registers
     assert params.gemm_cols % machine.LANES == 0  # whole il16 groups
     assert params.gemv_groups * unit.per_vector <= unit.registers // 2
-    assert set(params.reasons()) == {"isa", "gemm_rows", "gemm_cols", "gemv_groups", "gemv_chains", "parallel_min"}
+    # a quantized GEMV tile: a block sum and an accumulator per row, within half the registers
+    assert params.gemv_rows == gemv_rows and 2 * gemv_rows * unit.per_vector <= unit.registers // 2
+    assert set(params.reasons()) == {"isa", "gemm_rows", "gemm_cols", "gemv_groups", "gemv_chains", "gemv_rows",
+                                     "parallel_min"}
+
+
+@pytest.mark.parametrize("target", [TARGETS["native"], HASWELL])
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_k", ""])
+def test_a_small_static_m_linear_is_a_gemv_with_its_rows_inside_the_block_loop(target: str, fmt: str) -> None:
+    """A decode step of M <= GEMV_ROWS sequences is a GEMV (never the GEMM, whose panel decode
+    dominates at a few rows): the rows run in register tiles of the largest divisor of M up to
+    the target's `gemv_rows`, unrolled inside the reduction, so each weight block is read once
+    per tile. One more row than GEMV_ROWS is a GEMM."""
+    resolved = resolve_target(target)
+    params = machine.kernel_params(resolved.target)
+    n, k = 64, 256
+    lines = planes_of(quant_format(fmt)).columns(k) * n // machine.LANES if fmt else 0
+    w = te.placeholder((lines, machine.LANES) if fmt else (n // machine.LANES, k, machine.LANES),
+                       "uint8" if fmt else "float32", name="w")
+    tile_most = params.gemv_rows if fmt else max(2 * params.gemv_rows // params.gemv_groups, 1)
+    for m in (1, 2, 3, 4, 8, 12, GEMV_ROWS):
+        x = te.placeholder((1, m, k), name="x")
+        y = contraction(x, w, IL16, fmt)
+        assert y.op.name == GEMV
+        func = te.create_prim_func([x, w, y])
+        with resolved.target:
+            sch = weight_schedules.Gemv().apply(func, resolved.target, False)
+        assert sch is not None
+        loops = [sch.get(loop) for loop in sch.get_loops(sch.get_sblock(GEMV))]
+        tile = max(d for d in range(1, min(m, tile_most) + 1) if m % d == 0)
+        # [task, group, tiles, blocks, rows, lanes] (quantized) / [task, tiles, k, rows, groups, lanes]
+        red = next(i for i, loop in enumerate(loops) if loop.loop_var.name in ("b", "k"))
+        rows = loops[red + 1]
+        assert (int(rows.extent), rows.kind) == (tile, tvm.tirx.ForKind.UNROLLED), f"{target} {fmt} M={m}: {loops}"
+        assert int(loops[red - 1].extent) == m // tile
+    gemm = contraction(te.placeholder((1, GEMV_ROWS + 1, k), name="x"), w, IL16, fmt)
+    assert GEMM in {t.op.name for t in [gemm, *gemm.op.input_tensors]}
 
 
 def test_a_non_cpu_target_gets_the_conservative_machine() -> None:
