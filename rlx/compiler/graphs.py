@@ -121,13 +121,18 @@ def reference_graphs(ckpt: Checkpoint, flow: GemmaFlow | None = None, *, passes:
     return graphs[PREFILL], graphs[DECODE]
 
 
-DEFAULT_STEP_BUCKETS = (1, 2)
-"""Static step entries (SEQ = SEQS = b) next to the dynamic `step`. Static rows <= 4 get the GEMV
-schedules (`weight_kernels.GEMV_ROWS`), more the GEMM, which a static size does not change.
-Measured on the real gemma-3-270m (gguf, 2 shared cores, `bench/paged_buckets.py`: min of 5
+DEFAULT_STEP_BUCKETS = (1, 2, 4, 8)
+"""Static step entries (SEQ = SEQS = b) next to the dynamic `step`. Static rows <= 16 get the GEMV
+schedules (`weight_kernels.GEMV_ROWS`; the rows in register tiles inside the block loop, so each
+weight block is read and decoded once per step: docs/kernels.md), the dynamic step the GEMM.
+Re-measured with that GEMV (`bench/paged_buckets.py`, load average 8.5, so ~2x the times below):
+step_4 97.5 ms vs `step` 131.2; step_8 134.9 vs 173.2; step_16 197.4 vs 248.4. 16 is not a default
+bucket for its compile time: a tiny gemma3 paged compile took 16 s with (1, 2), 34 s with
+(1, 2, 4, 8, 16). Before that GEMV (one row per pass over the weights), measured on the real
+gemma-3-270m (gguf, 2 shared cores, `bench/paged_buckets.py`: min of 5
 interleaved decode steps at 32 past positions): 1 sequence 33.1 ms in `step_1` vs 60.9 in `step`
 (the single engine's decode: 33.4); 2 sequences 41.9 vs 61.6; 4 sequences 63.6 vs 63.5 (a 4-row
-GEMV is no faster than the GEMM); 8 sequences 81.7 vs 82.6. So buckets 1 and 2; each is one
+GEMV is no faster than the GEMM); 8 sequences 81.7 vs 82.6. So buckets 1 and 2 then; each is one
 more function to compile (~+20% of an artifact's build time each on tiny models)."""
 
 

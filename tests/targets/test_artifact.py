@@ -19,6 +19,7 @@ import pytest
 
 import rlx
 from rlx.cli import main
+from rlx.compiler.graphs import DEFAULT_STEP_BUCKETS
 from rlx.frontends.checkpoint import open_checkpoint
 from rlx.hir.text import parse_hir
 from rlx.hir.verify import verify
@@ -49,8 +50,9 @@ def test_artifact_contents_match_the_checkpoint(gemma3_artifact: Path, tiny_ckpt
     assert manifest["config"] == ckpt.config.to_dict()
     assert manifest["target"]["name"] == "cpu" and manifest["versions"]["rlx"] == rlx.__version__
     # the single-sequence entries, and the batched engine's paged step (tests/targets/test_paged_cpu.py)
-    assert set(manifest["entries"]) == {"prefill", "decode", "step", "step_1", "step_2"}
-    assert manifest["paged"]["entries"] == ["step", "step_1", "step_2"]
+    steps = ["step", *(f"step_{b}" for b in DEFAULT_STEP_BUCKETS)]
+    assert set(manifest["entries"]) == {"prefill", "decode", *steps}
+    assert manifest["paged"]["entries"] == steps
     ctx = ckpt.config.max_position_embeddings
     assert manifest["bounds"] == {"SEQ": ctx, "PAST_SEQ": ctx - 1, "KV_CAP": ctx} and manifest["prefill_buckets"] == []
     decode = manifest["entries"]["decode"]
