@@ -7,6 +7,8 @@ check (artifacts' `--verify`).
 
 from __future__ import annotations
 
+import functools
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -19,3 +21,14 @@ def digest_edges(digest: Any, path: Path, head: int, tail: int) -> None:
         if size > head:
             fh.seek(max(head, size - tail))
             digest.update(fh.read())
+
+
+@functools.cache
+def source_digest() -> str:
+    """sha256 of rlx's own source files: the compile cache's key holds it, so an edited or
+    upgraded rlx (same version string) never serves an artifact an older compiler built."""
+    root = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import rlx.progress as progress
+from rlx.digests import source_digest
 from rlx.errors import RlxError
 from rlx.outputs import OutputError, check_writable, dir_lock, guard_dir_output, replace_dir_atomic
 from rlx.runtime.artifact import (
@@ -101,7 +102,7 @@ def write_artifact(dest: Path, populate: Callable[[Path], dict[str, Any]], prote
 def _cache_key(model_hash: str, profile: Any, passes: str | None, target: dict[str, Any], max_seq: int) -> str:
     blob = json.dumps({"model": model_hash, "profile": repr(profile), "passes": passes, "target": target,
                        "max_seq": max_seq, "versions": tool_versions(), "format": FORMAT_VERSION,
-                       "report": REPORT_VERSION, "paged": _paged_entries()},
+                       "report": REPORT_VERSION, "paged": _paged_entries(), "source": source_digest()},
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 

@@ -111,8 +111,10 @@ def test_python_api_compile_and_load(tiny_ckpt: Ckpt, tmp_path: Path) -> None:
     assert gen.tokens == ref.tokens
 
 
-def test_compile_cache_makes_a_repeat_instant(tiny_ckpt: Ckpt, tmp_path: Path,
+def test_compile_cache_makes_a_repeat_instant(tiny_ckpt: Ckpt, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                               capsys: pytest.CaptureFixture[str]) -> None:
+    import rlx.compiler.compile as compile_module
+
     ck = str(tiny_ckpt("gemma1-mqa"))
     assert main(["compile", ck, "--out", str(tmp_path / "a")]) == 0
     assert "compile cache hit" not in capsys.readouterr().err
@@ -120,6 +122,10 @@ def test_compile_cache_makes_a_repeat_instant(tiny_ckpt: Ckpt, tmp_path: Path,
     assert "compile cache hit" in capsys.readouterr().err
     assert (tmp_path / "a" / "manifest.json").read_text() == (tmp_path / "b" / "manifest.json").read_text()
     assert (tmp_path / "b" / "lib.so").stat().st_size == (tmp_path / "a" / "lib.so").stat().st_size
+    # an edited rlx (same version string) is another compiler: no artifact of the old one is served
+    monkeypatch.setattr(compile_module, "source_digest", lambda: "edited")
+    assert main(["compile", ck, "--out", str(tmp_path / "c")]) == 0
+    assert "compile cache hit" not in capsys.readouterr().err
 
 
 def test_unknown_target_fails_before_any_compile(tiny_ckpt: Ckpt, tmp_path: Path,
