@@ -21,7 +21,11 @@ What it measures (one process, one engine; the weights are loaded once):
    time less the longest prompt time the server reports. Without it the peer is skipped. To build
    it (bench-only, never a dependency): unpack llama-cpp-python's sdist, then in
    `vendor/llama.cpp`: `cmake -B build -DCMAKE_BUILD_TYPE=Release && cmake --build build -j
-   --target llama-server`; the binary is `build/bin/llama-server`.
+   --target llama-server`; the binary is `build/bin/llama-server`. On a CPU with AMX (Sapphire
+   Rapids and later) a native build may die with SIGILL in ggml's AMX kernels under a VM that
+   does not grant AMX state: build with `-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON
+   -DGGML_F16C=ON -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON`
+   (AMX off) instead.
 
 Bars (issue 15): aggregate decode at 8 sequences >= 4x one sequence's; >= llama-server's at -np 8
 (when measured); a 512-token shared prefix cuts time to first token by >= 4x.
