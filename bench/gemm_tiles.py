@@ -16,6 +16,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 from unittest import mock
 
 import numpy as np
@@ -27,7 +28,6 @@ SHAPES = {"gate_up": (2 * 2048, 640), "down": (640, 2048), "qkv": (1536, 640)}  
 
 
 def build(target: str, tile: tuple[int, int], rows: int, n: int, k: int, fmt: str) -> object:
-    import tvm
     from tvm import te
 
     from rlx.hir.quant import quant_format
@@ -48,11 +48,21 @@ def build(target: str, tile: tuple[int, int], rows: int, n: int, k: int, fmt: st
     func = te.create_prim_func([x, w, y])
     params = machine.kernel_params(resolved.target)
     forced = machine.KernelParams(params.isa, mr, nr, params.gemv_groups, params.gemv_chains, params.parallel_min)
-    with mock.patch.object(weight_schedules, "kernel_params", lambda _t: forced), resolved.target:
-        sch = weight_schedules.Gemm().apply(func, resolved.target, False)
-    assert sch is not None
-    lib = tvm.compile(tvm.IRModule({"main": sch.mod["main"]}), target=resolved.target)
-    shapes = [([int(d) for d in t.shape], str(t.dtype)) for t in (x, w, y)]
+    return compile_forced(weight_schedules.Gemm(), func, resolved.target, forced, [x, w, y])
+
+
+def compile_forced(rule: Any, func: Any, target: Any, forced: Any, tensors: list[Any]) -> tuple[Any, list[Any]]:
+    """Schedule `func` with `rule` under `forced` kernel parameters, compile it, and make its
+    arguments (`small_m.py` builds its kernels with it too)."""
+    import tvm
+
+    from rlx.targets import weight_schedules
+
+    with mock.patch.object(weight_schedules, "kernel_params", lambda _t: forced), target:
+        sch = rule.apply(func, target, False)
+    assert sch is not None, rule
+    lib = tvm.compile(tvm.IRModule({"main": sch.mod["main"]}), target=target)
+    shapes = [([int(d) for d in t.shape], str(t.dtype)) for t in tensors]
     # blocks of zero bytes: valid (f16 scales of 0) and free of denormals, so timing is the kernel's
     return lib, [tvm.runtime.tensor(np.random.rand(*s).astype(d) if d == "float32" else np.zeros(s, d))
                  for s, d in shapes]

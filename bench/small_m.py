@@ -20,8 +20,6 @@ import time
 from pathlib import Path
 from unittest import mock
 
-import numpy as np
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -30,9 +28,9 @@ VARIANTS = ("new", "r1", "gemm")
 
 
 def build(variant: str, m: int, n: int, k: int, fmt: str, target: str) -> tuple[object, list[object]]:
-    import tvm
     from tvm import te
 
+    from bench.gemm_tiles import compile_forced
     from rlx.hir.quant import quant_format
     from rlx.targets import machine, weight_kernels, weight_schedules
     from rlx.targets.block_planes import planes_of
@@ -57,14 +55,7 @@ def build(variant: str, m: int, n: int, k: int, fmt: str, target: str) -> tuple[
             y = weight_kernels.contraction(x, w, "il16", fmt, row_tile=params.gemm_rows, chains=chains)
     func = te.create_prim_func([x, w, y])
     rule = weight_schedules.Gemm() if variant == "gemm" else weight_schedules.Gemv()
-    with mock.patch.object(weight_schedules, "kernel_params", lambda _t: forced), resolved.target:
-        sch = rule.apply(func, resolved.target, False)
-    assert sch is not None, variant
-    lib = tvm.compile(tvm.IRModule({"main": sch.mod["main"]}), target=resolved.target)
-    shapes = [([int(d) for d in t.shape], str(t.dtype)) for t in (x, w, y)]
-    # blocks of zero bytes: valid (f16 scales of 0) and free of denormals, so timing is the kernel's
-    return lib, [tvm.runtime.tensor(np.random.rand(*s).astype(d) if d == "float32" else np.zeros(s, d))
-                 for s, d in shapes]
+    return compile_forced(rule, func, resolved.target, forced, [x, w, y])
 
 
 def main(argv: list[str] | None = None) -> int:
