@@ -78,20 +78,15 @@ def number(*, zero_ok: bool) -> Check:
     return check
 
 
-def choice(*options: str) -> Check:
-    def check(value: Any) -> str:
-        _expect(value, (str,), "a string")
+def choice(*options: str | int) -> Check:
+    """One of `options`, all strings or all integers (the value must be of their type)."""
+    kind = type(options[0])
+    what = "a string" if kind is str else "an integer"
+
+    def check(value: Any) -> Any:
+        _expect(value, (kind,), what)
         if value not in options:
             raise BadValue(f"must be one of {', '.join(map(repr, options))}, got {value!r}")
-        return value
-    return check
-
-
-def choice_int(*options: int) -> Check:
-    def check(value: Any) -> int:
-        _expect(value, (int,), "an integer")
-        if value not in options:
-            raise BadValue(f"must be one of {', '.join(map(str, options))}, got {value}")
         return value
     return check
 
@@ -174,7 +169,7 @@ class QuantizeOptions:
     `[[layers]] quantize` per layer."""
 
     scheme: str = _key(choice(*SCHEMES), "none")
-    group: int = _key(choice_int(*GROUP_SIZES), 32)
+    group: int = _key(choice(*GROUP_SIZES), 32)
     embed: str | None = _key(choice(*SCHEMES))
     head: str | None = _key(choice(*SCHEMES))
 
