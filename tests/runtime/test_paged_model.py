@@ -28,16 +28,13 @@ from rlx.runtime.paged_engine import PagedReferenceEngine
 from rlx.runtime.paged_model import StepBatch
 from rlx.runtime.reference import ReferenceEngine
 from tests.runtime.paged_walk import PROMPTS, batched_rows, single_sequence_rows, walk
+from tests.targets.walks import assert_close
 
 Ckpt = Callable[[str], Path]
 FAMILIES = ["gemma3", "gemma2", "gemma4-moe", "gemma4-kvshare", "gemma1-gqa"]
 PAGE = 4
 NUM_PAGES = 16
 SHUFFLED = [11, 3, 14, 0, 7, 9, 2, 13, 5, 1, 15, 8]  # 3 sequences x 4 pages, no two adjacent
-
-
-def assert_close(ours: np.ndarray, ref: np.ndarray, rtol: float = 1e-5) -> None:
-    np.testing.assert_allclose(ours, ref, rtol=rtol, atol=rtol * float(np.abs(ref).max()))
 
 
 @pytest.fixture(scope="module")

@@ -26,14 +26,10 @@ from rlx.runtime.engine import Engine
 from rlx.targets.kernels import CONTRACTIONS
 from tests.fixtures.tiny import hf_reference
 from tests.targets.test_schedule_rules import expected_rule
-from tests.targets.walks import FAMILIES, N_DECODE, PROMPT, walk
+from tests.targets.walks import FAMILIES, N_DECODE, PROMPT, assert_close, walk
 
 Ckpt = Callable[[str], Path]
 VARIANTS = {"unfused": "", "fused": DEFAULT_PIPELINE}  # pass pipeline text ("" runs none)
-
-
-def assert_close(ours: np.ndarray, ref: np.ndarray, rtol: float = 1e-5) -> None:
-    np.testing.assert_allclose(ours, ref, rtol=rtol, atol=rtol * float(np.abs(ref).max()))
 
 
 @pytest.fixture(scope="module")

@@ -28,12 +28,9 @@ from rlx.passes import DEFAULT_PIPELINE
 from rlx.passes.fold_rope import FoldRope
 from rlx.targets.build import build
 from rlx.targets.lower import lower, param_keys
+from tests.targets.walks import assert_close
 
 PROMPT = [2, 17, 99, 5, 42, 200, 7, 63, 128, 11]
-
-
-def assert_close(ours: np.ndarray, ref: np.ndarray, rtol: float = 1e-5) -> None:
-    np.testing.assert_allclose(ours, ref, rtol=rtol, atol=rtol * float(np.abs(ref).max()))
 
 
 def _compiled_run(h: HIR, feeds: Mapping[str, np.ndarray],

@@ -31,16 +31,13 @@ from rlx.frontends.checkpoint import open_checkpoint
 from rlx.passes import DEFAULT_PIPELINE
 from rlx.runtime.paged_vm import PagedVMEngine
 from tests.runtime.paged_walk import PROMPTS, batched_rows, single_sequence_rows, walk
+from tests.targets.walks import assert_close
 
 Ckpt = Callable[[str], Path]
 PAGE, NUM_PAGES = 4, 16
 SHUFFLED = [11, 3, 14, 0, 7, 9, 2, 13, 5, 1, 15, 8]
 # every bucket on one family; one bucket elsewhere (each entry costs a compile of its own)
 BUCKETS = {"gemma3": (1, 2, 4), "gemma2": (4,), "gemma4-moe": (4,), "gemma4-kvshare": (4,)}
-
-
-def assert_close(ours: np.ndarray, ref: np.ndarray, rtol: float = 1e-5) -> None:
-    np.testing.assert_allclose(ours, ref, rtol=rtol, atol=rtol * float(np.abs(ref).max()))
 
 
 @pytest.fixture(scope="module")

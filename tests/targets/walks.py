@@ -11,6 +11,11 @@ N_DECODE = 8
 FAMILIES = ["gemma1-gqa", "gemma2", "gemma3", "gemma4", "gemma4-moe"]
 
 
+def assert_close(ours: np.ndarray, ref: np.ndarray, rtol: float = 1e-5) -> None:
+    """Equal within `rtol`, with an absolute floor of rtol x max|ref| (near-zero logits)."""
+    np.testing.assert_allclose(ours, ref, rtol=rtol, atol=rtol * float(np.abs(ref).max()))
+
+
 def walk(engine: Engine, tokens: list[int] | None = None) -> tuple[np.ndarray, list[int]]:
     """Prefill PROMPT, then N_DECODE steps on `tokens` (default: this engine's own greedy picks):
     the [1 + N_DECODE, vocab] logits and the tokens fed."""
