@@ -29,7 +29,7 @@ from rlx.hir.quant import GROUP_SIZES
 from rlx.hir.shapes import SEQ
 from rlx.passes import FUSION_POLICIES, derive_pipeline
 from rlx.passes.precision import Precision
-from rlx.passes.quantize import SCHEMES, Quantize
+from rlx.passes.quantize import GLOB_HINT, SCHEMES, Quantize, glob_problem
 
 FLOAT_DTYPES = tuple(d.value for d in DType if d.is_float)
 BUCKETED = (SEQ,)  # specialize_buckets pads at the end, which only SEQ allows; other dims bind to one size
@@ -41,9 +41,10 @@ MODE_POLICY: dict[str, str] = {"prefill": "direct", "decode": "fusable"}  # when
 class BadValue(Exception):
     """A value is wrong; the parser adds the file, line and key."""
 
-    def __init__(self, message: str, hint: str | None = None) -> None:
+    def __init__(self, message: str, hint: str | None = None, key: str | None = None) -> None:
         super().__init__(message)
         self.message, self.hint = message, hint
+        self.key = key  # a key inside the checked value (a table's): errors point at its line
 
 
 Check = Callable[[Any], Any]
@@ -121,6 +122,32 @@ def dim_buckets(value: Any) -> tuple[int, ...]:
     return tuple(items)
 
 
+def globs(value: Any) -> tuple[str, ...]:
+    """An array of tensor-name globs (`[quantize] keep`)."""
+    _expect(value, (list,), "an array of glob strings")
+    for v in value:
+        _expect(v, (str,), "a glob string")
+        problem = glob_problem(v)
+        if problem:
+            raise BadValue(problem, GLOB_HINT)
+    return tuple(value)
+
+
+def tensor_schemes(value: Any) -> tuple[tuple[str, str], ...]:
+    """A table of "glob" = "scheme" (`[quantize.tensors]`), in file order (the first match wins)."""
+    _expect(value, (dict,), 'a table of "glob" = "scheme"')
+    scheme = choice(*SCHEMES)
+    for glob, v in value.items():
+        problem = glob_problem(glob)
+        try:
+            if problem:
+                raise BadValue(problem, GLOB_HINT)
+            scheme(v)
+        except BadValue as e:
+            raise BadValue(e.message, e.hint or f"use one of {', '.join(SCHEMES)}", key=glob) from None
+    return tuple(value.items())
+
+
 def _key(check: Check, default: Any = None) -> Any:
     """A dataclass field that is also a TOML key, validated by `check`."""
     return field(default=default, metadata={"check": check})
@@ -166,12 +193,15 @@ class PrecisionOptions:
 class QuantizeOptions:
     """[quantize]: which weights are stored in blocks (`passes/quantize.py`): `scheme` for all,
     `embed` for the embedding table (and a tied LM head), `head` for an untied LM head;
-    `[[layers]] quantize` per layer."""
+    `[[layers]] quantize` per layer; per tensor, by stored-name glob, `keep` (left float, before
+    anything else) and `[quantize.tensors]` (a scheme; the first matching glob wins, over the rest)."""
 
     scheme: str = _key(choice(*SCHEMES), "none")
     group: int = _key(choice(*GROUP_SIZES), 32)
     embed: str | None = _key(choice(*SCHEMES))
     head: str | None = _key(choice(*SCHEMES))
+    keep: tuple[str, ...] = _key(globs, ())
+    tensors: tuple[tuple[str, str], ...] = _key(tensor_schemes, ())
 
 
 @dataclass(frozen=True)
@@ -335,11 +365,12 @@ class Profile:
         quantized."""
         q = self.quantize
         layers = self._per_layer_values("quantize", q.scheme, config)
-        if all(s == "none" for s in (q.scheme, *layers, q.embed or "none", q.head or "none")):
+        if all(s == "none" for s in (q.scheme, *layers, q.embed or "none", q.head or "none",
+                                     *(s for _, s in q.tensors))):
             return ""
         per_layer = layers if any(s != q.scheme for s in layers) else ()
         return str(Quantize(scheme=q.scheme, group=q.group, layers=per_layer, embed=q.embed or "",
-                            head=q.head or ""))
+                            head=q.head or "", keep=q.keep, tensors=tuple(f"{g}:{s}" for g, s in q.tensors)))
 
     def _per_layer_values(self, key: str, default: str, config: GemmaConfig | None) -> tuple[str, ...]:
         """One value per layer (a [[layers]] `dtype` / `quantize`), () when no patch sets `key`."""

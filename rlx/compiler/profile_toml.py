@@ -118,7 +118,7 @@ class _Parser:
         try:
             return check(value)
         except BadValue as e:
-            raise self.error(path, e.message, e.hint) from None
+            raise self.error(path if e.key is None else (*path, e.key), e.message, e.hint) from None
 
     def keys(self, cls: type, value: Any, path: KeyPath) -> dict[str, Any]:
         known = toml_keys(cls)

@@ -3,6 +3,7 @@ the weights summary `rlx compile` writes into an artifact's report.json (`weight
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from rlx.frontends.config import GemmaConfig
@@ -60,7 +61,9 @@ def summary_lines(s: dict[str, Any]) -> list[str]:
 WEIGHT_METHODS = {
     "format": "each weight param of the compiled functions (a stored tensor, or a weight-only value "
               "such as a fused q|k|v concat) with its HIR type's quantized format (rlx.hir.quant), "
-              "or its float dtype when it is not quantized",
+              "or its float dtype when it is not quantized; `reason` \"kept\" marks a float weight that "
+              "a linear or an embedding reads (one quantize would store in blocks) and a [quantize] "
+              "keep glob matches",
     "bytes": "the tensor's bytes in weights.safetensors (its physical layout: packed blocks for a "
              "quantized weight)",
     "bytes_per_token": "sum over the decode entry's weight params of the bytes one decode step "
@@ -74,7 +77,14 @@ def weight_report(specs: dict[str, Any], decode_keys: set[str], decode_readers: 
     """The artifact report's `weights`: see WEIGHT_METHODS. `specs` are the lowered functions'
     ParamSpecs by key, `decode_readers` the (op, position) pairs reading each key in the decode
     graph (`rlx.targets.lower.weight_readers`)."""
-    from rlx.hir.ops import Op
+    from rlx.hir.ops import OPS, Op
+    from rlx.passes.quantize import KEPT, matches
+
+    keep = tuple(quantize.get("keep") or ())
+
+    def kept(key: str) -> bool:  # a key names its stored tensors: `name`, `name*s+b`, `op{..}(name,name)`
+        block_read = any(pos in OPS[op].quantized_inputs for op, pos in decode_readers.get(key, ()))
+        return block_read and any(matches(n, keep) for n in re.findall(r"[^(),*+]+", key))
 
     tensors: dict[str, dict[str, Any]] = {}
     for key, spec in sorted(specs.items()):
@@ -86,6 +96,8 @@ def weight_report(specs: dict[str, Any], decode_keys: set[str], decode_readers: 
         tensors[key] = {"format": spec.type.quant or spec.type.dtype.value,
                         "shape": [int(d) for d in spec.type.shape], "bytes": nbytes,
                         "per_token_bytes": per_token}
+        if keep and not spec.type.is_quantized and kept(key):
+            tensors[key]["reason"] = KEPT
     by_format: dict[str, dict[str, int]] = {}
     for t in tensors.values():
         entry = by_format.setdefault(t["format"], {"tensors": 0, "bytes": 0, "per_token_bytes": 0})

@@ -11,11 +11,18 @@ stored blocks or quantizes from float32, and a compiled module reads packed bloc
   tensors stay float; a block type rlx does not compute with is an error naming the tensor.
 - **`q8` / `q4` / `q4a`**: rlx's group formats (`q8_0`, symmetric `q4_0`, asymmetric `q4_1`, each
   with one f16 scale per `group` values; byte-identical to GGUF's at group 32), computed from the
-  float weights. A row length that is not a multiple of the group is an error naming the tensor.
+  float weights. A row length that is not a multiple of the group is an error naming the tensor
+  and the `keep` glob that would leave it (and every weight like it) float.
 - **Overrides**: `layers` gives one scheme per decoder layer (`[[layers]] quantize`; an empty
   entry, as in `q8||q4`, is an error naming its position), `embed` the embedding table's (a tied
   LM head is the same tensor), `head` an untied LM head's; for `embed` / `head`, "" means `scheme`.
   Layers come from the params' `layer` meta.
+- **Per tensor** (by the param's stored name, `fnmatch` globs: `*` matches any characters, dots
+  included): `keep` globs leave the weights they match float (reported "kept"), before any other
+  choice; `tensors` (`glob:scheme` items, `[quantize.tensors]` in a profile) give the weights a
+  glob matches that scheme, the first matching glob winning, over the layer / embed / head ones.
+  A glob that matches no weight this pass would store in blocks is an error naming it (a typo
+  would otherwise compile the model the user tried to avoid, silently).
 
 It runs before fusion, so the projections `fuse-qkv` / `fuse-gate-up` concatenate are already
 typed, and only weights of one format are fused. Weights derived at load time (`stored * scale +
@@ -25,7 +32,8 @@ blocks and stay float. MoE expert weights (3-D) stay float.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import fnmatch
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import cast
 
@@ -38,6 +46,8 @@ from rlx.hir.quant import FORMATS, GGUF_FORMATS, GROUP_SIZES, GROUPS, QuantForma
 SCHEMES = ("none", "gguf", "q8", "q4", "q4a")
 _GROUP_FAMILY = {"q8": "q8_0", "q4": "q4_0", "q4a": "q4_1"}
 _ALTERNATIVES = "use --quantize q8 or q4 (quantized again from the dequantized values), or none"
+GLOB_RESERVED = ",{}|:"  # pipeline text's separators (`quantize{keep=a|b,tensors=c:q8}`): no glob may hold one
+KEPT = "kept"  # the reason a weight a `keep` glob matched is float (stats, report.json)
 
 
 def scheme_format(scheme: str, group: int) -> QuantFormat | None:
@@ -51,6 +61,37 @@ def _check_scheme(value: str, where: str) -> None:
         raise PassError(f"quantize: {where}={value!r} is not a scheme", hint=f"use one of {', '.join(SCHEMES)}")
 
 
+def glob_problem(glob: str) -> str | None:
+    """Why `glob` cannot be a `keep` / `tensors` glob, or None (the profile checks it too)."""
+    if not glob.strip():
+        return "a glob must not be empty"
+    reserved = [repr(c) for c in GLOB_RESERVED if c in glob]
+    return (f"the glob {glob!r} holds {' '.join(reserved)}, which the pass's text form uses as separators"
+            if reserved else None)
+
+
+GLOB_HINT = "write the glob without , { } | : (? matches one character, [...] one of a set, * any run, dots too)"
+
+
+def _items(value: tuple[str, ...] | str) -> tuple[str, ...]:
+    """A tuple option from pipeline text ("a|b"; "" is none) or as given."""
+    if isinstance(value, str):
+        return tuple(s.strip() for s in value.split("|")) if value.strip() else ()
+    return tuple(value)
+
+
+def _checked_glob(glob: str, key: str) -> str:
+    problem = glob_problem(glob)
+    if problem:
+        raise PassError(f"quantize: {key}: {problem}", hint=GLOB_HINT)
+    return glob
+
+
+def matches(name: str, globs: Sequence[str]) -> str | None:
+    """The first glob that matches a stored tensor name, or None."""
+    return next((g for g in globs if fnmatch.fnmatchcase(name, g)), None)
+
+
 @register
 @dataclass(frozen=True)
 class Quantize(Pass):
@@ -60,6 +101,8 @@ class Quantize(Pass):
     layers: tuple[str, ...] | str = ()   # from text: "q8|q4|none|..."
     embed: str = ""
     head: str = ""
+    keep: tuple[str, ...] | str = ()     # globs of tensors left float; from text: "a|b"
+    tensors: tuple[str, ...] | str = ()  # "glob:scheme" items, first match wins; from text: "a:q8|b:q4"
 
     def __post_init__(self) -> None:
         _check_scheme(self.scheme, "scheme")
@@ -81,10 +124,30 @@ class Quantize(Pass):
                                 hint="give one scheme per layer, e.g. layers=q8|q4|none (none keeps a layer float)")
             _check_scheme(s, "layers")
         object.__setattr__(self, "layers", layers)
+        object.__setattr__(self, "keep", tuple(_checked_glob(g, "keep") for g in _items(self.keep)))
+        tensors = _items(self.tensors)
+        for item in tensors:
+            glob, sep, scheme = item.rpartition(":")
+            if not sep:
+                raise PassError(f"quantize: tensors item {item!r} is not GLOB:SCHEME",
+                                hint="write tensors=GLOB:SCHEME|..., e.g. tensors=*.down_proj.weight:q8")
+            _check_scheme(scheme, f"tensors[{_checked_glob(glob, 'tensors')}]")
+        object.__setattr__(self, "tensors", tensors)
+
+    @property
+    def overrides(self) -> tuple[tuple[str, str], ...]:
+        """`tensors` as (glob, scheme) pairs, in order."""
+        return tuple((g, s) for g, _, s in (item.rpartition(":") for item in cast(tuple[str, ...], self.tensors)))
+
+    def kept(self, param: Node) -> bool:
+        return matches(param.attr("name"), cast(tuple[str, ...], self.keep)) is not None
 
     def scheme_of(self, param: Node, reader: str) -> str:
-        """The scheme for a weight: the embedding / head override, else its layer's, else `scheme`."""
-        override = {"embed": self.embed, "head": self.head}.get(reader, "")
+        """The scheme for a weight: its `tensors` glob's, else the embedding / head override, else its
+        layer's, else `scheme`."""
+        name = param.attr("name")
+        tensor = next((s for g, s in self.overrides if fnmatch.fnmatchcase(name, g)), "")
+        override = tensor or {"embed": self.embed, "head": self.head}.get(reader, "")
         if override:
             return override
         layer = cv.layer_of(param)
@@ -96,44 +159,88 @@ class Quantize(Pass):
         return self.scheme
 
     def format_for(self, param: Node, reader: str) -> QuantFormat | None:
+        """The block format for a weight (None: float); `run` checks that its rows fit the groups."""
+        if self.kept(param):
+            return None
         scheme = self.scheme_of(param, reader)
-        name = param.attr("name")
-        if scheme == "gguf":
-            if param_key(param)[1:] != (1.0, 0.0):
-                return None  # derived at load time: no stored blocks to keep
-            stored = str(param.meta.get(cv.STORED, ""))
-            fmt = gguf_format_of(stored) if stored else None
-            if fmt is None and stored and stored.upper() not in _FLOAT_STORAGE:
-                raise PassError(f"quantize: tensor {name} is stored as {stored}, a GGUF block type rlx does not "
-                                f"compute with (it does: {', '.join(f.upper() for f in GGUF_FORMATS)})",
-                                hint=_ALTERNATIVES)
-            return fmt
-        fmt = scheme_format(scheme, self.group)
-        k = param.type.shape[-1]
-        if fmt is not None and not (isinstance(k, int) and fmt.fits(k)):
-            layer = cv.layer_of(param)
-            keep = "keep it float: " + (f'[quantize] {reader} = "none"' if reader in ("embed", "head") else
-                                        '[[layers]] quantize = "none" for '
-                                        + ("its layer" if layer is None else f"layer {layer}"))
-            fitting = [str(g) for g in GROUP_SIZES if isinstance(k, int) and k % g == 0]
-            raise PassError(f"quantize: tensor {name} has rows of {k} values, not a multiple of {scheme}'s "
-                            f"group of {fmt.block}",
-                            hint=f"use a group size dividing {k} ([quantize] group = {' or '.join(fitting)}), or {keep}"
-                            if fitting else f"no group size ({', '.join(map(str, GROUP_SIZES))}) divides {k}: {keep}")
+        if scheme != "gguf":
+            return scheme_format(scheme, self.group)
+        if param_key(param)[1:] != (1.0, 0.0):
+            return None  # derived at load time: no stored blocks to keep
+        stored = str(param.meta.get(cv.STORED, ""))
+        fmt = gguf_format_of(stored) if stored else None
+        if fmt is None and stored and stored.upper() not in _FLOAT_STORAGE:
+            raise PassError(f"quantize: tensor {param.attr('name')} is stored as {stored}, a GGUF block type rlx "
+                            f"does not compute with (it does: {', '.join(f.upper() for f in GGUF_FORMATS)})",
+                            hint=_ALTERNATIVES)
         return fmt
 
     def run(self, hir: HIR) -> PassResult:
         out = hir.copy()
+        weights = [param for param, _ in _weights(out)]
+        self._check_globs(weights)
+        chosen = [(param, reader, self.format_for(param, reader)) for param, reader in _weights(out)]
+        ungroupable = [(p, r, fmt) for p, r, fmt in chosen if fmt is not None and not _fits(p, fmt)]
+        if ungroupable:
+            raise self._ungroupable(ungroupable, weights)
         stats: dict[str, int] = {}
-        for param, reader in _weights(out):
-            fmt = self.format_for(param, reader)
-            if fmt is None:
-                stats["kept-float"] = stats.get("kept-float", 0) + 1
-                continue
-            out.replace_node(Node(param.id, param.op, param.inputs, param.type.with_quant(fmt.name), param.attrs,
-                                  dict(param.meta)))
-            stats[f"format.{fmt.name}"] = stats.get(f"format.{fmt.name}", 0) + 1
+        for param, _, fmt in chosen:
+            key = (KEPT if self.kept(param) else "kept-float") if fmt is None else f"format.{fmt.name}"
+            stats[key] = stats.get(key, 0) + 1
+            if fmt is not None:
+                out.replace_node(Node(param.id, param.op, param.inputs, param.type.with_quant(fmt.name), param.attrs,
+                                      dict(param.meta)))
         return PassResult(out, out != hir, stats)
+
+    def _check_globs(self, weights: list[Node]) -> None:
+        """Every keep / tensors glob must match a weight this pass would store in blocks."""
+        names = [w.attr("name") for w in weights]
+        for key, globs in (("keep", cast(tuple[str, ...], self.keep)), ("tensors", [g for g, _ in self.overrides])):
+            for glob in (g for g in globs if matches_any(names, g) is None):
+                kinds = sorted({_layer_glob(w) for w in weights})
+                raise PassError(f"quantize: {key} glob {glob!r} matches no weight that a linear or an embedding "
+                                "reads (the weights quantize stores in blocks)",
+                                hint=f"match their stored names (`*` matches dots too): {', '.join(kinds)}")
+
+    def _ungroupable(self, bad: list[tuple[Node, str, QuantFormat]], weights: list[Node]) -> PassError:
+        """Weights whose rows are no multiple of their group: the error names the first, and its fix
+        is a group size dividing all their rows, or the `keep` globs that leave them float: a layer
+        wildcard where every weight it matches is one of them, else the name."""
+        names = {p.attr("name") for p, _, _ in bad}
+        globs = list(dict.fromkeys(
+            wide if all(w.attr("name") in names for w in weights if fnmatch.fnmatchcase(w.attr("name"), wide))
+            else p.attr("name") for p, _, _ in bad for wide in [_layer_glob(p)]))
+        first, reader, fmt = bad[0]
+        k = first.type.shape[-1]
+        others = [p.attr("name") for p, _, _ in bad[1:]]
+        also = "" if not others else f" (as do {', '.join(others[:3])}{' and more' if len(others) > 3 else ''})"
+        rows = sorted({r for p, _, _ in bad if isinstance(r := p.type.shape[-1], int)})  # weights are static
+        fitting = [str(g) for g in GROUP_SIZES if all(r % g == 0 for r in rows)]
+        divides = " and ".join(map(str, rows))
+        listed = ", ".join(f'"{g}"' for g in globs)
+        keep = f"keep {'them' if others else 'it'} float: [quantize] keep = [{listed}]"
+        return PassError(f"quantize: tensor {first.attr('name')} has rows of {k} values, not a multiple of "
+                         f"{self.scheme_of(first, reader)}'s group of {fmt.block}{also}",
+                         hint=f"use a group size dividing {divides} ([quantize] group = {' or '.join(fitting)}), "
+                              f"or {keep}" if fitting else
+                         f"no group size ({', '.join(map(str, GROUP_SIZES))}) divides {divides}: {keep}")
+
+
+def matches_any(names: Sequence[str], glob: str) -> str | None:
+    """The first name `glob` matches, or None."""
+    return next((n for n in names if fnmatch.fnmatchcase(n, glob)), None)
+
+
+def _fits(param: Node, fmt: QuantFormat) -> bool:
+    k = param.type.shape[-1]
+    return isinstance(k, int) and fmt.fits(k)
+
+
+def _layer_glob(param: Node) -> str:
+    """The param's name with its layer (`layer` meta) as `*`: `layers.3.x.weight` -> `layers.*.x.weight`,
+    one glob for a kind of tensor."""
+    name, layer = param.attr("name"), cv.layer_of(param)
+    return name if layer is None else name.replace(f".{layer}.", ".*.", 1)
 
 
 _FLOAT_STORAGE = frozenset({"F32", "F16", "BF16", "F64", "FLOAT32", "FLOAT16", "BFLOAT16", "FLOAT64"})
@@ -161,4 +268,4 @@ def _weights(hir: HIR) -> Iterator[tuple[Node, str]]:
             yield w, kind
 
 
-__all__ = ["FORMATS", "SCHEMES", "Quantize", "scheme_format"]
+__all__ = ["FORMATS", "GLOB_RESERVED", "KEPT", "SCHEMES", "Quantize", "glob_problem", "matches", "scheme_format"]

@@ -96,10 +96,12 @@ def summary(data: dict[str, Any]) -> Section:
 
 
 def _scheme(q: dict[str, Any]) -> str:
-    """[quantize] in words: `q8 (group 32)`, `q4 (group 32), embed q8`, `none`."""
-    if q["scheme"] in ("none", "gguf") and not q.get("embed") and not q.get("head"):
-        return q["scheme"]
+    """[quantize] in words: `q8 (group 32)`, `q4 (group 32), embed q8, keep layers.*.x.weight`, `none`."""
     extra = "".join(f", {k} {q[k]}" for k in ("embed", "head") if q.get(k))
+    extra += "".join(f", {g} {s}" for g, s in q.get("tensors") or ())
+    extra += "".join(f", keep {g}" for g in q.get("keep") or ())
+    if q["scheme"] in ("none", "gguf") and not extra:
+        return q["scheme"]
     return f"{q['scheme']} (group {q['group']}){extra}"
 
 
@@ -141,7 +143,8 @@ def weights(data: dict[str, Any]) -> Section:
         shown.append(tensors)
         rows: dict[tuple[str, str], list[int]] = {}
         for key, w in tensors.items():
-            row = rows.setdefault((_tensor_group(key), w["format"]), [0, 0, 0])
+            fmt = w["format"] + (f" ({w['reason']})" if w.get("reason") else "")  # f32 (kept): a keep glob's
+            row = rows.setdefault((_tensor_group(key), fmt), [0, 0, 0])
             row[0] += 1
             row[1] += w["bytes"]
             row[2] += w["per_token_bytes"]

@@ -272,8 +272,10 @@ def test_group_must_divide_the_rows(scheme: str, group: int, k: int) -> None:
     fitting = {96: "[quantize] group = 32", 128: "[quantize] group = 32 or 64 or 128"}
     assert e.value.hint is not None and (f"a group size dividing {k} ({fitting[k]})" if k in fitting else
                                          f"no group size (32, 64, 128, 256) divides {k}") in e.value.hint
-    assert 'keep it float: [[layers]] quantize = "none" for layer 0' in e.value.hint
-    # keeping that layer float, or a scheme without groups, is fine
+    assert 'keep it float: [quantize] keep = ["layers.*.q_proj.weight"]' in e.value.hint
+    # the keep glob the fix names, keeping that layer float, or a scheme without groups, is fine
+    assert _weight_type(Quantize(scheme=scheme, group=group, keep=("layers.*.q_proj.weight",))
+                        .run(_one_linear(None, k=k)).hir) == f"f32[8, {k}]"
     assert _weight_type(Quantize(scheme=scheme, group=group, layers=("none",)).run(_one_linear(None, k=k)).hir) \
         == f"f32[8, {k}]"
     assert _weight_type(Quantize(scheme="gguf", group=group).run(_one_linear("F16", k=k)).hir) == f"f32[8, {k}]"

@@ -34,12 +34,19 @@ Tolerances:
 Rows that are not a multiple of the group: none in these five families (K is 64 or 128
 everywhere; the MoE experts are 3-D and stay float, as does the router, which another op reads
 too). gemma4-ple has a per-layer projection with rows of 8 values, which no group size (32..256)
-divides: the `quantize` pass refuses it, naming the tensor, rather than silently keeping it
-float (test_rows_no_group_divides_are_refused_naming_the_tensor).
+divides: the `quantize` pass refuses it, naming the tensor and the `[quantize] keep` glob that
+fixes it, rather than silently keeping it float (test_rows_no_group_divides_are_refused_naming_the_tensor).
+With that glob (and, under q4, a `[quantize.tensors]` override giving the per-layer input gates
+q8) gemma4-ple compiles, and equals the reference on the same blocks at the same tolerance
+(rtol 1e-5, floor 1e-5 x max|logit|): a kept weight is an ordinary f32 linear, the others the
+same kernels as above, so nothing but summation order differs. Measured max |diff| / max|logit|:
+q8 9.7e-7, q4 2.0e-6 (a 5x margin at worst). q8 runs in-process (CompiledEngine); q4 goes through `rlx compile` so that
+the artifact's report.json, manifest and `rlx compare`'s weights table are checked too.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import tarfile
 from collections.abc import Callable
@@ -49,14 +56,16 @@ from typing import Any
 import numpy as np
 import pytest
 
+import rlx
 from rlx.api import compile as rlx_compile
 from rlx.compiler.compiled_engine import CompiledEngine
 from rlx.compiler.engines import reference_engine
-from rlx.compiler.profile_toml import resolve_profile
+from rlx.compiler.profile_toml import parse_profile, resolve_profile
 from rlx.frontends.checkpoint import open_checkpoint
 from rlx.hir.pass_infra import PassError
+from rlx.report import render
 from rlx.targets.lower import param_keys
-from tests.targets.walks import FAMILIES, N_DECODE, walk
+from tests.targets.walks import FAMILIES, N_DECODE, assert_close, walk
 
 Ckpt = Callable[[str], Path]
 SCHEMES = ["q8", "q4"]
@@ -132,11 +141,71 @@ def test_rows_no_group_divides_are_refused_naming_the_tensor(scheme: str, tiny_c
     pass says so (naming the tensor and the way out) before anything compiles."""
     path = tiny_ckpt("gemma4-ple")
     with pytest.raises(PassError, match=rf"tensor layers\.0\.per_layer_projection\.weight has rows of 8 values, "
-                                        rf"not a multiple of {scheme}'s group of 32") as e:
+                                        rf"not a multiple of {scheme}'s group of 32 \(as do "
+                                        rf"layers\.1\.per_layer_projection\.weight, ") as e:
         CompiledEngine(open_checkpoint(path), profile=resolve_profile(None, path, scheme))
     assert e.value.hint is not None
-    assert "no group size (32, 64, 128, 256) divides 8" in e.value.hint
-    assert '[[layers]] quantize = "none" for layer 0' in e.value.hint
+    assert e.value.hint.startswith('no group size (32, 64, 128, 256) divides 8: keep them float: '
+                                   f'[quantize] keep = ["{PLE_KEEP}"]')
+
+
+PLE_KEEP = "layers.*.per_layer_projection.weight"  # rows of 8: no group divides them
+PLE_GATE = "layers.*.per_layer_input_gate.weight"  # rows of 64: under q4, given q8 by a [quantize.tensors] glob
+
+
+def _ple_profile(scheme: str) -> str:
+    override = f'\n[quantize.tensors]\n"{PLE_GATE}" = "q8"\n' if scheme == "q4" else ""
+    return f'[quantize]\nscheme = "{scheme}"\nkeep = ["{PLE_KEEP}"]\n{override}'
+
+
+def _ple_formats(specs: dict[str, Any], scheme: str) -> None:
+    """The weights are the scheme's blocks, but the kept projections (f32) and, under q4, the gates (q8)."""
+    want = {key: "f32" if fnmatch.fnmatchcase(key, PLE_KEEP) else "q8_0" if fnmatch.fnmatchcase(key, PLE_GATE)
+            and scheme == "q4" else FORMAT[scheme] for key in specs if "per_layer" in key and "norm" not in key}
+    assert {key: specs[key] for key in want} == want
+    assert sum(fmt == "f32" for fmt in want.values()) == 4  # layers 0..3
+
+
+def test_ple_under_q8_with_the_projections_kept_equals_the_reference(tiny_ckpt: Ckpt) -> None:
+    path = tiny_ckpt("gemma4-ple")
+    profile = parse_profile(_ple_profile("q8"))
+    engine = CompiledEngine(open_checkpoint(path), profile=profile)
+    specs = param_keys(list(engine.signatures.values()))
+    _ple_formats({key: spec.type.quant or spec.type.dtype.value for key, spec in specs.items()}, "q8")
+    ref, tokens = walk(reference_engine(open_checkpoint(path), profile=profile))
+    ours, _ = walk(engine, tokens)
+    print(f"\ngemma4-ple q8 (kept projections): max rel vs reference {np.abs(ours - ref).max() / np.abs(ref).max():.2e}")
+    assert_close(ours, ref)  # module docstring
+
+
+def test_ple_artifact_under_q4_keeps_reports_and_equals_the_reference(tiny_ckpt: Ckpt, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RLX_CACHE_DIR", str(tmp_path / "cache"))
+    path = tiny_ckpt("gemma4-ple")
+    toml = tmp_path / "ple.rlx.toml"
+    toml.write_text(_ple_profile("q4"))
+    (art,) = rlx_compile(path, "cpu", tmp_path / "art", profile=str(toml))
+    manifest = json.loads((art / "manifest.json").read_text())
+    weights = json.loads((art / "report.json").read_text())["weights"]
+    _ple_formats({key: t["format"] for key, t in weights["tensors"].items()}, "q4")
+    assert set(manifest["quantize"]["tensors"].values()) == {"q4_0", "q8_0"}
+    assert not any(fnmatch.fnmatchcase(key, PLE_KEEP) for key in manifest["quantize"]["tensors"])
+    # report.json says why the projections are float, and only for them (the norms are float anyway)
+    assert {key for key, t in weights["tensors"].items() if "reason" in t} == \
+        {f"layers.{i}.per_layer_projection.weight" for i in range(4)}
+    assert {t["reason"] for t in weights["tensors"].values() if "reason" in t} == {"kept"}
+    # rlx compare's weights section, rendered from the same report
+    section = render.weights({"quantize": {"profile": weights["quantize"]},
+                              "targets": {"cpu": {"status": "ok", "weights": weights}}})
+    assert f"keep {PLE_KEEP}" in str(section.blocks[0]) and f"{PLE_GATE} q8" in str(section.blocks[0])
+    rows = {(r[0], r[1]): r[2] for r in section.blocks[-1].rows}  # type: ignore[union-attr]
+    assert rows[PLE_KEEP, "f32 (kept)"] == "4" and rows[PLE_GATE, "q8_0"] == "4"
+    # the artifact computes what the interpreter does on the same blocks
+    profile = parse_profile(toml.read_text())
+    ref, tokens = walk(reference_engine(open_checkpoint(path), profile=profile))
+    ours, _ = walk(rlx.load(art).engine, tokens)
+    print(f"\ngemma4-ple q4 (kept, q8 gates): max rel vs reference {np.abs(ours - ref).max() / np.abs(ref).max():.2e}")
+    assert_close(ours, ref)  # module docstring
 
 
 def _llvm_module(module: Any) -> Any:
