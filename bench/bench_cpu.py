@@ -144,12 +144,17 @@ def read_bandwidth(threads: int, gib: float = 1.0, repeats: int = 5) -> float:
     return best
 
 
-def run_rlx_child(args: list[str], timeout: float) -> tuple[float, int, str]:
-    """`rlx ARGS` in a child: (wall seconds, peak RSS bytes, stderr). Raises on failure."""
+def child_env(tree: Path = REPO) -> dict[str, str]:
+    """This environment with `tree` first on PYTHONPATH: a child imports that checkout's rlx."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(tree), os.environ.get("PYTHONPATH")]))}
+
+
+def run_rlx_child(args: list[str], timeout: float, tree: Path = REPO) -> tuple[float, int, str]:
+    """`rlx ARGS` in a child running `tree`'s rlx (default: this checkout): (wall seconds, peak RSS
+    bytes, stderr). Raises on failure."""
     t0 = time.perf_counter()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run([sys.executable, "-c", _CLI_WITH_HWM, *args], capture_output=True, text=True,
-                          timeout=timeout, env=env, cwd=REPO)
+                          timeout=timeout, env=child_env(tree), cwd=tree)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"rlx {' '.join(args[:2])} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -168,9 +173,8 @@ _RUNTIME_FLOOR = ("import re, sys\n"
 
 def runtime_floor_rss() -> int:
     """Peak RSS (bytes) of a child that imports what `rlx run` of a CPU artifact imports."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     out = subprocess.run([sys.executable, "-c", _RUNTIME_FLOOR], capture_output=True, text=True, check=True,
-                         env=env, cwd=REPO).stdout
+                         env=child_env(), cwd=REPO).stdout
     return int(out.split()[-1]) * 1024
 
 
