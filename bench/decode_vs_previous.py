@@ -9,10 +9,11 @@ Each tree compiles the real gemma-3-270m Q4_K_M GGUF (default: the PyPI package'
 `rlx compile GGUF --quantize gguf --target cpu --no-cache` (this machine's CPU, each tree's default
 --max-seq) in a child whose PYTHONPATH and cwd are that tree (checked: the child imports that tree's
 rlx; the tree as it is on disk, uncommitted edits included: its commit prints '+dirty' then, and
-artifacts in --out are rebuilt unless --artifact-* names them). Then `--rounds` rounds, previous then current in each,
-of a fresh child `rlx run ARTIFACT --prompt-ids ... --max-new-tokens N` (greedy; the same short prompt: BOS + English
-text), so load from other jobs hits both alike. Decode tok/s is what `rlx run` reports ((N - 1) steps
-over their summed time, the same formula in both trees); prefill tok/s is printed beside it.
+artifacts in --out are rebuilt unless --artifact-* names them). Then `--rounds` rounds, previous
+then current in each, of a fresh child `rlx run ARTIFACT --prompt-ids ... --max-new-tokens N` (greedy;
+the same short prompt: BOS + English text), so load from other jobs hits both alike. Decode tok/s is
+what `rlx run` reports ((N - 1) steps over their summed time, the same formula in both trees); prefill
+tok/s is printed beside it.
 
 Printed: each round's numbers, each tree's median, current / previous, and whether both trees' greedy
 tokens are identical in every round. The bar (issue 15): current / previous decode >= 0.95.
