@@ -27,7 +27,9 @@ from rlx.runtime.buckets import DECODE, PREFILL, entry
 from rlx.runtime.paged_engine import STEP, step_entry
 
 MODE_FLOWS: dict[Mode, Callable[[GemmaFlow], GemmaFlow]] = {
-    PREFILL: lambda f: f.prefill().dynamic_seq(),
+    # prefill appends a chunk of the prompt to the cache (PAST_SEQ: what earlier chunks wrote),
+    # so a long prompt runs in chunks of bounded activation memory (`VMEngine.prefill`)
+    PREFILL: lambda f: f.prefill().dynamic_seq().dynamic_past(),
     DECODE: lambda f: f.decode().dynamic_past(),
 }
 

@@ -45,6 +45,23 @@ HEAD = "head"  # the LM head linear
 
 # ---- symbolic capacity of the engine-owned KV cache buffers (lowering and runtime agree on it) ----
 KV_CAP = "KV_CAP"
+# A sliding-window layer's cache whose every reader addresses keys by position modulo the buffer's
+# capacity (the CPU flash kernel, `rlx/targets/kv_cache.py`) is a ring of KV_WINDOW_<W> rows:
+# W + (the longest call's tokens) - 1 of them hold every key a query of a call can see, so a long
+# sequence costs W rows on those layers, not its length.
+KV_WINDOW = "KV_WINDOW_"
+
+
+def window_capacity(window: int) -> str:
+    """The capacity symbol of a ring cache read with window `window`."""
+    return f"{KV_WINDOW}{window}"
+
+
+def cache_capacities(symbols: Iterable[str], capacity: int, longest_call: int) -> dict[str, int]:
+    """Each cache capacity symbol's rows when `capacity` positions are reserved and no call
+    appends more than `longest_call` tokens: KV_CAP all of them, a ring at most its window's."""
+    return {s: capacity if s == KV_CAP else min(capacity, int(s[len(KV_WINDOW):]) + longest_call - 1)
+            for s in symbols if s == KV_CAP or s.startswith(KV_WINDOW)}
 KV = "kv"
 KV_KINDS = ("k", "v")
 

@@ -24,7 +24,10 @@ import numpy as np
 
 from rlx.errors import RlxError
 from rlx.frontends.safetensors_file import tensor_bytes
+from rlx.hir.conventions import cache_capacities
+from rlx.hir.shapes import dim_symbols
 from rlx.hir.tensor_type import TensorType
+from rlx.runtime.buckets import PREFILL_CHUNK
 from rlx.runtime.generate import check_prompt_ids
 
 REPORT_FORMAT = "rlx-compare"
@@ -41,8 +44,9 @@ NOT_EXECUTED = {
 
 METHODS = {
     "kv_cache_bytes": "sum of the decode entry's cache_* buffers (manifest entry signature) at "
-                      "KV_CAP = max_seq; equals sum over non-shared-KV layers of "
-                      "2 * kv_heads * head_dim * max_seq * itemsize",
+                      "KV_CAP = max_seq, a sliding-window ring (CPU) at min(max_seq, window + 511) "
+                      "rows (prefill chunks of 512); equals sum over non-shared-KV layers of "
+                      "2 * kv_heads * head_dim * rows * itemsize",
     "activation_bytes": "the largest single intermediate of hir/prefill.after.hir (every node but "
                         "input / param / const) with its HIR type evaluated at SEQ = max_seq; a lower "
                         "bound on peak activation memory, not a liveness-based plan",
@@ -131,8 +135,10 @@ def _tensor_bytes(text: str | TensorType, env: dict[str, int]) -> tuple[int, tup
 
 
 def kv_cache_bytes(manifest: dict[str, Any]) -> int:
-    env = {"KV_CAP": int(manifest["max_seq"]), "BATCH": 1}
-    return sum(_tensor_bytes(t, env)[0] for _, t in manifest["entries"]["decode"]["caches"])
+    caches = [TensorType.parse(t) for _, t in manifest["entries"]["decode"]["caches"]]
+    symbols = {s for t in caches for s in dim_symbols(t.shape)}
+    env = {"BATCH": 1, **cache_capacities(symbols, int(manifest["max_seq"]), PREFILL_CHUNK)}
+    return sum(_tensor_bytes(t, env)[0] for t in caches)
 
 
 def largest_activation(hir_text: str, max_seq: int) -> dict[str, Any]:

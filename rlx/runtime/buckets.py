@@ -21,6 +21,11 @@ from rlx.runtime.dispatch import pad_seq
 PREFILL: Final = "prefill"  # Final: their types are the literals, i.e. flow.Mode's values
 DECODE: Final = "decode"
 
+PREFILL_CHUNK = 512
+"""Prompt tokens per prefill call: llama.cpp's default micro-batch. Rows enough for the GEMMs to
+run at full speed, few enough that the activations (the MLP's [512, 2 x 2048] on gemma-3-270m:
+8 MB) and the sliding-window rings (W + 511 rows) stay small."""
+
 
 def entry(bucket: int) -> str:
     return f"{PREFILL}_{bucket}"

@@ -16,6 +16,7 @@ from rlx.hir.graph import HIR
 from rlx.hir.interpreter import Interpreter, WeightSource
 from rlx.hir.pass_manager import PassReport
 from rlx.hir.quant import QuantizedArray
+from rlx.hir.shapes import BATCH, PAST_SEQ, eval_shape
 from rlx.runtime.buckets import DECODE, PREFILL, choose
 from rlx.runtime.dispatch import BucketFamily, Dispatcher, Runner
 
@@ -44,11 +45,18 @@ class ReferenceEngine:
             cv.INPUT_IDS: np.asarray([ids], dtype=np.int64),
             cv.POSITIONS: np.arange(self._pos, self._pos + n, dtype=np.int64)[None, :],
         }
-        feeds.update({name: self._kv[s.layer, s.kind] for name, s in cv.past_inputs(graph).items()})
+        feeds.update({name: self._past(graph, name, s) for name, s in cv.past_inputs(graph).items()})
         out = runner.run(feeds)
         self._kv = {(s.layer, s.kind): out[name] for name, s in cv.present_outputs(graph).items()}
         self._pos += n
         return out[cv.LOGITS][0, -1]
+
+    def _past(self, graph: HIR, name: str, slot: cv.KVSlot) -> np.ndarray:
+        """The cache so far; before the first call an empty one (the prefill appends to a past)."""
+        if (slot.layer, slot.kind) in self._kv:
+            return self._kv[slot.layer, slot.kind]
+        t = graph.inputs[name].type
+        return np.zeros(eval_shape(t.shape, {BATCH: 1, PAST_SEQ: 0}), t.dtype.numpy)
 
     def prefill(self, ids: list[int], capacity: int | None = None) -> np.ndarray:
         """`capacity` is unused: the reference cache is the HIR's own, grown by concatenation."""

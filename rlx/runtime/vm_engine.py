@@ -7,7 +7,14 @@ KV cache: the functions take `cache_*` buffers [B, H, KV_CAP, D] (see `rlx/targe
 and write each call's new rows into them in place at offset PAST_SEQ, which arrives as a shape
 argument. The engine allocates the buffers at prefill with the capacity the caller reserved
 (`generate` reserves prompt + new tokens) and, if a step runs past it, grows them by doubling
-(one copy, amortised O(1) per token; never beyond the compiled max seq).
+(one copy, amortised O(1) per token; never beyond the compiled max seq). A sliding-window
+layer's buffer on CPU is a ring (`KV_WINDOW_<W>` rows, `rlx/targets/kv_cache.py`) sized by the
+longest call the engine makes.
+
+Long prompts run in chunks of `prefill_chunk` tokens (the prefill entry appends to the cache
+at PAST_SEQ like a decode step): activations stay those of one chunk and sliding-window rings
+stay W + chunk - 1 rows, so an 8000-token prompt's memory is its full layers' K/V, not
+8000-row activations on every layer. Artifacts whose prefill takes no past run in one call.
 """
 
 from __future__ import annotations
@@ -24,9 +31,9 @@ from rlx.errors import RunError
 from rlx.frontends.config import GemmaConfig
 from rlx.hir import conventions as cv
 from rlx.hir.pass_manager import PassReport
-from rlx.hir.shapes import BATCH, PAST_SEQ, eval_shape
+from rlx.hir.shapes import BATCH, PAST_SEQ, dim_symbols, eval_shape
 from rlx.hir.tensor_type import TensorType
-from rlx.runtime.buckets import DECODE, PREFILL, choose, entry, padded_feeds
+from rlx.runtime.buckets import DECODE, PREFILL, PREFILL_CHUNK, choose, entry, padded_feeds
 
 # device kind of a target -> the TVM device its module runs on
 DEVICES: dict[str, Callable[[int], tvm.runtime.Device]] = {"cpu": tvm.cpu, "cuda": tvm.cuda, "metal": tvm.metal}
@@ -61,6 +68,7 @@ class VMEngine:
     device: tvm.runtime.Device
     signatures: Mapping[str, EntryLike]
     buckets: tuple[int, ...] = ()  # static prefill entries (`prefill_buckets`)
+    prefill_chunk: int = PREFILL_CHUNK
     _vm: VirtualMachine
     _weights: dict[str, tvm.runtime.Tensor]
 
@@ -87,12 +95,24 @@ class VMEngine:
     def _cache_types(self) -> dict[str, TensorType]:
         return {name: t for sig in self.signatures.values() for name, t in sig.caches}
 
+    def _longest_call(self) -> int:
+        """The most tokens one call appends (what a ring cache must hold beyond its window): a
+        prefill chunk, padded to its bucket, or the one length a static prefill takes."""
+        fixed = self.fixed_prefill_length()
+        return max(self.prefill_chunk, choose(self.prefill_chunk, self.buckets) or 0, fixed or 0)
+
     def _allocate(self, capacity: int) -> None:
-        """Fresh cache buffers of `capacity` positions, the first `self._pos` rows copied over."""
+        """Fresh cache buffers of `capacity` positions, the first `self._pos` rows copied over (a
+        ring already at its full size is kept as it is)."""
         old, kept = self._caches, self._pos
         self._caches = {}
+        symbols = {s for t in self._cache_types().values() for s in dim_symbols(t.shape)}
+        sizes = {BATCH: 1, **cv.cache_capacities(symbols, capacity, self._longest_call())}
         for name, t in self._cache_types().items():
-            shape = eval_shape(t.shape, {BATCH: 1, cv.KV_CAP: capacity})
+            shape = eval_shape(t.shape, sizes)
+            if name in old and tuple(old[name].shape) == shape:
+                self._caches[name] = old[name]
+                continue
             buf = tvm.runtime.empty(shape, str(t.dtype.numpy), self.device)
             if kept and name in old:
                 host = np.zeros(shape, dtype=buf.dtype)
@@ -129,13 +149,26 @@ class VMEngine:
         self._pos += n
         return out[cv.LOGITS].numpy()[0, -1]
 
+    def _chunks(self, n: int) -> list[tuple[int, int, int | None]]:
+        """(start, tokens, bucket) of each prefill call for an n-token prompt: chunks of
+        `prefill_chunk` when the prefill appends to a past, each in the smallest bucket that holds
+        it and ends inside the context (else the dynamic prefill)."""
+        step = self.prefill_chunk if PAST_SEQ in self.signatures[PREFILL].dims else n
+        plan = []
+        for start in range(0, n, step):
+            size = min(step, n - start)
+            bucket = choose(size, self.buckets)
+            plan.append((start, size, bucket if bucket is not None and start + bucket <= self.max_seq else None))
+        return plan
+
     def prefill(self, ids: list[int], capacity: int | None = None) -> np.ndarray:
-        """Run the prompt into fresh cache buffers with room for `capacity` positions, in the
-        smallest prefill bucket that holds it (its pad rows land in the buffers too), else in
-        the dynamic prefill."""
+        """Run the prompt into fresh cache buffers with room for `capacity` positions, chunk by
+        chunk (`_chunks`), each in the smallest prefill bucket that holds it (its pad rows land in
+        the buffers too, and the next chunk overwrites them), else in the dynamic prefill."""
         if not ids:
             raise RunError("empty prompt", hint="pass --prompt TEXT or --prompt-ids 2,818,...")
-        bucket = choose(len(ids), self.buckets)
+        chunks = self._chunks(len(ids))
+        bucket = chunks[0][2] if len(chunks) == 1 else None
         fixed = None if bucket else self.fixed_prefill_length()
         if fixed is not None and len(ids) > fixed:
             raise RunError(f"{self.name}: the prefill was compiled for prompts of exactly {fixed} tokens "
@@ -144,14 +177,17 @@ class VMEngine:
                                 "specialize{SEQ=...}: `[specialize] SEQ = [32, 128]` in the profile serves "
                                 "every prompt up to --max-seq")
         self._reset()
-        self._allocate(min(self.max_seq, max(len(ids), capacity or 0, bucket or 0)))
+        written = max(start + (b or size) for start, size, b in chunks)  # pad rows included
+        self._allocate(min(self.max_seq, max(written, capacity or 0)))
         if fixed is not None and len(ids) < fixed:
             # the static prefill has no last-token select (a bucket's), so padding would return a
             # pad row's logits: run the prompt through decode, one exact step per token instead
             for token in ids[:-1]:
                 self._run(DECODE, [token])
             return self._run(DECODE, ids[-1:])
-        return self._run(entry(bucket) if bucket else PREFILL, ids, bucket)
+        for start, size, b in chunks:
+            logits = self._run(entry(b) if b else PREFILL, ids[start:start + size], b)
+        return logits
 
     def fixed_prefill_length(self) -> int | None:
         """The one prompt length a prefill compiled with a static SEQ takes (`--passes

@@ -2,8 +2,9 @@
 
 `flash_attention(FlashSpec)` generates one TIR kernel for both caches; the only difference is
 where key position j of a query's sequence lives (`FlashSpec.paged`):
-- contiguous (`attention` over the single-sequence cache, or a prefill's own K/V): row j of the
-  batch's buffer [B, Hk, CAP, D], valid for j < length;
+- contiguous (`attention` over the single-sequence cache, or a prefill's own K/V): row j % CAP
+  of the batch's buffer [B, Hk, CAP, D], valid for j < length (the modulo: a sliding-window
+  layer's cache may be a ring of CAP < length rows, `kv_cache.py`; otherwise it is the identity);
 - paged (`paged_attention`): slot j % PAGE of page `page_table[token_seq[t], j // PAGE]`.
 
 The kernel never materialises scores. A query tile is `qt` consecutive query tokens times the
@@ -375,7 +376,7 @@ def _flash_body(spec: FlashSpec, qt: int) -> Callable[..., None]:  # noqa: C901 
                                 krow[jj] = ((T.max(T.min(T.Cast("int64", table[T.Cast("int64", seq[t0]), j // page]),
                                                          k.shape[0] - 1), T.int64(0)) * hk + kvh) * page + j % page)
                             else:
-                                krow[jj] = (b * hk + kvh) * k.shape[2] + j
+                                krow[jj] = (b * hk + kvh) * k.shape[2] + T.floormod(j, k.shape[2])
                         # 1. scores, jb keys at a time: rows x jb lane vectors of partial sums
                         for blk in range(kt // jb):
                             for r in T.unroll(rows):

@@ -271,8 +271,10 @@ KV_WRITE = "rlx_kv_write"
 
 
 def kv_write(dtype: str, d: int) -> tirx.PrimFunc:
-    """`cache[b, h, offset + s, :] = new[b, h, s, :]`, in place (called with `call_tir_inplace`):
-    the cache buffer [B, H, CAP, D] is the caller's, so a step costs its new rows, not the cache.
+    """`cache[b, h, (offset + s) % CAP, :] = new[b, h, s, :]`, in place (called with
+    `call_tir_inplace`): the cache buffer [B, H, CAP, D] is the caller's, so a step costs its new
+    rows, not the cache. Modulo CAP: a sliding-window layer's cache may be a ring (`kv_cache.py`);
+    any other buffer holds every position, where the modulo is the identity.
     One function per head size: a static row is copied in vectors. TE cannot express a write
     into an input, hence TVMScript."""
     from tvm.script import tirx as T
@@ -288,7 +290,7 @@ def kv_write(dtype: str, d: int) -> tirx.PrimFunc:
                 with T.sblock(KV_WRITE):
                     vi, vj, vk, vm = T.axis.remap("SSSS", [i, j, k, m])
                     T.reads(new[vi, vj, vk, vm])
-                    T.writes(cache[vi, vj, offset + vk, vm])
-                    cache[vi, vj, offset + vk, vm] = new[vi, vj, vk, vm]
+                    T.writes(cache[vi, vj, T.floormod(offset + vk, cap), vm])
+                    cache[vi, vj, T.floormod(offset + vk, cap), vm] = new[vi, vj, vk, vm]
 
     return write

@@ -12,6 +12,16 @@ that the function writes the new rows into in place, at offset PAST_SEQ (`kernel
 Readers of the concatenated K/V get a `CacheView`: the buffer plus its valid length
 PAST_SEQ + SEQ. The fused attention reads the view directly (its reduction stops at the valid
 length); any other reader (an unfused graph's transpose / matmul) gets a materialized prefix.
+
+Ring caches (`plan(hir, ring=True)`, CPU): when every reader of a cache is causal sliding-window
+attention that the flash kernel runs, the buffer is a ring of `KV_WINDOW_<W>` rows (position p
+in row p % capacity: `kernels.kv_write` and the flash kernel both address modulo the buffer's
+rows). A call's queries see keys down to their first position - W + 1 and it writes its own
+tokens after the past, so W + (its tokens) - 1 rows never overwrite a key still visible: the
+engine sizes them from the longest call it makes (`cv.cache_capacities`; prefill runs a long
+prompt in chunks). Five of Gemma 3's six layers are sliding, so an 8000-token prompt keeps
+8000 rows on one layer in six. With capacity >= every position the modulo is the identity, which
+is what the full layers' buffers and the materialising readers (GPU) get.
 """
 
 from __future__ import annotations
@@ -47,9 +57,20 @@ class CacheSlot:
         return f"{CACHE}{self.kind}.{self.layer}"
 
 
-def plan(hir: HIR) -> tuple[CacheSlot, ...]:
+def ring_window(hir: HIR, node_id: str) -> int:
+    """The window a ring cache for the K/V at `node_id` must cover: the largest window of its
+    readers when all of them are causal sliding-window attention without an additive bias (what
+    the CPU flash kernel runs, modulo the buffer), else 0 (the buffer keeps every position)."""
+    readers = hir.users(node_id)
+    ok = readers and all(r.op is Op.ATTENTION and r.attr("mask") == "causal" and r.attr("window") and
+                         len(r.inputs) == 4 for r in readers)
+    return max(int(r.attr("window")) for r in readers) if ok else 0
+
+
+def plan(hir: HIR, ring: bool = False) -> tuple[CacheSlot, ...]:
     """The cache slots of a graph, in output order; raises on a cache shape the convention
-    cannot express (a past input read by something other than its concat)."""
+    cannot express (a past input read by something other than its concat). `ring`: the
+    target's attention reads caches modulo their rows, so sliding-window caches become rings."""
     slots = []
     caches = cv.present_outputs(hir)
     for output, nid in hir.outputs.items():
@@ -69,6 +90,8 @@ def plan(hir: HIR) -> tuple[CacheSlot, ...]:
             if readers != [nid]:
                 raise HIRError(f"KV cache input {past!r} is read by {readers}, not only by its concat %{nid}",
                                hint="read the cache only through its concat (GemmaFlow builds it so)")
+        window = ring_window(hir, nid) if ring and past is not None else 0
+        capacity = sym(cv.window_capacity(window) if window else KV_CAP)
         slots.append(CacheSlot(output, caches[output].layer, caches[output].kind, nid, new, offset, past,
-                               TensorType(node.type.dtype, (b, h, sym(KV_CAP), d))))
+                               TensorType(node.type.dtype, (b, h, capacity, d))))
     return tuple(slots)

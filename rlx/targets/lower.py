@@ -2,7 +2,8 @@
 
 Calling convention of every function (`Signature` records it for the runtime):
 - parameters: the graph inputs sorted by name (natural order: `x.2` before `x.10`), then the
-  KV cache buffers (`kv_cache.py`: `cache_k.i` [B, H, KV_CAP, D] per `present_k.i` output,
+  KV cache buffers (`kv_cache.py`: `cache_k.i` [B, H, KV_CAP, D] per `present_k.i` output, or a
+  ring of `KV_WINDOW_<W>` rows on a sliding-window layer on CPU,
   written in place; they replace the `past_*` inputs), then one shape argument with the dims
   the replaced inputs carried (`PAST_SEQ`), when there are any, then the weights sorted by
   `ParamSpec.key`. Weights are inputs, never constants, so one
@@ -31,7 +32,7 @@ from typing import Any
 
 import numpy as np
 import tvm
-from tvm import relax
+from tvm import relax, tirx
 
 from rlx.errors import HIRError
 from rlx.hir.graph import HIR, param_key, weight_only
@@ -178,8 +179,13 @@ def choose_layouts(graphs: Mapping[str, HIR], device: str) -> dict[str, str]:
     return {key: layouts.choose(types[key], found, device) for key, found in readers.items()}
 
 
-def signature_of(hir: HIR, function: str, chosen: Mapping[str, str] | None = None) -> Signature:
-    slots = kv_cache.plan(hir)
+RING_CACHES: dict[str, bool] = {"cpu": True, "cuda": False, "metal": False}
+"""Whether a device's attention reads sliding-window caches as rings (`kv_cache.py`): the CPU flash
+kernel addresses keys modulo the buffer; GPU targets read a materialised prefix."""
+
+
+def signature_of(hir: HIR, function: str, chosen: Mapping[str, str] | None = None, device: str = "cpu") -> Signature:
+    slots = kv_cache.plan(hir, ring=RING_CACHES.get(device, False))
     replaced = {s.past_input for s in slots}
     inputs = tuple((name, node.type) for name, node in sorted(hir.inputs.items(), key=lambda kv: _natural(kv[0]))
                    if name not in replaced)
@@ -199,6 +205,8 @@ def _lower_function(bb: relax.BlockBuilder, hir: HIR, sig: Signature,
     node_of = {p.key: nid for nid, p in _param_nodes(hir).items()}
     specs = {p.key: p for p in sig.params}
     inputs = {name: relax.Var(_var_name(name), fn.ty(t)) for name, t in sig.inputs}
+    for _, t in sig.caches:  # ring caches' capacities are symbols of their own
+        fn.dims.update({s: tirx.Var(s, "int64") for s in dim_symbols(t.shape) if s not in fn.dims})
     caches = {name: relax.Var(_var_name(name), fn.ty(t)) for name, t in sig.caches}
     dims = [relax.Var("dims", relax.ShapeType([fn.dims[d] for d in sig.dims]))] if sig.dims else []
     params = [relax.Var("w_" + _var_name(node_of[p.key]), fn.ty(p.physical)) for p in sig.params]
@@ -206,7 +214,7 @@ def _lower_function(bb: relax.BlockBuilder, hir: HIR, sig: Signature,
         fn.values[hir.inputs[name].id] = var
     for p, var in zip(sig.params, params, strict=True):
         fn.values[node_of[p.key]] = weight_view(specs[p.key], var)
-    slots = {s.node: s for s in kv_cache.plan(hir)}
+    slots = {s.node: s for s in kv_cache.plan(hir, ring=RING_CACHES.get(device, False))}
     written: dict[str, relax.Var] = {}  # present_* output -> its cache buffer after this call's write
 
     def write(slot: kv_cache.CacheSlot) -> relax.Var:
@@ -271,7 +279,7 @@ def lower(graphs: Mapping[str, HIR], device: str = "cpu", kernel: KernelParams =
         if not re.fullmatch(r"[A-Za-z_]\w*", function):
             raise HIRError(f"function name {function!r} must be an identifier",
                            hint="name functions with letters, digits and _")
-        signatures[function] = signature_of(hir, function, chosen)
+        signatures[function] = signature_of(hir, function, chosen, device)
     kinds = sorted({(TVM_DTYPES[t.dtype], eval_dim(t.shape[-1], {})) for sig in signatures.values()
                     for _, t in sig.caches})
     writers = {kind: bb.add_func(kernels.kv_write(*kind), f"kv_write_{kind[0]}_{kind[1]}") for kind in kinds}

@@ -54,6 +54,16 @@ def test_bucketed_prefill_equals_the_dynamic_one(tiny_ckpt: Ckpt, monkeypatch: p
         np.testing.assert_allclose(_walk(bucketed_ref, prompt), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
         np.testing.assert_allclose(_walk(compiled, prompt), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
     assert [f for f in called if f != "decode"] == ["prefill_4", "prefill_4", "prefill_16", "prefill"]
+    # a long prompt in chunks: each chunk in its own bucket, its pad rows overwritten by the next
+    # chunk (and wrapped around the sliding-window rings of 4 + 4 - 1 rows: the longest call is a
+    # chunk of 3 padded to the bucket of 4)
+    called.clear()
+    compiled.prefill_chunk = 3
+    want = _walk(plain, PROMPTS[-1])
+    np.testing.assert_allclose(_walk(compiled, PROMPTS[-1]), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    assert [f for f in called if f != "decode"] == ["prefill_4"] * 7
+    rows = sorted({b.shape[2] for b in compiled._caches.values()})
+    assert rows[0] == 7 and rows[-1] >= len(PROMPTS[-1]) + 3  # the rings; the full layers' every position
 
 
 def test_artifact_keeps_its_buckets(tiny_ckpt: Ckpt, tmp_path: Path) -> None:

@@ -120,6 +120,38 @@ def test_kv_cache_buffers_are_written_in_place(compiled: Callable[[str, str], Co
         assert_close(buf.numpy()[:, :, :len(PROMPT) + 1], _ref_cache(ref, name))
 
 
+@pytest.mark.parametrize("family", ["gemma2", "gemma3", "gemma4"])
+def test_chunked_prefill_over_window_rings(family: str, tiny_ckpt: Ckpt,
+                                          compiled: Callable[[str, str], CompiledEngine]) -> None:
+    """The prompt in chunks of 3 tokens appended to the cache; the sliding-window layers' caches
+    are rings of window + 3 - 1 = 6 rows (window 4), which the walk's 18 positions wrap around
+    three times. The logits still equal the reference's one-shot prefill and steps (same
+    tolerance), and the ring's rows are the reference's last 6 positions, position p in row p % 6.
+    The full layers (and the KV-shared layers' producers of either kind) keep every position."""
+    engine = compiled(family, "fused")
+    ref_engine = reference_engine(open_checkpoint(tiny_ckpt(family)), passes=DEFAULT_PIPELINE)
+    ref, tokens = walk(ref_engine)
+    engine.prefill_chunk = 3
+    calls: list[int] = []
+    run = engine._run
+    engine._run = lambda function, ids, bucket=None: calls.append(len(ids)) or run(function, ids, bucket)  # type: ignore[method-assign]
+    try:
+        ours, _ = walk(engine, tokens)
+    finally:
+        del engine._run, engine.prefill_chunk  # back to the class's
+    assert calls == [3, 3, 3, 1] + [1] * N_DECODE
+    assert_close(ours, ref)
+    cfg, total = engine.config, len(PROMPT) + N_DECODE
+    sliding = {f"cache_{kind}.{i}" for i in range(cfg.num_layers) for kind in ("k", "v")
+               if cfg.window(i) and not cfg.is_kv_shared(i)}
+    rings = {name for name, buf in engine._caches.items() if buf.shape[2] == 6}
+    assert sliding and rings == sliding and len(engine._caches) > len(rings)
+    for name in rings:
+        want = _ref_cache(ref_engine, name)
+        assert_close(engine._caches[name].numpy()[:, :, [p % 6 for p in range(total - 6, total)]],
+                     want[:, :, total - 6:total])
+
+
 def test_engine_state_errors(compiled: Callable[[str, str], CompiledEngine], tiny_ckpt: Ckpt) -> None:
     engine = compiled("gemma3", "fused")
     with pytest.raises(RunError):

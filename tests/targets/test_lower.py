@@ -48,11 +48,27 @@ def test_calling_convention_and_symbolic_dims(tiny_ckpt: Ckpt) -> None:
     out = fn.ret_ty.fields[list(sig.outputs).index("present_k.0")]
     assert str(out.shape.values[2]) == "KV_CAP"  # the present output is the buffer itself
     pre = low.signatures["prefill"]
-    assert pre.caches == sig.caches and pre.dims == ()  # a prefill writes at offset 0
+    assert pre.caches == sig.caches and pre.dims == ("PAST_SEQ",)  # a prefill appends a chunk, as a step does
     seq = low.mod["prefill"].params[0].ty.shape.values[1]
     assert isinstance(seq, tirx.Var) and seq.name == "SEQ"
     assert {gv.name_hint for gv, f in low.mod.functions_items() if isinstance(f, relax.Function)} == \
         {"prefill", "decode"}
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_sliding_window_caches_are_rings_on_cpu(tiny_ckpt: Ckpt, device: str) -> None:
+    """Fused attention on CPU (the flash kernel, which reads keys modulo the buffer) makes each
+    sliding-window layer's cache a ring with its own capacity symbol; full layers, and every
+    cache on a GPU (materialised readers), keep KV_CAP."""
+    ckpt = open_checkpoint(tiny_ckpt("gemma3"))
+    cfg = ckpt.config
+    prefill, decode = reference_graphs(ckpt, passes=DEFAULT_PIPELINE)
+    sigs = lower({"prefill": prefill, "decode": decode}, device).signatures
+    for sig in sigs.values():
+        caps = {name: str(t.shape[2]) for name, t in sig.caches}
+        want = {f"cache_{kv}.{i}": f"KV_WINDOW_{cfg.window(i)}" if cfg.window(i) and device == "cpu" else "KV_CAP"
+                for kv in "kv" for i in range(cfg.num_layers)}
+        assert caps == want and len(set(want.values())) == (2 if device == "cpu" else 1)
 
 
 def _calls(text: str, op: str, *also: str) -> list[str]:
