@@ -1,7 +1,7 @@
 """Long-prompt prefill on the real gemma-3-270m (Q4_K_M GGUF): `rlx run` vs llama.cpp, one run.
 
 For each prompt length (default 512, 2048, 8000; add 32000 with --lengths):
-- rlx: `rlx run ARTIFACT --prompt-ids ... --max-new-tokens 2` in a child process (the artifact
+- rlx: `rlx run ARTIFACT --prompt-ids @ids.txt --max-new-tokens 2` in a child process (the artifact
   compiled once with `rlx compile GGUF --quantize gguf --max-seq 32768`): prefill tok/s as the
   CLI reports it, peak RSS as the child's own VmHWM.
 - llama.cpp: its own `llama-bench` on the same GGUF (`-p N -n 0 -r 1`, every usable core, its
@@ -54,8 +54,11 @@ def compile_artifact(gguf: Path, out: Path, max_seq: int) -> Path:
 
 
 def bench_rlx(artifact: Path, ids: list[int]) -> dict[str, float]:
-    _, rss, err = run_rlx_child(["run", str(artifact), "--prompt-ids", ",".join(map(str, ids)),
-                                 "--max-new-tokens", "2"], timeout=3600)
+    with tempfile.NamedTemporaryFile("w", suffix=".txt") as f:  # 32000 ids overflow one argument
+        f.write(",".join(map(str, ids)))
+        f.flush()
+        _, rss, err = run_rlx_child(["run", str(artifact), "--prompt-ids", f"@{f.name}", "--max-new-tokens", "2"],
+                                    timeout=3600)
     found = re.search(r"prefill ([\d.]+) tok/s", err)
     if found is None:
         raise RuntimeError(f"no prefill rate in rlx run's report:\n{err[-2000:]}")

@@ -11,6 +11,7 @@ import ctypes
 import gc
 import json
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -87,12 +88,24 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parse_ids(text: str) -> list[int]:
+def _read_prompt_file(path: str, flag: str) -> str:
+    """A long prompt from a file (a command line holds at most 128 KiB per argument on Linux)."""
     try:
-        return [int(t) for t in text.replace(" ", "").split(",") if t]
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise RlxError(f"{flag}: cannot read {path}: {getattr(e, 'strerror', None) or e}",
+                       hint=f"give a readable UTF-8 text file to {flag}") from None
+
+
+def _parse_ids(text: str) -> list[int]:
+    """Comma-separated ids, or `@FILE`: the ids in that file (commas or whitespace between them)."""
+    source = _read_prompt_file(text[1:], "--prompt-ids @FILE") if text.startswith("@") else text
+    try:
+        return [int(t) for t in re.split(r"[,\s]+", source) if t]
     except ValueError:
-        raise RlxError(f"--prompt-ids {text!r} is not a comma-separated list of integers",
-                       hint="e.g. --prompt-ids 2,818,5279") from None
+        shown = text if len(text) < 80 else text[:77] + "..."
+        raise RlxError(f"--prompt-ids {shown!r} is not a comma-separated list of integers",
+                       hint="e.g. --prompt-ids 2,818,5279, or --prompt-ids @ids.txt") from None
 
 
 def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
@@ -114,9 +127,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     from rlx.runtime.detokenizer import Detokenizer
     from rlx.runtime.sampler import Sampler
 
-    if (args.prompt is None) == (args.prompt_ids is None):
-        raise RlxError("give exactly one of --prompt TEXT or --prompt-ids 2,818,...",
+    if sum(x is not None for x in (args.prompt, args.prompt_file, args.prompt_ids)) != 1:
+        raise RlxError("give exactly one of --prompt TEXT, --prompt-file PATH or --prompt-ids 2,818,...",
                        hint="e.g. --prompt 'The capital of France is'")
+    if args.prompt_file is not None:
+        args.prompt = _read_prompt_file(args.prompt_file, "--prompt-file")
     sampler = Sampler(args.temperature, args.top_k, args.top_p, args.seed)
     artifact = rlx.api.is_artifact(args.model)
     if artifact:  # before the tokenizer loads: the flags are wrong whatever else is
@@ -259,7 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", default="reference", help="reference (numpy interpreter) or cpu (compiled with "
                                                          "TVM in-process); an artifact runs on its own target")
     p.add_argument("--prompt", help="prompt text (tokenized with the checkpoint's tokenizer)")
-    p.add_argument("--prompt-ids", help="comma-separated token ids, e.g. 2,818,5279")
+    p.add_argument("--prompt-file", help="read the prompt text from this file (long prompts, documents)")
+    p.add_argument("--prompt-ids", help="comma-separated token ids, e.g. 2,818,5279, or @FILE holding them")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--logits-out", help="write float32 [1 + decode steps, vocab] logits to this .npy")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")

@@ -66,6 +66,29 @@ def test_run_prompt_ids_and_logits_out(tiny_ckpt: Ckpt, tmp_path: Path, capsys: 
     assert "tok/s" in err and ",".join(map(str, ref.tokens)) in err
 
 
+def test_long_prompts_from_files(tiny_ckpt: Ckpt, tmp_path: Path) -> None:
+    """`--prompt-ids @FILE` (ids split by commas, spaces or newlines) and `--prompt-file PATH` run
+    the same prompt as the inline flags (a long prompt does not fit a 128 KiB argument)."""
+    from tests.serve.conftest import write_char_tokenizer
+
+    d = tmp_path / "model"
+    shutil.copytree(tiny_ckpt("gemma3"), d)
+    write_char_tokenizer(d)
+    prompt, text = [2, 17, 99, 5, 42, 200], "Hello, long\ndocument"
+    (tmp_path / "ids.txt").write_text("2, 17 99\n5,42\n200\n")
+    (tmp_path / "prompt.txt").write_text(text)
+    runs = {"ids": ["--prompt-ids", ",".join(map(str, prompt))], "ids-file": ["--prompt-ids", f"@{tmp_path}/ids.txt"],
+            "text": ["--prompt", text], "text-file": ["--prompt-file", str(tmp_path / "prompt.txt")]}
+    logits = {}
+    for name, flags in runs.items():
+        out = tmp_path / f"{name}.npy"
+        assert main(["run", str(d), *flags, "--max-new-tokens", "2", "--logits-out", str(out)]) == 0
+        logits[name] = np.load(out)
+    np.testing.assert_array_equal(logits["ids-file"], logits["ids"])
+    np.testing.assert_array_equal(logits["text-file"], logits["text"])
+    assert not np.array_equal(logits["text"], logits["ids"])
+
+
 def test_exit_code_is_nonzero_in_a_real_process(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "rlx", "inspect", str(tmp_path / "nope")],
                           capture_output=True, text=True)
