@@ -20,6 +20,7 @@ from types import FrameType
 import uvicorn
 
 from rlx.errors import RlxError
+from rlx.serve import structured
 from rlx.serve.app import ServerState, create_app
 from rlx.serve.backend import Backend, EngineOptions, check_inputs, load_backend
 from rlx.serve.metrics import Metrics
@@ -68,6 +69,9 @@ def serve(model: str | Path, options: EngineOptions, *, host: str = "127.0.0.1",
     if not is_loopback(host) and not api_key:
         print(f"[rlx] warning: serving on {host} without an API key: anyone who can reach this port can use "
               "the model (pass --api-key or set RLX_API_KEY)", file=sys.stderr, flush=True)
+    if not structured.available():
+        print(f"[rlx] note: structured output (response_format json) is off: xgrammar is not installed "
+              f"({structured.STRUCTURED_EXTRA} turns it on)", file=sys.stderr, flush=True)
     state = ServerState(metrics=Metrics(lambda: state.stats()), served_name=served_name, api_key=api_key)
     server: _Server | None = None
     failure: list[BaseException] = []

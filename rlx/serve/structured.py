@@ -5,11 +5,15 @@ from the tokenizer's own pieces and decoder, so byte-fallback pieces are read as
 decode to), and each sequence gets its own `GrammarMatcher`, which the engine's sampler asks for
 the allowed-token mask before every token (`TokenConstraint`). Once the JSON value is complete the
 mask allows only the end-of-sequence ids, so the output always parses, whatever the model prefers.
-xgrammar is imported on the first structured request (it brings torch: seconds).
+xgrammar is an optional extra (`pip install 'rlx[structured]'`): it requires torch, transformers
+and triton, gigabytes a CPU server has no other use for. It is imported on the first structured
+request (seconds); without it such a request is a 400 naming the extra, and every other request
+is served as usual.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import threading
 from collections.abc import Mapping, Sequence
@@ -19,14 +23,30 @@ import numpy as np
 
 from rlx.runtime.requests import RequestError
 
+STRUCTURED_EXTRA = "pip install 'rlx[structured]'"
+
+
+def available() -> bool:
+    """Whether structured output can be served here (xgrammar installed), without importing it."""
+    return importlib.util.find_spec("xgrammar") is not None
+
+
+def import_xgrammar() -> Any:
+    try:
+        import xgrammar
+    except ImportError:
+        raise RequestError("response_format json_object / json_schema needs xgrammar, which is not installed "
+                           "where this server runs", param="response_format",
+                           hint=f"{STRUCTURED_EXTRA} and restart the server, or send "
+                                'response_format {"type": "text"}') from None
+    return xgrammar
+
 
 class GrammarConstraint:
     """One sequence's matcher: a `rlx.runtime.requests.TokenConstraint`."""
 
     def __init__(self, compiled: Any, vocab_size: int) -> None:
-        import xgrammar as xgr
-
-        self._matcher = xgr.GrammarMatcher(compiled)
+        self._matcher = import_xgrammar().GrammarMatcher(compiled)
         self._bitmask = np.zeros((1, (vocab_size + 31) // 32), dtype=np.int32)
         self.vocab_size = vocab_size
 
@@ -65,7 +85,7 @@ class GrammarFactory:
     def _get_compiler(self) -> Any:
         with self._lock:
             if self._compiler is None:
-                import xgrammar as xgr
+                xgr = import_xgrammar()
 
                 try:
                     meta = xgr.TokenizerInfo._detect_metadata_from_hf(self._backend_json)

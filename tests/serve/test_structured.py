@@ -89,3 +89,24 @@ def test_a_token_outside_the_mask_is_refused(factory) -> None:
     assert not mask[ord("x") - 32 + 8]  # "x" cannot start a JSON object
     with pytest.raises(RuntimeError):
         constraint.accept(ord("x") - 32 + 8)
+
+
+def test_without_xgrammar_a_structured_request_is_a_400_naming_the_extra(
+        factory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """xgrammar is the optional `structured` extra (it requires torch, transformers and triton): a
+    fresh factory where it cannot be imported refuses json formats with the install hint, and still
+    serves plain text."""
+    import sys
+
+    from rlx.serve import structured
+
+    grammars, tok = factory
+    monkeypatch.setitem(sys.modules, "xgrammar", None)  # what `import xgrammar` sees when it is absent
+    fresh = GrammarFactory.from_tokenizer(tok, VOCAB)
+    assert fresh.compile({"type": "text"}) is None
+    for fmt in ({"type": "json_object"}, {"type": "json_schema", "json_schema": {"name": "x", "schema": SCHEMA}}):
+        with pytest.raises(RequestError, match="needs xgrammar") as err:
+            fresh.compile(fmt)
+        assert err.value.param == "response_format" and "rlx[structured]" in str(err.value.hint)
+    monkeypatch.setattr(structured.importlib.util, "find_spec", lambda name: None)
+    assert not structured.available()
