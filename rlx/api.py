@@ -21,6 +21,7 @@ from rlx.runtime.generate import Generation, generate
 from rlx.runtime.paged_engine import PagedEngine
 from rlx.runtime.sampler import Sampler
 from rlx.runtime.tokenizer import Tokenizer
+from rlx.targets.presets import split_targets
 
 if TYPE_CHECKING:
     from rlx.runtime.async_engine import AsyncEngine
@@ -220,7 +221,7 @@ def compile(checkpoint: str | Path, target: str | list[str] = "cpu", out: str | 
     from rlx.compiler.compile import compile_checkpoint
     from rlx.progress import reporting
 
-    targets = target.split(",") if isinstance(target, str) else list(target)
+    targets = split_targets(target) if isinstance(target, str) else list(target)
     with reporting(progress):
         return compile_checkpoint(checkpoint, targets, out, profile=profile, passes=passes, max_seq=max_seq,
                                   quantize=quantize)

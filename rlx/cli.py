@@ -214,15 +214,11 @@ def _progress(message: str) -> None:
     progress.say(message)  # on unless --quiet (main)
 
 
-def _targets(text: str) -> list[str]:
-    """Comma-separated presets; a JSON target dict (which has commas of its own) is one target."""
-    return [text] if text.lstrip().startswith("{") else [t.strip() for t in text.split(",") if t.strip()]
-
-
 def cmd_compile(args: argparse.Namespace) -> int:
     from rlx.compiler.compile import compile_checkpoint
+    from rlx.targets.presets import split_targets
 
-    for path in compile_checkpoint(args.checkpoint, _targets(args.target), args.out, profile=args.profile,
+    for path in compile_checkpoint(args.checkpoint, split_targets(args.target), args.out, profile=args.profile,
                                    passes=args.passes, max_seq=args.max_seq, use_cache=not args.no_cache,
                                    quantize=args.quantize):
         print(path)
@@ -231,12 +227,13 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from rlx.report import compare
+    from rlx.targets.presets import split_targets
 
     if args.prompt is not None and args.prompt_ids is not None:
         raise RlxError("give at most one of --prompt TEXT or --prompt-ids 2,818,...",
                        hint="e.g. --prompt 'The capital of France is'")
     ids = _parse_ids(args.prompt_ids) if args.prompt_ids is not None else None
-    out = compare(args.checkpoint, _targets(args.targets), args.out, profile=args.profile, passes=args.passes,
+    out = compare(args.checkpoint, split_targets(args.targets), args.out, profile=args.profile, passes=args.passes,
                   prompt=args.prompt, prompt_ids=ids, bench=args.bench, quantize=args.quantize)
     _progress(f"report: {out / 'report.html'} (also report.md, report.json)")
     print(out)

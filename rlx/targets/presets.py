@@ -121,6 +121,11 @@ def _from_json(text: str) -> ResolvedTarget:
     return ResolvedTarget(spec["kind"], device, target, local)
 
 
+def split_targets(text: str) -> list[str]:
+    """Comma-separated presets; a JSON target dict (which has commas of its own) is one target."""
+    return [text] if text.lstrip().startswith("{") else [t.strip() for t in text.split(",") if t.strip()]
+
+
 def resolve_target(name_or_json: str) -> ResolvedTarget:
     """A preset name (`cpu`, `cuda`, ...) or a TVM target JSON dict string -> `ResolvedTarget`."""
     import tvm

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from rlx.errors import RlxError
-from rlx.targets.presets import PRESETS, resolve_target
+from rlx.targets.presets import PRESETS, resolve_target, split_targets
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -59,3 +59,19 @@ def test_profile_backend_sections_cover_every_preset() -> None:
     from rlx.targets.presets import PRESETS as TARGETS
 
     assert set(TARGETS) == set(PRESETS)
+
+
+def test_target_lists_keep_a_json_target_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`rlx compile --target` and `rlx.compile(target=...)` read one string the same way: presets
+    split on commas, a JSON target dict (commas inside) is one target (the API once split it)."""
+    import rlx.compiler.compile
+    from rlx.api import compile as api_compile
+
+    haswell = '{"kind": "llvm", "mcpu": "haswell"}'
+    assert split_targets(" cpu, cuda ,") == ["cpu", "cuda"]
+    assert split_targets(haswell) == [haswell]
+    seen: list[list[str]] = []
+    monkeypatch.setattr(rlx.compiler.compile, "compile_checkpoint", lambda ckpt, targets, *a, **k: seen.append(targets))
+    api_compile("model", haswell)
+    api_compile("model", "cpu,cuda")
+    assert seen == [[haswell], ["cpu", "cuda"]]
