@@ -72,11 +72,14 @@ def llama_bench_binary(given: Path | None) -> Path | None:
     return next((p for p in found if p.is_file() and os.access(p, os.X_OK)), None)
 
 
-def bench_llama(binary: Path, gguf: Path, n: int, threads: int, extra: list[str]) -> dict[str, float]:
-    """llama-bench's prompt-processing test of n tokens; peak RSS from the child's own rusage."""
+def bench_llama(binary: Path, gguf: Path, n: int, threads: int, extra: list[str],
+                ggml_dir: Path | None = None) -> dict[str, float]:
+    """llama-bench's prompt-processing test of n tokens; peak RSS from the child's own rusage.
+    `ggml_dir`: a directory of other ggml libraries to load first (another CPU build of ggml-cpu)."""
+    env = {**os.environ, "LD_LIBRARY_PATH": f"{ggml_dir}:{os.environ.get('LD_LIBRARY_PATH', '')}"} if ggml_dir else None
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen([str(binary), "-m", str(gguf), "-p", str(n), "-n", "0", "-t", str(threads),
-                                 "-r", "1", "-o", "json", *extra], stdout=out, stderr=err)
+                                 "-r", "1", "-o", "json", *extra], stdout=out, stderr=err, env=env)
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
