@@ -215,13 +215,14 @@ def tokenizer_for(path: str | Path) -> Tokenizer:
 
 def compile(checkpoint: str | Path, target: str | list[str] = "cpu", out: str | Path | None = None, *,
             profile: str | None = None, passes: str | None = None, max_seq: int | None = None,
-            quantize: str | None = None, progress: bool = False) -> list[Path]:
+            quantize: str | None = None, progress: bool = False, serve: bool = True) -> list[Path]:
     """Compile a checkpoint to artifact directories (one per target); see `rlx compile`. Quiet
-    unless `progress` (phase lines on stderr, as the CLI shows them)."""
+    unless `progress` (phase lines on stderr, as the CLI shows them); `serve=False` leaves out the
+    batched step entries (`rlx compile --no-serve`)."""
     from rlx.compiler.compile import compile_checkpoint
     from rlx.progress import reporting
 
     targets = split_targets(target) if isinstance(target, str) else list(target)
     with reporting(progress):
         return compile_checkpoint(checkpoint, targets, out, profile=profile, passes=passes, max_seq=max_seq,
-                                  quantize=quantize)
+                                  quantize=quantize, serve=serve)

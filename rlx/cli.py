@@ -220,7 +220,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
     for path in compile_checkpoint(args.checkpoint, split_targets(args.target), args.out, profile=args.profile,
                                    passes=args.passes, max_seq=args.max_seq, use_cache=not args.no_cache,
-                                   quantize=args.quantize):
+                                   quantize=args.quantize, serve=not args.no_serve):
         print(path)
     return 0
 
@@ -263,6 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  "default artifacts/<checkpoint name>")
     p.add_argument("--max-seq", type=int, help="longest sequence (prompt + generated) the artifact serves")
     p.add_argument("--no-cache", action="store_true", help="build even if the compile cache has this artifact")
+    p.add_argument("--no-serve", action="store_true", help="leave out the batched step entries only `rlx serve` "
+                                                           "runs: a faster compile and a smaller library")
     _compile_flags(p)
     p.set_defaults(fn=cmd_compile)
 

@@ -23,6 +23,7 @@ from tests.fixtures.edit import tree_digest
 from tests.signal_child import HOLDING
 
 Ckpt = Callable[[str], Path]
+COMPILE = ["compile", "--no-cache", "--no-serve"]  # (no serve entries: the same phases, a shorter build)
 
 
 def _interrupt(args: list[str], when: str, signum: int, env: dict[str, str],
@@ -60,7 +61,7 @@ def test_interrupted_compile(phase: str, tiny_ckpt: Ckpt, tmp_path: Path) -> Non
     the signal lands in it however fast it is here; SIGINT and SIGTERM in turn."""
     signum = (signal.SIGINT, signal.SIGTERM)[PHASES.index(phase) % 2]
     child = [sys.executable, str(Path(__file__).with_name("signal_child.py")), phase]
-    code, err = _interrupt(["compile", str(tiny_ckpt("gemma3")), "--out", str(tmp_path / "art"), "--no-cache"],
+    code, err = _interrupt(COMPILE + [str(tiny_ckpt("gemma3")), "--out", str(tmp_path / "art")],
                            f"{HOLDING} {phase}", signum, {"PYTHONPATH": str(Path(__file__).parents[1])}, child)
     _assert_clean_interrupt(code, err, signum, tmp_path)
     here = PHASES.index(phase)  # the phases before it finished; it started and never did; none came after
@@ -70,7 +71,7 @@ def test_interrupted_compile(phase: str, tiny_ckpt: Ckpt, tmp_path: Path) -> Non
 
 def test_interrupted_build_for_real(tiny_ckpt: Ckpt, tmp_path: Path) -> None:
     """Unheld: the signal arrives while TVM's build runs (in C++; the interrupt waits for it)."""
-    code, err = _interrupt(["compile", str(tiny_ckpt("gemma3")), "--out", str(tmp_path / "art"), "--no-cache"],
+    code, err = _interrupt(COMPILE + [str(tiny_ckpt("gemma3")), "--out", str(tmp_path / "art")],
                            "cpu: build ...", signal.SIGINT, {"RLX_CACHE_DIR": str(tmp_path / "cache")})
     _assert_clean_interrupt(code, err, signal.SIGINT, tmp_path)
 
@@ -79,9 +80,9 @@ def test_interrupted_recompile_keeps_the_earlier_artifact(tiny_ckpt: Ckpt, tmp_p
     from rlx.compiler.compile import compile_checkpoint
 
     out = tmp_path / "art"
-    compile_checkpoint(tiny_ckpt("gemma3"), ["cpu"], out, max_seq=32, use_cache=False)
+    compile_checkpoint(tiny_ckpt("gemma3"), ["cpu"], out, max_seq=32, use_cache=False, serve=False)
     before = tree_digest(tmp_path)
-    code, err = _interrupt(["compile", str(tiny_ckpt("gemma3")), "--out", str(out), "--no-cache"],
+    code, err = _interrupt(COMPILE + [str(tiny_ckpt("gemma3")), "--out", str(out)],
                            "cpu: build ...", signal.SIGTERM, {"RLX_CACHE_DIR": str(tmp_path / "cache")})
     assert code == 143 and "Traceback" not in err
     assert tree_digest(tmp_path) == before

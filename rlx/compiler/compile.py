@@ -99,10 +99,12 @@ def write_artifact(dest: Path, populate: Callable[[Path], dict[str, Any]], prote
     return replace_dir_atomic(dest, fill, owned=is_artifact_dir, what="--out", protect=protect)
 
 
-def _cache_key(model_hash: str, profile: Any, passes: str | None, target: dict[str, Any], max_seq: int) -> str:
+def _cache_key(model_hash: str, profile: Any, passes: str | None, target: dict[str, Any], max_seq: int,
+               serve: bool = True) -> str:
     blob = json.dumps({"model": model_hash, "profile": repr(profile), "passes": passes, "target": target,
                        "max_seq": max_seq, "versions": tool_versions(), "format": FORMAT_VERSION,
-                       "report": REPORT_VERSION, "paged": _paged_entries(), "source": source_digest()},
+                       "report": REPORT_VERSION, "paged": _paged_entries() if serve else None,
+                       "source": source_digest()},
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
@@ -119,7 +121,9 @@ def _kernels(scheduled: Any) -> list[dict[str, str]]:
 
 
 def _populate(tmp: Path, checkpoint: Any, resolved: Any, profile: Any, passes: str | None, max_seq: int,
-              phases: Phases) -> dict[str, Any]:
+              phases: Phases, serve: bool = True) -> dict[str, Any]:
+    """The artifact's files in `tmp`, and its manifest. `serve`: with the paged step entries
+    `rlx serve` runs (about 40% of a compile's time and of the library)."""
     from rlx.compiler.graphs import context_bounds, paged_graphs, target_graphs
     from rlx.compiler.summary import weight_report
     from rlx.frontends.weights import WeightCache
@@ -132,13 +136,16 @@ def _populate(tmp: Path, checkpoint: Any, resolved: Any, profile: Any, passes: s
         bounds = context_bounds(max_seq)
         graphs = target_graphs(checkpoint, target=resolved.name, profile=profile, passes=passes, bounds=bounds,
                                max_seq=max_seq)
-        paged = paged_graphs(checkpoint, target=resolved.name, profile=profile, passes=passes, max_seq=max_seq)
+        paged = paged_graphs(checkpoint, target=resolved.name, profile=profile, passes=passes,
+                             max_seq=max_seq) if serve else None
+        stages = {m: (graphs.built[m], h) for m, h in graphs.graphs.items()}
+        if paged is not None:
+            stages[STEP] = (paged.built, paged.graph)
         (tmp / "hir").mkdir()
-        for mode, (before, after) in {**{m: (graphs.built[m], h) for m, h in graphs.graphs.items()},
-                                      STEP: (paged.built, paged.graph)}.items():
+        for mode, (before, after) in stages.items():
             (tmp / "hir" / f"{mode}.before.hir").write_text(print_hir(before))
             (tmp / "hir" / f"{mode}.after.hir").write_text(print_hir(after))
-    entries = {**graphs.entries, **paged.entries}
+    entries = {**graphs.entries, **(paged.entries if paged is not None else {})}
     backend = graphs.backend
     with phases("lower"):
         lowered = lower_for(entries, resolved)
@@ -172,7 +179,7 @@ def _populate(tmp: Path, checkpoint: Any, resolved: Any, profile: Any, passes: s
         "layouts": {key: spec.layout for key, spec in sorted(specs.items())},
         "bounds": {**bounds, "KV_CAP": max_seq},
         "prefill_buckets": list(graphs.buckets),
-        "paged": paged_manifest(paged),
+        "paged": paged_manifest(paged) if paged is not None else None,
         "backend": {"opt_level": backend.opt_level, "threads": backend.threads},
         "max_seq": max_seq,
         "library": library,
@@ -264,8 +271,9 @@ def _cuda_source(module: Any) -> str:
 
 def compile_checkpoint(checkpoint_path: str | Path, targets: list[str], out: str | Path | None = None, *,
                        profile: str | None = None, passes: str | None = None, max_seq: int | None = None,
-                       use_cache: bool = True, quantize: str | None = None) -> list[Path]:
-    """Compile for each target; returns the artifact directories (out/<target> when several).
+                       use_cache: bool = True, quantize: str | None = None, serve: bool = True) -> list[Path]:
+    """Compile for each target; returns the artifact directories (out/<target> when several);
+    `serve=False` leaves out the paged step entries only `rlx serve` runs (`--no-serve`).
     Everything that can be checked before the work starts is: the targets, the profile, the
     checkpoint, --max-seq, and every output path (safe to replace, writable), the cache too."""
     from rlx.compiler.profile_toml import resolve_profile
@@ -298,11 +306,12 @@ def compile_checkpoint(checkpoint_path: str | Path, targets: list[str], out: str
                        hint="set RLX_CACHE_DIR to a directory you can write, or pass --no-cache")
     written = []
     for r, dest in zip(resolved, dests, strict=True):
-        key = _cache_key(checkpoint.model_hash(), prof, passes, r.target.export(), seq)
+        key = _cache_key(checkpoint.model_hash(), prof, passes, r.target.export(), seq, serve)
         cached = cache_root() / key
         phases = Phases(r.name)
         populate: Callable[[Path], dict[str, Any]] = partial(
-            _populate, checkpoint=checkpoint, resolved=r, profile=prof, passes=passes, max_seq=seq, phases=phases)
+            _populate, checkpoint=checkpoint, resolved=r, profile=prof, passes=passes, max_seq=seq, phases=phases,
+            serve=serve)
         if not use_cache:
             written.append(write_artifact(dest, populate, [checkpoint_path]))
         elif (hit := from_cache(cached, dest, [checkpoint_path])) is not None:

@@ -132,8 +132,9 @@ class ArtifactEngine(VMEngine):
         this engine loaded, with pools of `num_pages` pages; the page size is compiled in."""
         paged = self.manifest.get("paged")
         if paged is None:
-            raise ArtifactError(f"{self.manifest['target']['name']} artifact has no paged step entries",
-                                hint=RECOMPILE)
+            raise ArtifactError(f"{self.manifest['target']['name']} artifact has no paged step entries (compiled "
+                                "with --no-serve, or by an older rlx): it runs `rlx run`, not `rlx serve` or batches",
+                                hint=RECOMPILE + ", without --no-serve")
         if page_size is not None and page_size != paged["page_size"]:
             raise ArtifactError(f"this artifact's pages hold {paged['page_size']} positions, not {page_size}",
                                 hint=f"drop page_size, or compile again with page size {page_size}")

@@ -40,7 +40,8 @@ PROMPT = "2,17,99,5,42,200,7,63,128,11"  # longer than the sliding window (4)
 @pytest.fixture(scope="module")
 def artifacts(tiny_ckpt: Ckpt, tmp_path_factory: pytest.TempPathFactory) -> Artifacts:
     """`artifacts(family)`: its CPU artifact, compiled once for this module, through a private
-    compile cache (a shared one could hand back an artifact built by older code)."""
+    compile cache (a shared one could hand back an artifact built by older code), without the
+    serve entries (`rlx run` never calls them; `tests/serve` runs them from an artifact)."""
     root = tmp_path_factory.mktemp("runtime-only")
     built: dict[str, Path] = {}
 
@@ -48,7 +49,7 @@ def artifacts(tiny_ckpt: Ckpt, tmp_path_factory: pytest.TempPathFactory) -> Arti
         if family not in built:
             with pytest.MonkeyPatch.context() as mp:
                 mp.setenv("RLX_CACHE_DIR", str(root / "cache"))
-                [built[family]] = rlx.compile(tiny_ckpt(family), "cpu", root / family)
+                [built[family]] = rlx.compile(tiny_ckpt(family), "cpu", root / family, serve=False)
         return built[family]
 
     return get
@@ -68,6 +69,22 @@ def test_every_family_artifact_runs_on_the_runtime_library(family: str, artifact
                                                            tmp_path: Path) -> None:
     logits = _cli_run(artifacts(family), SHORT, 3, tmp_path / "logits.npy")
     assert logits.shape[1:] == (256,) and 1 <= len(logits) <= 3 and np.isfinite(logits).all()  # EOS may stop it
+
+
+def test_a_no_serve_artifact_runs_but_has_no_batched_engine(artifacts: Artifacts) -> None:
+    """`rlx compile --no-serve` (here `serve=False`): prefill, decode and nothing else; asking it
+    for the batched engine names the flag to drop."""
+    import json
+
+    from rlx.runtime.artifact import ArtifactError
+
+    art = artifacts("gemma3")
+    manifest = json.loads((art / "manifest.json").read_text())
+    assert manifest["paged"] is None and set(manifest["entries"]) == {"prefill", "decode"}
+    assert not (art / "hir" / "step.after.hir").exists()
+    with pytest.raises(ArtifactError, match="no paged step entries") as err:
+        rlx.load(art).paged_model(num_pages=4)
+    assert "without --no-serve" in str(err.value.hint)
 
 
 def test_the_cli_runs_artifacts_on_the_runtime_library_only(artifacts: Artifacts) -> None:
