@@ -143,13 +143,13 @@ def test_a_failing_generic_rule_falls_through_with_its_reason(tiny_ckpt: Ckpt,
 
 
 @pytest.mark.parametrize(("spec", "isa", "tile", "gemv_rows"), [
-    ({"kind": "llvm", "mcpu": "haswell"}, "avx2", (4, 16), 2),
-    ({"kind": "llvm", "mcpu": "x86-64-v3"}, "avx2", (4, 16), 2),
+    ({"kind": "llvm", "mcpu": "haswell"}, "avx2", (6, 16), 2),
+    ({"kind": "llvm", "mcpu": "x86-64-v3"}, "avx2", (6, 16), 2),
     ({"kind": "llvm", "mcpu": "znver4"}, "avx512", (4, 64), 8),
     ({"kind": "llvm", "mcpu": "sapphirerapids"}, "avx512", (4, 64), 8),
-    ({"kind": "llvm", "mcpu": "sapphirerapids", "mattr": ["-avx512f"]}, "avx2", (4, 16), 2),
-    ({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a72", "mattr": ["+neon"]}, "neon", (4, 16), 2),
-    ({"kind": "llvm", "mtriple": "arm64-apple-macos"}, "neon", (4, 16), 2),
+    ({"kind": "llvm", "mcpu": "sapphirerapids", "mattr": ["-avx512f"]}, "avx2", (6, 16), 2),
+    ({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a72", "mattr": ["+neon"]}, "neon", (6, 16), 2),
+    ({"kind": "llvm", "mtriple": "arm64-apple-macos"}, "neon", (6, 16), 2),
     ({"kind": "llvm"}, "sse", (2, 16), 1),
 ])
 def test_the_vector_unit_and_tile_follow_the_target(spec: dict, isa: str, tile: tuple[int, int],
