@@ -73,12 +73,13 @@ _CLI_WITH_RSS = ("import re, sys; from rlx.cli import main; rc = main(sys.argv[1
 
 
 def _rlx_run(model: Path, tmp: Path, *, target: str = "reference", n_new: int = N_NEW,
-             keep_logits: bool = True) -> tuple[list[int], np.ndarray | None, str, int]:
+             keep_logits: bool = True, prompt: list[str] | None = None) -> tuple[list[int], np.ndarray | None, str, int]:
     """`rlx run` in a child: greedy tokens, logits (with `keep_logits`: --logits-out, which holds
-    every step's 1 MB row until the end), stdout, peak RSS."""
+    every step's 1 MB row until the end), stdout, peak RSS. `prompt`: other prompt flags."""
     logits = tmp / "logits.npy"
     proc = subprocess.run(
-        [sys.executable, "-c", _CLI_WITH_RSS, "run", str(model), "--target", target, "--prompt", PROMPT,
+        [sys.executable, "-c", _CLI_WITH_RSS, "run", str(model), "--target", target,
+         *(prompt or ["--prompt", PROMPT]),
          "--max-new-tokens", str(n_new), *(["--logits-out", str(logits)] if keep_logits else [])],
         capture_output=True, text=True, timeout=900,
     )
@@ -169,18 +170,25 @@ _RUNTIME_FLOOR = ("import re; from rlx.runtime.tvm_runtime import import_runtime
 N_QUANTIZED = 64
 
 
-def test_gguf_blocks_artifact_greedy_64_tokens_equal_reference_on_dequantized_file(real_gguf_path: Path,
-                                                                                  tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def gguf_artifact(real_gguf_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`rlx compile GGUF --quantize gguf` for this CPU (no serve entries: `rlx run` only)."""
+    art = tmp_path_factory.mktemp("gguf-artifact") / "artifact"
+    proc = subprocess.run([sys.executable, "-m", "rlx", "compile", str(real_gguf_path), "--target", "cpu",
+                           "--out", str(art), "--no-cache", "--no-serve", "--quantize", "gguf"],
+                          capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr
+    return art
+
+
+def test_gguf_blocks_artifact_greedy_64_tokens_equal_reference_on_dequantized_file(
+        real_gguf_path: Path, gguf_artifact: Path, tmp_path: Path) -> None:
     """`--quantize gguf` keeps the file's Q8_0 / Q5_0 / Q4_K / Q6_K blocks packed and decodes them in
     the kernels; the reference interpreter runs the same file dequantized to f32 (gguf-py's
     dequantize). Same weights, so the same greedy tokens: only f32 summation order differs."""
     from rlx.frontends.gguf_file import GGUFFile
 
-    art = tmp_path / "artifact"
-    proc = subprocess.run([sys.executable, "-m", "rlx", "compile", str(real_gguf_path), "--target", "cpu",
-                           "--out", str(art), "--no-cache", "--quantize", "gguf"],
-                          capture_output=True, text=True, timeout=1200)
-    assert proc.returncode == 0, proc.stderr
+    art = gguf_artifact
     manifest = json.loads((art / "manifest.json").read_text())
     assert manifest["quantize"]["scheme"] == "gguf"
     ref_tokens, ref_logits, _, _ = _rlx_run(Path(real_gguf_path), tmp_path, n_new=N_QUANTIZED)
@@ -199,3 +207,21 @@ def test_gguf_blocks_artifact_greedy_64_tokens_equal_reference_on_dequantized_fi
                                check=True).stdout.split()[-1]) * 1024
     packed = sum(t.nbytes for t in GGUFFile.open(Path(real_gguf_path)).tensors.values())
     assert rss - floor < 1.3 * packed, f"peak {rss / 2**20:.0f} MiB, floor {floor / 2**20:.0f} MiB"
+
+
+def test_a_long_prompt_in_chunks_over_window_rings_equals_the_reference(real_gguf_path: Path, gguf_artifact: Path,
+                                                                       tmp_path: Path) -> None:
+    """A prompt of ~2000 tokens: the artifact prefills it in chunks of 512, and its 15
+    sliding-window layers (window 512) keep rings of 1023 rows, which the prompt wraps around;
+    the reference interpreter runs it in one call with every position materialised. Greedy tokens
+    equal and logits within the tolerance above (the flash kernel's online softmax over 2000 keys
+    adds only f32 summation-order noise)."""
+    text = (Path(__file__).resolve().parents[2] / "bench" / "fidelity_text.txt").read_text()
+    prompt_file = tmp_path / "prompt.txt"
+    prompt_file.write_text(text + "\n\n" + text)
+    flags = ["--prompt-file", str(prompt_file)]
+    ref_tokens, ref_logits, _, _ = _rlx_run(Path(real_gguf_path), tmp_path, n_new=6, prompt=flags)
+    tokens, logits, _, _ = _rlx_run(gguf_artifact, tmp_path, target="cpu", n_new=6, prompt=flags)
+    assert tokens == ref_tokens
+    assert logits is not None and ref_logits is not None
+    np.testing.assert_allclose(logits, ref_logits, rtol=1e-3, atol=1e-3 * np.abs(ref_logits).max())
