@@ -27,6 +27,7 @@ import numpy as np
 import tvm
 from tvm.runtime.vm import VirtualMachine
 
+import rlx.progress as progress
 from rlx.errors import RunError
 from rlx.frontends.config import GemmaConfig
 from rlx.hir import conventions as cv
@@ -185,7 +186,8 @@ class VMEngine:
             for token in ids[:-1]:
                 self._run(DECODE, [token])
             return self._run(DECODE, ids[-1:])
-        for start, size, b in chunks:
+        calls = progress.track(chunks, f"prefill {len(ids)} tokens", total=len(chunks)) if len(chunks) > 1 else chunks
+        for start, size, b in calls:  # (a long prompt shows its chunks when progress is on: `rlx run`)
             logits = self._run(entry(b) if b else PREFILL, ids[start:start + size], b)
         return logits
 

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import tvm
 
+import rlx.progress as progress
 from rlx.cli import main
 from rlx.compiler.compiled_engine import CompiledEngine
 from rlx.compiler.engines import reference_engine
@@ -121,8 +122,8 @@ def test_kv_cache_buffers_are_written_in_place(compiled: Callable[[str, str], Co
 
 
 @pytest.mark.parametrize("family", ["gemma2", "gemma3", "gemma4"])
-def test_chunked_prefill_over_window_rings(family: str, tiny_ckpt: Ckpt,
-                                          compiled: Callable[[str, str], CompiledEngine]) -> None:
+def test_chunked_prefill_over_window_rings(family: str, tiny_ckpt: Ckpt, compiled: Callable[[str, str], CompiledEngine],
+                                          capsys: pytest.CaptureFixture[str]) -> None:
     """The prompt in chunks of 3 tokens appended to the cache; the sliding-window layers' caches
     are rings of window + 3 - 1 = 6 rows (window 4), which the walk's 18 positions wrap around
     three times. The logits still equal the reference's one-shot prefill and steps (same
@@ -136,10 +137,12 @@ def test_chunked_prefill_over_window_rings(family: str, tiny_ckpt: Ckpt,
     run = engine._run
     engine._run = lambda function, ids, bucket=None: calls.append(len(ids)) or run(function, ids, bucket)  # type: ignore[method-assign]
     try:
-        ours, _ = walk(engine, tokens)
+        with progress.reporting():  # as `rlx run` has it: a prompt in several chunks shows them
+            ours, _ = walk(engine, tokens)
     finally:
         del engine._run, engine.prefill_chunk  # back to the class's
     assert calls == [3, 3, 3, 1] + [1] * N_DECODE
+    assert "prefill 10 tokens" in capsys.readouterr().err
     assert_close(ours, ref)
     cfg, total = engine.config, len(PROMPT) + N_DECODE
     sliding = {f"cache_{kind}.{i}" for i in range(cfg.num_layers) for kind in ("k", "v")
