@@ -8,29 +8,45 @@
 #include <immintrin.h>
 #include <stdio.h>
 #include <time.h>
-static double now(void){struct timespec t;clock_gettime(CLOCK_MONOTONIC,&t);return t.tv_sec+t.tv_nsec*1e-9;}
-#define N 12
-int main(void){
-  long iters=200000000;
+
 #ifdef W512
-  __m512 a[N], b=_mm512_set1_ps(1.0000001f), c=_mm512_set1_ps(1e-7f);
-  for(int i=0;i<N;i++) a[i]=_mm512_set1_ps((float)i);
-  double t0=now();
-  for(long k=0;k<iters;k++){
-    #pragma GCC unroll 12
-    for(int i=0;i<N;i++) a[i]=_mm512_fmadd_ps(a[i],b,c);
-  }
-  double t=now()-t0; float s=0; for(int i=0;i<N;i++) s+=_mm512_reduce_add_ps(a[i]);
-  printf("zmm: %.1f GFLOP/s (%g)\n", iters*N*16*2/t/1e9, s);
+typedef __m512 vec;
+#define LANES 16
+#define NAME "zmm"
+#define SET1 _mm512_set1_ps
+#define FMA _mm512_fmadd_ps
+#define STORE _mm512_storeu_ps
 #else
-  __m256 a[N], b=_mm256_set1_ps(1.0000001f), c=_mm256_set1_ps(1e-7f);
-  for(int i=0;i<N;i++) a[i]=_mm256_set1_ps((float)i);
-  double t0=now();
-  for(long k=0;k<iters;k++){
-    #pragma GCC unroll 12
-    for(int i=0;i<N;i++) a[i]=_mm256_fmadd_ps(a[i],b,c);
-  }
-  double t=now()-t0; float s=0; float o[8]; for(int i=0;i<N;i++){_mm256_storeu_ps(o,a[i]); for(int j=0;j<8;j++) s+=o[j];}
-  printf("ymm: %.1f GFLOP/s (%g)\n", iters*N*8*2/t/1e9, s);
+typedef __m256 vec;
+#define LANES 8
+#define NAME "ymm"
+#define SET1 _mm256_set1_ps
+#define FMA _mm256_fmadd_ps
+#define STORE _mm256_storeu_ps
 #endif
-  return 0;}
+#define CHAINS 12
+
+static double now(void) {
+  struct timespec t;
+  clock_gettime(CLOCK_MONOTONIC, &t);
+  return t.tv_sec + t.tv_nsec * 1e-9;
+}
+
+int main(void) {
+  const long iters = 200000000;
+  vec acc[CHAINS], b = SET1(1.0000001f), c = SET1(1e-7f);
+  for (int i = 0; i < CHAINS; i++) acc[i] = SET1((float)i);
+  double t0 = now();
+  for (long k = 0; k < iters; k++) {
+#pragma GCC unroll 12
+    for (int i = 0; i < CHAINS; i++) acc[i] = FMA(acc[i], b, c);
+  }
+  double seconds = now() - t0;
+  float sum = 0, lanes[LANES];  /* the result is used, so the loop is not optimised away */
+  for (int i = 0; i < CHAINS; i++) {
+    STORE(lanes, acc[i]);
+    for (int j = 0; j < LANES; j++) sum += lanes[j];
+  }
+  printf("%s: %.1f GFLOP/s (checksum %g)\n", NAME, iters * CHAINS * LANES * 2.0 / seconds / 1e9, sum);
+  return 0;
+}
