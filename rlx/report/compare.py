@@ -27,7 +27,7 @@ from rlx.frontends.safetensors_file import tensor_bytes
 from rlx.hir.conventions import cache_capacities
 from rlx.hir.shapes import dim_symbols
 from rlx.hir.tensor_type import TensorType
-from rlx.runtime.buckets import PREFILL_CHUNK
+from rlx.runtime.buckets import PREFILL_CHUNK, choose
 from rlx.runtime.generate import check_prompt_ids
 
 REPORT_FORMAT = "rlx-compare"
@@ -48,8 +48,9 @@ METHODS = {
                       "rows (prefill chunks of 512); equals sum over non-shared-KV layers of "
                       "2 * kv_heads * head_dim * rows * itemsize",
     "activation_bytes": "the largest single intermediate of hir/prefill.after.hir (every node but "
-                        "input / param / const) with its HIR type evaluated at SEQ = max_seq; a lower "
-                        "bound on peak activation memory, not a liveness-based plan",
+                        "input / param / const) with its HIR type evaluated at SEQ = the longest prefill "
+                        "call (a chunk of 512, or the bucket it pads to; at most max_seq) and PAST_SEQ = 0; "
+                        "a lower bound on peak activation memory, not a liveness-based plan",
     "weight_bytes": "sum of the tensor byte ranges in weights.safetensors' header",
     "code_bytes": "cuda: bytes of kernels.cu; metal: the MSL sources serialised in lib.tar's devc.o "
                   "(each a u64 length followed by '#include <metal_stdlib>...'); cpu: library size",
@@ -141,6 +142,14 @@ def kv_cache_bytes(manifest: dict[str, Any]) -> int:
     return sum(_tensor_bytes(t, env)[0] for t in caches)
 
 
+def longest_prefill(manifest: dict[str, Any]) -> int:
+    """The most tokens one prefill call of this artifact runs: prompts go in chunks of
+    PREFILL_CHUNK, each padded to the smallest bucket holding it (`VMEngine._chunks`)."""
+    max_seq = int(manifest["max_seq"])
+    chunk = min(PREFILL_CHUNK, max_seq)
+    return min(max_seq, choose(chunk, manifest.get("prefill_buckets") or ()) or chunk)
+
+
 def largest_activation(hir_text: str, max_seq: int) -> dict[str, Any]:
     """See METHODS["activation_bytes"]."""
     from rlx.hir.text import parse_hir
@@ -190,7 +199,7 @@ def collect_artifact(art: Path, vocabulary: frozenset[str]) -> dict[str, Any]:
         "memory": {"weight_bytes": tensor_bytes(art / manifest["weights"]),
                    "kv_cache_bytes": kv_cache_bytes(manifest),
                    "activation": largest_activation((art / "hir" / "prefill.after.hir").read_text(),
-                                                    int(manifest["max_seq"]))},
+                                                    longest_prefill(manifest))},
         "max_seq": int(manifest["max_seq"]),
     }
 

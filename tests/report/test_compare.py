@@ -294,3 +294,19 @@ def test_an_embedding_lookup_reads_one_row_per_token(tiny_ckpt: Ckpt, tmp_path: 
     assert weights["bytes_per_token"] == sum(a.nbytes for a in arrays.values()) - (n - 1) * k * 4
     assert weights["by_format"] == {"f32": {"tensors": len(arrays), "bytes": sum(a.nbytes for a in arrays.values()),
                                             "per_token_bytes": weights["bytes_per_token"]}}
+
+
+def test_memory_plan_of_a_long_context_counts_rings_and_chunks() -> None:
+    """At a context past the window and the chunk (the tiny models' 256 is below both): a
+    sliding-window ring holds window + 511 rows, a full layer's buffer max_seq, and the largest
+    activation is sized by the longest prefill call (a 512-token chunk, or the bucket it pads to)."""
+    from rlx.report.compare import kv_cache_bytes, longest_prefill
+
+    caches = [["cache_k.0", "f32[1,1,KV_WINDOW_512,256]"], ["cache_v.0", "f32[1,1,KV_WINDOW_512,256]"],
+              ["cache_k.1", "f32[1,1,KV_CAP,256]"]]
+    manifest: dict[str, Any] = {"max_seq": 8192, "prefill_buckets": [], "entries": {"decode": {"caches": caches}}}
+    assert kv_cache_bytes(manifest) == (2 * (512 + 511) + 8192) * 256 * 4
+    assert longest_prefill(manifest) == 512
+    assert longest_prefill({**manifest, "prefill_buckets": [128, 1024]}) == 1024
+    assert longest_prefill({**manifest, "max_seq": 300}) == 300
+    assert kv_cache_bytes({**manifest, "max_seq": 300}) == 3 * 300 * 256 * 4
