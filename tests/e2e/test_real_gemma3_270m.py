@@ -147,7 +147,7 @@ def test_compiled_cpu_artifact_greedy_32_tokens_equal_transformers(hf_run: HFRun
     art = tmp_path / "artifact"
     # a 4096-position context: fold-rope then tabulates cos|sin (4 MB per RoPE theta)
     proc = subprocess.run([sys.executable, "-m", "rlx", "compile", str(real_gguf_path), "--target", "cpu",
-                           "--out", str(art), "--no-cache", "--max-seq", "4096"],
+                           "--out", str(art), "--no-cache", "--no-serve", "--max-seq", "4096"],
                           capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr
     report = json.loads((art / "report.json").read_text())

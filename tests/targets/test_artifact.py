@@ -188,11 +188,13 @@ def test_prompt_longer_than_the_compiled_max_seq(tiny_ckpt: Ckpt, tmp_path: Path
 
 
 def test_one_call_compiles_cpu_cuda_and_metal(tiny_ckpt: Ckpt, tmp_path: Path) -> None:
-    """CUDA (nvcc, no GPU needed) and Metal (MSL + arm64 macOS objects) artifacts build here."""
+    """CUDA (nvcc, no GPU needed) and Metal (MSL + arm64 macOS objects) artifacts build here (the
+    serve entries' GPU builds: `test_paged_builds.py`)."""
     import tarfile
 
     out = tmp_path / "all"
-    assert main(["compile", str(tiny_ckpt("gemma3")), "--target", "cpu,cuda,metal", "--out", str(out)]) == 0
+    assert main(["compile", str(tiny_ckpt("gemma3")), "--target", "cpu,cuda,metal", "--out", str(out),
+                 "--no-serve"]) == 0
     for target, lib in (("cpu", "lib.so"), ("cuda", "lib.so"), ("metal", "lib.tar")):
         manifest = json.loads((out / target / "manifest.json").read_text())
         assert manifest["target"]["name"] == target and manifest["library"] == lib
@@ -232,7 +234,7 @@ def test_backend_opt_level_and_threads_are_applied(gemma3_artifact: Path, tiny_c
         tvm.transform.PassContext.current().opt_level) or schedule_module(mod, target))
     profile = tmp_path / "gemma.rlx.toml"
     profile.write_text("[backend.cpu]\nopt_level = 1\nthreads = 1\n")
-    [art] = rlx.compile(tiny_ckpt("gemma3"), "cpu", tmp_path / "art", profile=str(profile))
+    [art] = rlx.compile(tiny_ckpt("gemma3"), "cpu", tmp_path / "art", profile=str(profile), serve=False)
     assert seen == [1]
     assert json.loads((art / "manifest.json").read_text())["backend"] == {"opt_level": 1, "threads": 1}
     a, b = tmp_path / "a.npy", tmp_path / "b.npy"
