@@ -27,7 +27,7 @@ from rlx.frontends.safetensors_file import tensor_bytes
 from rlx.hir.conventions import cache_capacities
 from rlx.hir.shapes import dim_symbols
 from rlx.hir.tensor_type import TensorType
-from rlx.runtime.buckets import PREFILL_CHUNK, choose
+from rlx.runtime.buckets import longest_call
 from rlx.runtime.generate import check_prompt_ids
 
 REPORT_FORMAT = "rlx-compare"
@@ -44,8 +44,9 @@ NOT_EXECUTED = {
 
 METHODS = {
     "kv_cache_bytes": "sum of the decode entry's cache_* buffers (manifest entry signature) at "
-                      "KV_CAP = max_seq, a sliding-window ring (CPU) at min(max_seq, window + 511) "
-                      "rows (prefill chunks of 512); equals sum over non-shared-KV layers of "
+                      "KV_CAP = max_seq, a sliding-window ring (CPU) at min(max_seq, window + the "
+                      "longest prefill call - 1) rows (chunks of 512: window + 511); equals sum over "
+                      "non-shared-KV layers of "
                       "2 * kv_heads * head_dim * rows * itemsize",
     "activation_bytes": "the largest single intermediate of hir/prefill.after.hir (every node but "
                         "input / param / const) with its HIR type evaluated at SEQ = the longest prefill "
@@ -138,16 +139,14 @@ def _tensor_bytes(text: str | TensorType, env: dict[str, int]) -> tuple[int, tup
 def kv_cache_bytes(manifest: dict[str, Any]) -> int:
     caches = [TensorType.parse(t) for _, t in manifest["entries"]["decode"]["caches"]]
     symbols = {s for t in caches for s in dim_symbols(t.shape)}
-    env = {"BATCH": 1, **cache_capacities(symbols, int(manifest["max_seq"]), PREFILL_CHUNK)}
+    env = {"BATCH": 1, **cache_capacities(symbols, int(manifest["max_seq"]), longest_prefill(manifest))}
     return sum(_tensor_bytes(t, env)[0] for t in caches)
 
 
 def longest_prefill(manifest: dict[str, Any]) -> int:
-    """The most tokens one prefill call of this artifact runs: prompts go in chunks of
-    PREFILL_CHUNK, each padded to the smallest bucket holding it (`VMEngine._chunks`)."""
-    max_seq = int(manifest["max_seq"])
-    chunk = min(PREFILL_CHUNK, max_seq)
-    return min(max_seq, choose(chunk, manifest.get("prefill_buckets") or ()) or chunk)
+    """The most tokens one prefill call of this artifact runs (`buckets.longest_call`, as the
+    engine sizes its rings by)."""
+    return longest_call(manifest.get("prefill_buckets") or (), int(manifest["max_seq"]))
 
 
 def largest_activation(hir_text: str, max_seq: int) -> dict[str, Any]:

@@ -36,6 +36,14 @@ def choose(n: int, buckets: Sequence[int]) -> int | None:
     return next((b for b in sorted(buckets) if b >= n), None)
 
 
+def longest_call(buckets: Sequence[int], max_seq: int, chunk: int = PREFILL_CHUNK) -> int:
+    """The most tokens one prefill call runs when prompts go in chunks of `chunk`: a chunk padded
+    to the smallest bucket holding it; never past the context. (What a sliding-window ring must
+    hold beyond its window, and the activations a call needs.)"""
+    chunk = min(chunk, max_seq)
+    return min(max_seq, choose(chunk, buckets) or chunk)
+
+
 def padded_feeds(feeds: Mapping[str, np.ndarray], bucket: int) -> dict[str, np.ndarray]:
     """A prompt's `input_ids` / `positions` [1, n] padded at the end to the bucket (ids with 0,
     positions continuing), plus the one-hot select of the last real token."""

@@ -34,7 +34,7 @@ from rlx.hir import conventions as cv
 from rlx.hir.pass_manager import PassReport
 from rlx.hir.shapes import BATCH, PAST_SEQ, dim_symbols, eval_shape
 from rlx.hir.tensor_type import TensorType
-from rlx.runtime.buckets import DECODE, PREFILL, PREFILL_CHUNK, choose, entry, padded_feeds
+from rlx.runtime.buckets import DECODE, PREFILL, PREFILL_CHUNK, choose, entry, longest_call, padded_feeds
 
 # device kind of a target -> the TVM device its module runs on
 DEVICES: dict[str, Callable[[int], tvm.runtime.Device]] = {"cpu": tvm.cpu, "cuda": tvm.cuda, "metal": tvm.metal}
@@ -99,8 +99,7 @@ class VMEngine:
     def _longest_call(self) -> int:
         """The most tokens one call appends (what a ring cache must hold beyond its window): a
         prefill chunk, padded to its bucket, or the one length a static prefill takes."""
-        fixed = self.fixed_prefill_length()
-        return max(self.prefill_chunk, choose(self.prefill_chunk, self.buckets) or 0, fixed or 0)
+        return max(longest_call(self.buckets, self.max_seq, self.prefill_chunk), self.fixed_prefill_length() or 0)
 
     def _allocate(self, capacity: int) -> None:
         """Fresh cache buffers of `capacity` positions, the first `self._pos` rows copied over (a

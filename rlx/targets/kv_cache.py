@@ -13,8 +13,8 @@ Readers of the concatenated K/V get a `CacheView`: the buffer plus its valid len
 PAST_SEQ + SEQ. The fused attention reads the view directly (its reduction stops at the valid
 length); any other reader (an unfused graph's transpose / matmul) gets a materialized prefix.
 
-Ring caches (`plan(hir, ring=True)`, CPU): when every reader of a cache is causal sliding-window
-attention that the flash kernel runs, the buffer is a ring of `KV_WINDOW_<W>` rows (position p
+Ring caches (`plan(hir, modular)`, CPU): when every reader of a cache is sliding-window attention
+that the flash kernel runs (`lowerings.flash_lowered`), the buffer is a ring of `KV_WINDOW_<W>` rows (position p
 in row p % capacity: `kernels.kv_write` and the flash kernel both address modulo the buffer's
 rows). A call's queries see keys down to their first position - W + 1 and it writes its own
 tokens after the past, so W + (its tokens) - 1 rows never overwrite a key still visible: the
@@ -26,12 +26,13 @@ is what the full layers' buffers and the materialising readers (GPU) get.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from rlx.errors import HIRError
 from rlx.hir import conventions as cv
 from rlx.hir.conventions import KV_CAP
-from rlx.hir.graph import HIR
+from rlx.hir.graph import HIR, Node
 from rlx.hir.ops import Op
 from rlx.hir.shapes import Dim, sym
 from rlx.hir.tensor_type import TensorType
@@ -57,20 +58,20 @@ class CacheSlot:
         return f"{CACHE}{self.kind}.{self.layer}"
 
 
-def ring_window(hir: HIR, node_id: str) -> int:
+def ring_window(hir: HIR, node_id: str, modular: Callable[[Node], bool]) -> int:
     """The window a ring cache for the K/V at `node_id` must cover: the largest window of its
-    readers when all of them are causal sliding-window attention without an additive bias (what
-    the CPU flash kernel runs, modulo the buffer), else 0 (the buffer keeps every position)."""
+    readers when every one reads keys modulo the buffer (`modular`) with a sliding window, else
+    0 (the buffer keeps every position)."""
     readers = hir.users(node_id)
-    ok = readers and all(r.op is Op.ATTENTION and r.attr("mask") == "causal" and r.attr("window") and
-                         len(r.inputs) == 4 for r in readers)
+    ok = readers and all(modular(r) and r.attr("window") for r in readers)
     return max(int(r.attr("window")) for r in readers) if ok else 0
 
 
-def plan(hir: HIR, ring: bool = False) -> tuple[CacheSlot, ...]:
+def plan(hir: HIR, modular: Callable[[Node], bool] | None = None) -> tuple[CacheSlot, ...]:
     """The cache slots of a graph, in output order; raises on a cache shape the convention
-    cannot express (a past input read by something other than its concat). `ring`: the
-    target's attention reads caches modulo their rows, so sliding-window caches become rings."""
+    cannot express (a past input read by something other than its concat). `modular`: which
+    readers the target lowers to address keys modulo the buffer's rows (its flash kernel); a
+    sliding-window cache only they read becomes a ring. None: no ring."""
     slots = []
     caches = cv.present_outputs(hir)
     for output, nid in hir.outputs.items():
@@ -90,7 +91,7 @@ def plan(hir: HIR, ring: bool = False) -> tuple[CacheSlot, ...]:
             if readers != [nid]:
                 raise HIRError(f"KV cache input {past!r} is read by {readers}, not only by its concat %{nid}",
                                hint="read the cache only through its concat (GemmaFlow builds it so)")
-        window = ring_window(hir, nid) if ring and past is not None else 0
+        window = ring_window(hir, nid, modular) if modular is not None and past is not None else 0
         capacity = sym(cv.window_capacity(window) if window else KV_CAP)
         slots.append(CacheSlot(output, caches[output].layer, caches[output].kind, nid, new, offset, past,
                                TensorType(node.type.dtype, (b, h, capacity, d))))

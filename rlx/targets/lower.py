@@ -24,6 +24,7 @@ A weight's cast to f16 / bf16 is weight-only, so it is a load-time param like an
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from collections.abc import Mapping, Sequence
@@ -43,7 +44,7 @@ from rlx.hir.shapes import dim_symbols, eval_dim
 from rlx.hir.tensor_type import TensorType
 from rlx.targets import kernels, kv_cache, layouts
 from rlx.targets.function_builder import TVM_DTYPES, CacheView, FunctionBuilder, WeightView
-from rlx.targets.lowerings import CACHE_READERS, LOWERINGS, lower_const
+from rlx.targets.lowerings import CACHE_READERS, LOWERINGS, flash_lowered, lower_const
 from rlx.targets.machine import CONSERVATIVE_PARAMS, KernelParams, kernel_params
 from rlx.targets.presets import ResolvedTarget
 
@@ -179,13 +180,13 @@ def choose_layouts(graphs: Mapping[str, HIR], device: str) -> dict[str, str]:
     return {key: layouts.choose(types[key], found, device) for key, found in readers.items()}
 
 
-RING_CACHES: dict[str, bool] = {"cpu": True, "cuda": False, "metal": False}
-"""Whether a device's attention reads sliding-window caches as rings (`kv_cache.py`): the CPU flash
-kernel addresses keys modulo the buffer; GPU targets read a materialised prefix."""
+def cache_plan(hir: HIR, device: str) -> tuple[kv_cache.CacheSlot, ...]:
+    """The graph's cache slots on `device`: rings where only its flash kernel reads them."""
+    return kv_cache.plan(hir, modular=functools.partial(flash_lowered, device=device))
 
 
 def signature_of(hir: HIR, function: str, chosen: Mapping[str, str] | None = None, device: str = "cpu") -> Signature:
-    slots = kv_cache.plan(hir, ring=RING_CACHES.get(device, False))
+    slots = cache_plan(hir, device)
     replaced = {s.past_input for s in slots}
     inputs = tuple((name, node.type) for name, node in sorted(hir.inputs.items(), key=lambda kv: _natural(kv[0]))
                    if name not in replaced)
@@ -214,7 +215,7 @@ def _lower_function(bb: relax.BlockBuilder, hir: HIR, sig: Signature,
         fn.values[hir.inputs[name].id] = var
     for p, var in zip(sig.params, params, strict=True):
         fn.values[node_of[p.key]] = weight_view(specs[p.key], var)
-    slots = {s.node: s for s in kv_cache.plan(hir, ring=RING_CACHES.get(device, False))}
+    slots = {s.node: s for s in cache_plan(hir, device)}
     written: dict[str, relax.Var] = {}  # present_* output -> its cache buffer after this call's write
 
     def write(slot: kv_cache.CacheSlot) -> relax.Var:

@@ -147,11 +147,13 @@ def _flash(fn: _Fn, node: Node, spec: flash_attention.FlashSpec, args: list[rela
     return relax.call_tir(gv, args, fn.ty(node.type))
 
 
-def _flash_applies(fn: _Fn, node: Node, bias: list[relax.Expr]) -> bool:
-    """The flash kernel covers causal (optionally sliding-window) attention on CPU; additive
-    biases (custom masks, media attention) and bidirectional / unmasked attention keep the
-    materialised path, as do GPU targets (dlight schedules it)."""
-    return fn.device == "cpu" and node.attr("mask") == "causal" and not bias
+def flash_lowered(node: Node, device: str) -> bool:
+    """Whether `node` is attention the flash kernel runs: causal (optionally sliding-window)
+    attention on CPU; additive biases (custom masks, media attention: inputs past the 4th) and
+    bidirectional / unmasked attention keep the materialised path, as do GPU targets (dlight
+    schedules it). The kernel addresses keys modulo the cache buffer, so `kv_cache.plan` makes
+    a cache only such readers read a ring."""
+    return device == "cpu" and node.op is Op.ATTENTION and node.attr("mask") == "causal" and len(node.inputs) == 4
 
 
 def _attention(fn: _Fn, node: Node, args: list[relax.Expr]) -> relax.Expr:
@@ -160,7 +162,7 @@ def _attention(fn: _Fn, node: Node, args: list[relax.Expr]) -> relax.Expr:
     index, K/V never repeated)."""
     at = node.attr_dict
     q, k, v, pos, *bias = args
-    if _flash_applies(fn, node, bias):
+    if flash_lowered(node, fn.device):
         keys, values = (x.tensor if isinstance(x, CacheView) else x for x in (k, v))
         length = k.length if isinstance(k, CacheView) else keys.ty.shape.values[2]
         return _flash(fn, node, _flash_spec(fn, node, paged=False), [q, keys, values, pos, relax.prim_value(length)])
