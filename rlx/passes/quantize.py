@@ -177,9 +177,10 @@ class Quantize(Pass):
 
     def run(self, hir: HIR) -> PassResult:
         out = hir.copy()
-        weights = [param for param, _ in _weights(out)]
+        pairs = list(_weights(out))
+        weights = [param for param, _ in pairs]
         self._check_globs(weights)
-        chosen = [(param, reader, self.format_for(param, reader)) for param, reader in _weights(out)]
+        chosen = [(param, reader, self.format_for(param, reader)) for param, reader in pairs]
         ungroupable = [(p, r, fmt) for p, r, fmt in chosen if fmt is not None and not _fits(p, fmt)]
         if ungroupable:
             raise self._ungroupable(ungroupable, weights)
