@@ -1,11 +1,26 @@
-"""Shared pytest fixtures."""
+"""Shared pytest fixtures, and the TVM thread pool size when the suite runs in parallel."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
+
+def _pool_threads_per_worker() -> None:
+    """`make test` runs `pytest -n auto` (xdist): a worker per core. Each worker's TVM pool (and
+    every `rlx` child it starts) would otherwise take every core, so many workers spin for one
+    core's work; a worker gets its share instead, but never under 2 threads, so the kernels'
+    parallel loops still run on several threads in every test. Set before TVM is imported."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 0)
+    if workers > 1 and "TVM_NUM_THREADS" not in os.environ:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        os.environ["TVM_NUM_THREADS"] = str(max(2, cores // workers))
+
+
+_pool_threads_per_worker()
 
 
 @pytest.fixture(scope="session")
