@@ -14,6 +14,7 @@ aarch64 target is scheduled like the others, its objects are built in test_quant
 
 from __future__ import annotations
 
+import platform
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -167,6 +168,60 @@ def test_the_vector_unit_and_tile_follow_the_target(spec: dict, isa: str, tile: 
     assert params.gemv_rows == gemv_rows and 2 * gemv_rows * unit.per_vector <= unit.registers // 2
     assert set(params.reasons()) == {"isa", "gemm_rows", "gemm_cols", "gemv_groups", "gemv_chains", "gemv_rows",
                                      "parallel_min"}
+
+
+# the machine code of a GEMM's register tile: its vector FMAs, and what a register loop never
+# does: touch the stack, or store a vector (an accumulator kept in memory)
+FMA_OP = {"x86_64": re.compile(r"\bvfmadd\d+ps\b"), "aarch64": re.compile(r"\bfmla\b")}
+MEMORY_TILE = {"x86_64": re.compile(r"\(%rsp\)|^\s*v?mov\w*\s+%[xyz]mm\d+,\s*\S*\("),
+               "aarch64": re.compile(r"\[sp\b|^\s*st(r|p|1)\w*\s+q")}
+
+
+def _loop_bodies(asm: str) -> list[list[str]]:
+    """The instructions of every innermost loop in `asm`: from a label to the last branch back
+    to it, with no other basic block label inside (LLVM names them .LBB)."""
+    lines = asm.splitlines()
+    bodies = []
+    for i, line in enumerate(lines):
+        head = re.match(r"^(\.LBB\w+):", line)
+        if head is None:
+            continue
+        back = [j for j in range(i + 1, len(lines))
+                if (words := lines[j].split()) and words[-1] == head.group(1)
+                and words[0].startswith(("j", "b", "cb", "tb"))]
+        body = lines[i + 1:back[-1] + 1] if back else []
+        if body and not any(re.match(r"^\.LBB\w+:", b) for b in body):
+            bodies.append(body)
+    return bodies
+
+
+@pytest.mark.parametrize("target", list(TARGETS.values()), ids=list(TARGETS))
+@pytest.mark.parametrize("fmt", ["", "q4_k"])
+def test_the_gemm_register_tile_has_no_spills_in_the_machine_code(target: str, fmt: str) -> None:
+    """The tile arithmetic above, checked in what LLVM emits for each vector unit: the GEMM's
+    innermost loop (the one with the most FMAs) issues the tile's `MR * NR / lanes` FMAs per k
+    (times LLVM's unroll), never touches the stack and stores no vector: accumulators, a row of weight vectors and
+    the x broadcast all stay in registers (the old 4 x 64 tile kept its accumulators in memory on
+    AVX2 and NEON, a loop this test rejects)."""
+    resolved = resolve_target(target)
+    params = machine.kernel_params(resolved.target)
+    arch = "aarch64" if "aarch64" in str(resolved.target.attrs.get("mtriple", "")) else "x86_64"
+    if arch == "x86_64" and platform.machine() not in ("x86_64", "AMD64") and target == "cpu":
+        arch = "aarch64"  # the native target on an ARM host
+    n, k = 4 * params.gemm_cols, 256
+    x = te.placeholder((1, params.gemm_rows * (GEMV_ROWS // params.gemm_rows + 2), k), name="x")  # a GEMM
+    w = te.placeholder((planes_of(quant_format(fmt)).columns(k) * n // machine.LANES, machine.LANES) if fmt
+                       else (n // machine.LANES, k, machine.LANES), "uint8" if fmt else "float32", name="w")
+    func = te.create_prim_func([x, w, contraction(x, w, IL16, fmt, row_tile=params.gemm_rows)])
+    with resolved.target:
+        sch = weight_schedules.Gemm().apply(func, resolved.target, False)
+    assert sch is not None
+    asm = tvm.compile(tvm.IRModule({"main": sch.mod["main"]}), target=resolved.target).mod.inspect_source("asm")
+    fmas, tile = max(((sum(bool(FMA_OP[arch].search(i)) for i in body), body) for body in _loop_bodies(asm)),
+                     default=(0, []))
+    per_k = params.gemm_rows * params.gemm_cols // params.isa.lanes
+    assert fmas and fmas % per_k == 0, "\n".join(tile) or "no FMA loop"  # LLVM may unroll k: whole tiles
+    assert not [i for i in tile if MEMORY_TILE[arch].search(i)], "\n".join(tile)
 
 
 @pytest.mark.parametrize("target", [TARGETS["native"], HASWELL])
