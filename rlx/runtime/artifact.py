@@ -37,8 +37,8 @@ from rlx.hir.tensor_type import TensorType
 from rlx.version import __version__
 
 FORMAT = "rlx-artifact"
-FORMAT_VERSION = 6  # 3: file sizes / hashes, target.local, created; 4: quantized weights; 5: kernel layouts;
-# 6: the weights header records the manifest's contract (`CONTRACT`)
+FORMAT_VERSION = 7  # 3: file sizes / hashes, target.local, created; 4: quantized weights; 5: kernel layouts;
+# 6: the weights header records the manifest's contract (`CONTRACT`); 7: K-quant planes keep d and sc factored
 MANIFEST = "manifest.json"
 _EDGE = 1 << 20  # bytes a quick digest reads from each end of a file
 RECOMPILE = "compile the artifact again: rlx compile CHECKPOINT --out DIR"

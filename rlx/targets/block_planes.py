@@ -8,10 +8,12 @@ the integer work differs per format. At load time every quantized weight in the 
     w[r, k] = S[r, b] * (q[r, k] - zero) + O[r, b]        b = k // block
 
 with one integer plane `q` and per-block planes `S` (and `O`), the form every format shares
-(`PLANES` gives each format's). The numbers are the format's own: S and O are what
+(`_SPLITS` gives each format's). The numbers are the format's own: S and O are what
 `gguf.quants.dequantize` computes per block (`d`, or `d * sc` in float32 for K-quants; `m`, or
 `-dmin * m`), and `S * (q - zero) + O` rounds like its formula, so a kernel decoding a tile gets
-the reference's values bit for bit (tests/targets/test_quant_decode.py). Only two integer
+the reference's values bit for bit (tests/targets/test_quant_decode.py). K-quants keep S and O
+as their two factors (f16 `d` per 256 values, the small integer per block), multiplied in the
+kernel: a third of the bytes of float32 S / O planes. Only two integer
 encodings remain, so the kernels (`weight_kernels.py`) are format-free:
 
 - **i8**: one signed byte per value (Q8_0; Q5_0 / Q5_1 / Q5_K / Q6_K, whose 5 and 6-bit values
@@ -19,10 +21,11 @@ encodings remain, so the kernels (`weight_kernels.py`) are format-free:
 - **u4**: two values per byte, value j of each 32 in the low nibble of byte j, value j + 16 in
   its high one (Q4_0 with zero 8, Q4_1, Q4_K).
 
-The weight is one uint8 [rows / 16 * columns, 16] array holding three planes one after the
+The weight is one uint8 [rows / 16 * columns, 16] array holding the planes one after the
 other, each il16 (lane l of every 16-byte line is row l of the group): S for every group (per
-group, its blocks' scales, 2 or 4 little-endian bytes, one byte a line), then O likewise, then q
-(a group's K bytes, or K / 2). Whole planes rather than one [S | O | q] slab per group: a GEMV
+group, its blocks' scales, 2 little-endian bytes, one byte a line; factored: `d` per super-block,
+then a plane of `sc`, a byte per block), then O likewise (`dmin`, then `m`), then q (a group's K
+bytes, or K / 2). Whole planes rather than one [S | O | q] slab per group: a GEMV
 then streams two arrays, as with separate tensors, which measured twice as fast as alternating
 between the parts of a slab. The layout with a diagram: docs/kernels.md.
 """
@@ -41,30 +44,41 @@ from rlx.targets.quant_decode import Expr
 
 F32 = "float32"
 _BYTES = {"float16": 2, "float32": 4}
+QUANT_PLANE = 4  # the integers' plane, last in `Planes.widths`
 
 
 @dataclass(frozen=True)
 class Planes:
-    """A format's plane form: `w = S * (q - zero) + O` per block of `block` values."""
+    """A format's plane form: `w = S * (q - zero) + O` per block of `block` values.
+
+    K-quants keep S and O factored as their file does (`factor` set): S = d * sc and
+    O = -(dmin * m), with the float16 d / dmin once per super-block of `super_block` values and the
+    small integers sc / m once per block, each factor a plane. The kernel multiplies them in
+    float32 as `gguf.quants.dequantize` does (so the values stay bit for bit), and a Q4_K weight
+    takes 148 bytes per 256 values instead of 192 with float32 S / O planes (Q6_K 274 instead of
+    320): less memory, and a Q6_K decode GEMV 16% faster (docs/kernels.md)."""
 
     quant: str            # "i8" | "u4"
     zero: int             # subtracted from q (u4 symmetric formats)
     block: int            # values per S / O
-    scale: str            # dtype of S: "float16" (the format's own d) | "float32" (d * sc)
-    offset: str | None    # dtype of O, or None
+    scale: str            # dtype of S: "float16" (the format's own d); factored: of d
+    offset: str | None    # dtype of O, or None; factored: of dmin
+    factor: str | None = None   # factored S / O: dtype of the per-block integers sc (and m: uint8)
+    super_block: int = 0        # factored: values per d / dmin
 
-    def _scale_columns(self, k: int) -> int:
-        return k // self.block * _BYTES[self.scale]
-
-    def _offset_columns(self, k: int) -> int:
-        return k // self.block * _BYTES[self.offset] if self.offset else 0
-
-    def _quant_columns(self, k: int) -> int:
-        return k if self.quant == "i8" else k // 2
+    def widths(self, k: int) -> tuple[int, int, int, int, int]:
+        """Bytes per row of `k` values in each plane, in order: S (factored: d), sc, O (dmin), m, q."""
+        blocks = k // self.block
+        quant = k if self.quant == "i8" else k // 2
+        if self.factor is None:
+            return (blocks * _BYTES[self.scale], 0, blocks * _BYTES[self.offset] if self.offset else 0, 0, quant)
+        supers = k // self.super_block
+        off = (supers * _BYTES[self.offset], blocks) if self.offset else (0, 0)
+        return (supers * _BYTES[self.scale], blocks, *off, quant)
 
     def columns(self, k: int) -> int:
         """Bytes per row of `k` values (a group of 16 rows takes this many 16-byte lines)."""
-        return self._scale_columns(k) + self._offset_columns(k) + self._quant_columns(k)
+        return sum(self.widths(k))
 
     def lines(self, rows: int, k: int) -> int:
         """The array's first dim: [lines, 16]."""
@@ -73,7 +87,22 @@ class Planes:
 
 # ---- numpy: a format's blocks -> (q, S, O), exactly the reference's numbers ----
 
-Split = tuple[np.ndarray, np.ndarray, np.ndarray | None]  # q [n, K], S [n, K/block], O or None
+@dataclass(frozen=True)
+class Factored:
+    """A K-quant's per-block number as the file holds it: `sign * d[super] * small[block]`."""
+
+    d: np.ndarray        # float16 [super-blocks]
+    small: np.ndarray    # integers [super-blocks, blocks a super-block]
+    sign: float = 1.0
+
+    def value(self) -> np.ndarray:
+        """float32, as gguf.quants.dequantize computes it (the product, then the sign)."""
+        product = self.d.astype(np.float32)[:, None] * self.small.astype(np.float32)
+        return product if self.sign > 0 else -product
+
+
+Number = np.ndarray | Factored
+Split = tuple[np.ndarray, Number, Number | None]  # q [n, K], S [n, K/block], O or None
 
 
 def _f16(blocks: np.ndarray, at: int) -> np.ndarray:
@@ -112,14 +141,13 @@ def _q5_1(b: np.ndarray, fmt: QuantFormat) -> Split:
     return q.astype(np.int8), _f16(b, 0)[:, None], _f16(b, 2)[:, None]
 
 
-def _k_scales(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _k_scales(b: np.ndarray) -> tuple[Factored, Factored]:
     """S = d * sc and O = -(dmin * m) of the 8 sub-blocks (llama.cpp's get_scale_min_k4)."""
     s = b[:, 4:16].reshape(-1, 3, 4)
     lo, hi, mix = s[:, 0], s[:, 1], s[:, 2]
-    sc = np.concatenate([lo & 63, (mix & 15) | ((lo >> 2) & 0x30)], axis=1).astype(np.float32)
-    m = np.concatenate([hi & 63, (mix >> 4) | ((hi >> 2) & 0x30)], axis=1).astype(np.float32)
-    d, dmin = _f16(b, 0).astype(np.float32)[:, None], _f16(b, 2).astype(np.float32)[:, None]
-    return d * sc, -(dmin * m)
+    sc = np.concatenate([lo & 63, (mix & 15) | ((lo >> 2) & 0x30)], axis=1)
+    m = np.concatenate([hi & 63, (mix >> 4) | ((hi >> 2) & 0x30)], axis=1)
+    return Factored(_f16(b, 0), sc), Factored(_f16(b, 2), m, -1.0)
 
 
 def _k_low(qs: np.ndarray) -> np.ndarray:
@@ -142,8 +170,7 @@ def _q6_k(b: np.ndarray, fmt: QuantFormat) -> Split:
     ql = b[:, :128].reshape(-1, 2, 1, 64) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)
     qh = b[:, 128:192].reshape(-1, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 4, 1)
     q = ((ql & 15).reshape(-1, 256) | ((qh & 3).reshape(-1, 256) << 4)).astype(np.int16) - 32
-    sc = b[:, 192:208].view(np.int8).astype(np.float32)
-    return q.astype(np.int8), _f16(b, 208).astype(np.float32)[:, None] * sc, None
+    return q.astype(np.int8), Factored(_f16(b, 208), b[:, 192:208].view(np.int8)), None
 
 
 # per format family (rlx's group formats are their GGUF twin with another block)
@@ -153,9 +180,9 @@ _SPLITS: dict[str, tuple[Planes, Callable[[np.ndarray, QuantFormat], Split]]] = 
     "q4_1": (Planes("u4", 0, 32, "float16", "float16"), _q4_1),
     "q5_0": (Planes("i8", 0, 32, "float16", None), _q5_0),
     "q5_1": (Planes("i8", 0, 32, "float16", "float16"), _q5_1),
-    "q4_k": (Planes("u4", 0, 32, "float32", "float32"), _q4_k),
-    "q5_k": (Planes("i8", 0, 32, "float32", "float32"), _q5_k),
-    "q6_k": (Planes("i8", 0, 16, "float32", None), _q6_k),
+    "q4_k": (Planes("u4", 0, 32, "float16", "float16", "uint8", 256), _q4_k),
+    "q5_k": (Planes("i8", 0, 32, "float16", "float16", "uint8", 256), _q5_k),
+    "q6_k": (Planes("i8", 0, 16, "float16", None, "int8", 256), _q6_k),
 }
 
 
@@ -168,14 +195,32 @@ def planes_of(fmt: QuantFormat) -> Planes:
     return Planes(p.quant, p.zero, fmt.block, p.scale, p.offset) if fmt.gguf_type is None else p
 
 
-def split(fmt: QuantFormat, blocks: np.ndarray) -> Split:
-    """Blocks [n, row_bytes] -> q [n, K], S [n, K / block], O (or None), per `planes_of(fmt)`."""
-    n = blocks.shape[0]
+def _split_blocks(fmt: QuantFormat, blocks: np.ndarray) -> Split:
     flat = np.ascontiguousarray(blocks, dtype=np.uint8).reshape(-1, fmt.block_bytes)
     q, s, o = _SPLITS[_family(fmt)][1](flat, fmt)
+    return q.reshape(blocks.shape[0], -1), s, o
+
+
+def split(fmt: QuantFormat, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Blocks [n, row_bytes] -> q [n, K], S [n, K / block], O (or None) in float (factored ones
+    multiplied out, as the kernels do): the numbers the planes hold."""
+    n = blocks.shape[0]
+    q, s, o = _split_blocks(fmt, blocks)
     p = planes_of(fmt)
-    s = s.astype(p.scale).reshape(n, -1)
-    return q.reshape(n, -1), s, None if o is None else o.astype(p.offset).reshape(n, -1)
+
+    def number(v: Number, dtype: str) -> np.ndarray:
+        return (v.value() if isinstance(v, Factored) else v.astype(dtype)).reshape(n, -1)
+
+    return q, number(s, p.scale), None if o is None or p.offset is None else number(o, p.offset)
+
+
+def _number_planes(v: Number | None, dtype: str | None, rows: int) -> list[np.ndarray]:
+    """A per-block number's planes as bytes [rows, columns]: one, or two when factored."""
+    if v is None or dtype is None:
+        return []
+    if isinstance(v, Factored):
+        return [v.d.astype(np.float16).view(np.uint8).reshape(rows, -1), v.small.view(np.uint8).reshape(rows, -1)]
+    return [v.astype(dtype).view(np.uint8).reshape(rows, -1)]
 
 
 def _u4(q: np.ndarray) -> np.ndarray:
@@ -186,12 +231,10 @@ def _u4(q: np.ndarray) -> np.ndarray:
 
 def pack(fmt: QuantFormat, blocks: np.ndarray) -> np.ndarray:
     """Blocks [rows, row_bytes] -> the planes, uint8 [rows / 16 * columns, 16]."""
-    q, s, o = split(fmt, blocks)
-    rows = q.shape[0]
-    parts = [s.view(np.uint8).reshape(rows, -1)]
-    if o is not None:
-        parts.append(o.view(np.uint8).reshape(rows, -1))
-    parts.append(q.view(np.uint8) if planes_of(fmt).quant == "i8" else _u4(q))
+    q, s, o = _split_blocks(fmt, blocks)
+    rows, p = q.shape[0], planes_of(fmt)
+    parts = [*_number_planes(s, p.scale, rows), *_number_planes(o, p.offset, rows),
+             q.view(np.uint8) if p.quant == "i8" else _u4(q)]
     return np.concatenate([part.reshape(rows // LANES, LANES, -1).transpose(0, 2, 1).reshape(-1, LANES)
                            for part in parts])
 
@@ -211,9 +254,8 @@ class PlaneReader:
         return int(self.buf.shape[0]) // self.planes.columns(self.k)
 
     def _line(self, plane: int, group: Expr, col: Expr) -> Expr:
-        """The line of column `col` of `group` in plane 0 (S), 1 (O) or 2 (q)."""
-        p, k = self.planes, self.k
-        widths = (p._scale_columns(k), p._offset_columns(k), p._quant_columns(k))
+        """The line of column `col` of `group` in plane `plane` (`Planes.widths`' order)."""
+        widths = self.planes.widths(self.k)
         return self.groups * sum(widths[:plane]) + group * widths[plane] + col
 
     def _byte(self, plane: int, r: Expr, col: Expr) -> Expr:
@@ -232,12 +274,26 @@ class PlaneReader:
         value = tirx.reinterpret(dtype, bits)
         return value if dtype == F32 else value.astype(F32)
 
+    def _number(self, plane: int, r: Expr, b: Expr, dtype: str) -> Expr:
+        """Block b's number in plane `plane` (a float), or (factored) d of its super-block in
+        `plane` times its integer in `plane + 1`, in float32 as the reference multiplies."""
+        p = self.planes
+        if p.factor is None:
+            return self._float(plane, r, b * _BYTES[dtype], dtype)
+        d = self._float(plane, r, b // (p.super_block // p.block) * _BYTES[dtype], dtype)
+        small = self._byte(plane + 1, r, b)
+        small = tirx.reinterpret("int8", small) if p.factor == "int8" and plane == 0 else small
+        return d * small.astype(F32)
+
     def scale(self, r: Expr, b: Expr) -> Expr:
-        return self._float(0, r, b * _BYTES[self.planes.scale], self.planes.scale)
+        return self._number(0, r, b, self.planes.scale)
 
     def offset(self, r: Expr, b: Expr) -> Expr | None:
         p = self.planes
-        return None if p.offset is None else self._float(1, r, b * _BYTES[p.offset], p.offset)
+        if p.offset is None:
+            return None
+        o = self._number(2, r, b, p.offset)
+        return o * tirx.const(-1.0, F32) if p.factor is not None else o  # O = -(dmin * m): exact
 
     def quant(self, r: Expr, k: Expr) -> Expr:
         """The stored integer of element k (before `zero`), int32."""
@@ -247,8 +303,8 @@ class PlaneReader:
         """`quant` of row group * 16 + lane, addressed without a division (kernels whose loops
         run over groups and lanes keep a plain vector load this way)."""
         if self.planes.quant == "i8":
-            return tirx.reinterpret("int8", self.lane_byte(2, group, lane, k)).astype("int32")
-        byte = self.lane_byte(2, group, lane, k // 32 * 16 + k % 16).astype("int32")
+            return tirx.reinterpret("int8", self.lane_byte(QUANT_PLANE, group, lane, k)).astype("int32")
+        byte = self.lane_byte(QUANT_PLANE, group, lane, k // 32 * 16 + k % 16).astype("int32")
         return (byte >> ((k % 32) // 16 * 4)) & 15
 
     def value(self, r: Expr, k: Expr) -> Expr:

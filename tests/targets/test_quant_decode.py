@@ -123,9 +123,11 @@ def test_split_planes_give_the_reference_values(name: str) -> None:
 
 
 def test_plane_sizes() -> None:
-    """Q8_0 keeps its 34 bytes per 32 values; Q5_0 widens to 8.5 bits; Q4_K's S / O become
-    float32 (6 bits a value); the array holds every group's lines."""
-    sizes = {"q8_0": 8.5, "q5_0": 8.5, "q4_0": 4.5, "q4_k": 6.0, "q6_k": 10.0}
+    """Q8_0 keeps its 34 bytes per 32 values; Q5_0 widens to 8.5 bits; K-quants keep their
+    factored scales: Q4_K 4.625 bits a value (the file's 4.5, its 6-bit sc / m widened to bytes;
+    float32 S / O planes took 6), Q6_K 8.5625 (values widened to bytes; 10 with float32 S); the
+    array holds every group's lines."""
+    sizes = {"q8_0": 8.5, "q5_0": 8.5, "q4_0": 4.5, "q4_k": 4.625, "q5_k": 8.625, "q6_k": 8.5625}
     for name, bits in sizes.items():
         p = planes_of(quant_format(name))
         assert p.columns(512) * 8 / 512 == bits
