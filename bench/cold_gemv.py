@@ -2,7 +2,10 @@
 cycled, so every call reads its weight from memory (the hot case, `bench/small_m.py`, reads it
 from cache and hides what the layout's bytes cost).
 
-    .venv/bin/python bench/cold_gemv.py [--fmt q4_k] [--shape gate_up] [--tiles g4c2,g8c2] [--rounds 5]
+    .venv/bin/python bench/cold_gemv.py [--fmt q4_k] [--shape down] [--tiles g4c2,g8c2] [--rounds 5]
+
+(K-quants need K a multiple of 256: gemma-3-270m's Q4_K / Q6_K tensors are ffn_down and
+attn_output, `--shape down` / `o`; its K = 640 linears are Q5_0 / Q8_0.)
 
 Each case is `weight_kernels.contraction` on x [1, 1, K] (il16 planes of --fmt) scheduled by
 `weight_schedules.Gemv` with `gemv_groups` / `gemv_chains` forced (`g4c2`: 4 groups a task, 2
@@ -27,13 +30,13 @@ sys.path.insert(0, str(REPO))
 from bench.gemm_tiles import compile_forced  # noqa: E402
 from bench.small_m import SHAPES  # noqa: E402
 
-SHAPES = {**SHAPES, "qkv": (1536, 640)}
+SHAPES = {**SHAPES, "qkv": (1536, 640), "o": (640, 1024)}  # N, K (gemma-3-270m)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--fmt", default="q4_k")
-    p.add_argument("--shape", default="gate_up", choices=sorted(SHAPES))
+    p.add_argument("--shape", default="down", choices=sorted(SHAPES))
     p.add_argument("--tiles", default="g4c2")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--megabytes", type=float, default=256)

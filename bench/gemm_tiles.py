@@ -2,7 +2,9 @@
 target with several MR x NR tiles, interleaved, as docs/kernels.md reports.
 
     .venv/bin/python bench/gemm_tiles.py [--target '{"kind": "llvm", "mcpu": "haswell"}']
-                                         [--tiles 4x16,4x64,6x16] [--rows 128] [--fmt q4_k]
+                                         [--tiles 4x16,4x64,6x16] [--rows 128] [--fmt q4_k --shape down]
+
+(K-quants need K a multiple of 256 since their planes keep the per-256 `d`: `--shape down`.)
 
 Each case is `weight_kernels.contraction` (il16 weights, float or blocks of --fmt) scheduled by
 `weight_schedules.Gemm` with the tile forced, compiled alone (no Relax), timed with TVM's

@@ -56,7 +56,7 @@ class Planes:
     small integers sc / m once per block, each factor a plane. The kernel multiplies them in
     float32 as `gguf.quants.dequantize` does (so the values stay bit for bit), and a Q4_K weight
     takes 148 bytes per 256 values instead of 192 with float32 S / O planes (Q6_K 274 instead of
-    320): less memory, and a Q6_K decode GEMV 16% faster (docs/kernels.md)."""
+    320): less memory, and a decode GEMV, bound by memory, ~1.2x faster (docs/kernels.md)."""
 
     quant: str            # "i8" | "u4"
     zero: int             # subtracted from q (u4 symmetric formats)
@@ -72,6 +72,8 @@ class Planes:
         quant = k if self.quant == "i8" else k // 2
         if self.factor is None:
             return (blocks * _BYTES[self.scale], 0, blocks * _BYTES[self.offset] if self.offset else 0, 0, quant)
+        if k % self.super_block:  # GGUF never writes such a row: a K-quant's rows are whole super-blocks
+            raise ValueError(f"a row of {k} values is not whole super-blocks of {self.super_block}")
         supers = k // self.super_block
         off = (supers * _BYTES[self.offset], blocks) if self.offset else (0, 0)
         return (supers * _BYTES[self.scale], blocks, *off, quant)

@@ -122,6 +122,15 @@ def test_split_planes_give_the_reference_values(name: str) -> None:
     assert q.max() <= (15 if p.quant == "u4" else 127)
 
 
+def test_a_k_quant_row_must_be_whole_super_blocks() -> None:
+    """Factored planes hold `d` per 256 values: a row of 640 (gemma-3-270m's hidden size, which
+    GGUF files store as Q5_0 / Q8_0 for this reason) is refused, not read past its plane."""
+    for name in ("q4_k", "q5_k", "q6_k"):
+        with pytest.raises(ValueError, match="640 values is not whole super-blocks of 256"):
+            planes_of(quant_format(name)).columns(640)
+    assert planes_of(quant_format("q5_0")).columns(640) == 640 + 640 // 32 * 2
+
+
 def test_plane_sizes() -> None:
     """Q8_0 keeps its 34 bytes per 32 values; Q5_0 widens to 8.5 bits; K-quants keep their
     factored scales: Q4_K 4.625 bits a value (the file's 4.5, its 6-bit sc / m widened to bytes;
