@@ -276,25 +276,24 @@ class PlaneReader:
         value = tirx.reinterpret(dtype, bits)
         return value if dtype == F32 else value.astype(F32)
 
-    def _number(self, plane: int, r: Expr, b: Expr, dtype: str) -> Expr:
+    def _number(self, plane: int, r: Expr, b: Expr, dtype: str, small: str) -> Expr:
         """Block b's number in plane `plane` (a float), or (factored) d of its super-block in
-        `plane` times its integer in `plane + 1`, in float32 as the reference multiplies."""
+        `plane` times its `small` integer in `plane + 1`, in float32 as the reference multiplies."""
         p = self.planes
         if p.factor is None:
             return self._float(plane, r, b * _BYTES[dtype], dtype)
         d = self._float(plane, r, b // (p.super_block // p.block) * _BYTES[dtype], dtype)
-        small = self._byte(plane + 1, r, b)
-        small = tirx.reinterpret("int8", small) if p.factor == "int8" and plane == 0 else small
-        return d * small.astype(F32)
+        byte = self._byte(plane + 1, r, b)
+        return d * (tirx.reinterpret("int8", byte) if small == "int8" else byte).astype(F32)
 
     def scale(self, r: Expr, b: Expr) -> Expr:
-        return self._number(0, r, b, self.planes.scale)
+        return self._number(0, r, b, self.planes.scale, self.planes.factor or "")
 
     def offset(self, r: Expr, b: Expr) -> Expr | None:
         p = self.planes
         if p.offset is None:
             return None
-        o = self._number(2, r, b, p.offset)
+        o = self._number(2, r, b, p.offset, "uint8")  # a K-quant's m is unsigned
         return o * tirx.const(-1.0, F32) if p.factor is not None else o  # O = -(dmin * m): exact
 
     def quant(self, r: Expr, k: Expr) -> Expr:
